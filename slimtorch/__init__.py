@@ -1,0 +1,13 @@
+"""slimtorch: device-agnostic model compression for PyTorch, configured by DeepSpeed-style JSON."""
+from .config import CompressionConfig, load_config
+from .errors import ConfigError, LifecycleError, PatternShapeError, SlimError, StateDictError
+from .pruning import PruningCallbacks, SparsityReport, prepare_pruning, sparsity_report
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "load_config", "CompressionConfig",
+    "prepare_pruning", "PruningCallbacks", "sparsity_report", "SparsityReport",
+    "SlimError", "ConfigError", "PatternShapeError", "LifecycleError", "StateDictError",
+    "__version__",
+]

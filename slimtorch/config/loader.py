@@ -1,0 +1,235 @@
+"""``load_config``: a path, dict or JSON text -> :class:`CompressionConfig`, or a :class:`ConfigError`.
+
+The raw document is copied (the caller's dict is never changed), DeepSpeed's key names are mapped to ours,
+DeepSpeed sections slimtorch does not implement are dropped when disabled and refused when enabled, and pydantic's
+errors are rewritten to name the full key path and the nearest valid key.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple, Type, Union, get_args, get_origin
+
+from pydantic import BaseModel, ValidationError
+
+from ..errors import ConfigError
+from .patterns import NMPattern, parse_pattern
+from .schema import CompressionConfig, PathValueError
+
+ConfigSource = Union[CompressionConfig, Dict[str, Any], str, os.PathLike]
+
+SECTIONS = ("compression_training", "compression_inference")
+# DeepSpeed key -> slimtorch key, inside shared_parameters and different_groups.*.params
+PARAM_ALIASES = {
+    "block_pattern": "pattern",
+    "schedule_offset": "start_step",
+    "schedule_offset_end": "end_step",
+    "schedule_offset_stride": "frequency",
+}
+METHOD_ALIASES = {"l1": "magnitude"}
+# DeepSpeed compression_training techniques slimtorch does not implement.
+UNSUPPORTED_TRAINING = (
+    "weight_quantization", "activation_quantization", "row_pruning", "head_pruning", "channel_pruning",
+    "layer_reduction",
+)
+
+
+def load_config(source: ConfigSource) -> CompressionConfig:
+    """Load and validate a compression config.
+
+    ``source`` is a :class:`CompressionConfig` (returned as is), a dict, a path to a JSON file, or JSON text;
+    either a whole DeepSpeed config (other top-level keys are ignored) or only its compression sections.
+    """
+    if isinstance(source, CompressionConfig):
+        return source
+    raw = _read(source)
+    renamed: Dict[Tuple[str, ...], str] = {}
+    doc = _normalise(copy.deepcopy(raw), renamed)
+    try:
+        return CompressionConfig.model_validate(doc)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, renamed)) from None
+
+
+def _read(source: Any) -> Dict[str, Any]:
+    if isinstance(source, dict):
+        return source
+    if isinstance(source, (str, os.PathLike)):
+        text = os.fspath(source)
+        if not text.lstrip().startswith("{"):
+            path = Path(text)
+            if not path.is_file():
+                raise ConfigError(f"config file {text!r} does not exist (pass a path, a dict or JSON text)")
+            text = path.read_text()
+            where = str(path)
+        else:
+            where = "JSON text"
+        try:
+            doc = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{where}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+        if not isinstance(doc, dict):
+            raise ConfigError(f"{where}: the top level of a config must be a JSON object, got {type(doc).__name__}")
+        return doc
+    raise ConfigError(
+        f"load_config takes a path, a dict or JSON text, got {type(source).__name__}; "
+        "e.g. slimtorch.load_config('ds_config.json')"
+    )
+
+
+def _normalise(doc: Dict[str, Any], renamed: Dict[Tuple[str, ...], str]) -> Dict[str, Any]:
+    """Keep the compression sections, apply DeepSpeed aliases, refuse what looks misspelt."""
+    if "sparse_pruning" in doc and "compression_training" not in doc:
+        doc = {"compression_training": doc}  # only the compression_training section was given
+    out: Dict[str, Any] = {}
+    for key, value in doc.items():
+        if key in SECTIONS:
+            out[key] = value
+            continue
+        near = difflib.get_close_matches(key, SECTIONS, n=1, cutoff=0.75)
+        if near:
+            raise ConfigError(f"{key}: unknown top-level key; did you mean {near[0]!r}?")
+    inference = out.pop("compression_inference", None)
+    if isinstance(inference, dict) and any(_enabled(v) for v in inference.values()):
+        raise ConfigError(
+            "compression_inference: post-training quantization is not available in this slimtorch version; "
+            "disable it ('enabled': false) or remove the section"
+        )
+    training = out.get("compression_training")
+    if isinstance(training, dict):
+        for name in UNSUPPORTED_TRAINING:
+            if name not in training:
+                continue
+            if _enabled(training[name]):
+                raise ConfigError(
+                    f"compression_training.{name}: DeepSpeed's {name} is not implemented by slimtorch; set its "
+                    "'enabled' to false or remove it (slimtorch implements sparse_pruning)"
+                )
+            training.pop(name)
+        pruning = training.get("sparse_pruning")
+        if isinstance(pruning, dict):
+            base = ("compression_training", "sparse_pruning")
+            _alias_params(pruning.get("shared_parameters"), base + ("shared_parameters",), renamed)
+            groups = pruning.get("different_groups")
+            if isinstance(groups, dict):
+                for gname, group in groups.items():
+                    if isinstance(group, dict):
+                        _alias_params(group.get("params"), base + ("different_groups", gname, "params"), renamed)
+    return out
+
+
+def _enabled(section: Any) -> bool:
+    if not isinstance(section, dict):
+        return False
+    shared = section.get("shared_parameters")
+    flag = shared.get("enabled") if isinstance(shared, dict) else section.get("enabled")
+    return flag is True
+
+
+def _alias_params(params: Any, path: Tuple[str, ...], renamed: Dict[Tuple[str, ...], str]) -> None:
+    if not isinstance(params, dict):
+        return
+    for ds_key, key in PARAM_ALIASES.items():
+        if ds_key not in params:
+            continue
+        where = ".".join(path)
+        if key in params:
+            raise ConfigError(f"{where}: both {ds_key!r} and its alias {key!r} are set; keep one")
+        value = params.pop(ds_key)
+        if ds_key == "block_pattern":
+            _check_deepspeed_nm(value, f"{where}.block_pattern")
+        params[key] = value
+        renamed[path + (key,)] = ds_key
+    method = params.get("method")
+    if isinstance(method, str) and method in METHOD_ALIASES:
+        params["method"] = METHOD_ALIASES[method]
+
+
+def _check_deepspeed_nm(value: Any, where: str) -> None:
+    """DeepSpeed (through Intel Neural Compressor) counts N:M's N as *pruned* weights; we count it as kept."""
+    try:
+        pattern = parse_pattern(value)
+    except ValueError:
+        return  # pydantic reports the bad pattern with its path
+    if isinstance(pattern, NMPattern) and 2 * pattern.n != pattern.m:
+        raise ConfigError(
+            f"{where}: {value!r} is ambiguous. DeepSpeed and Intel Neural Compressor read N:M as N weights "
+            f"*pruned* of every M, slimtorch (like NVIDIA and the N:M literature) as N weights *kept*; the two only "
+            f"agree when N = M/2 (e.g. '2:4'). Write it as 'pattern' in slimtorch's convention: "
+            f"'{pattern.n}:{pattern.m}' keeps {pattern.n} of {pattern.m}, "
+            f"'{pattern.m - pattern.n}:{pattern.m}' keeps {pattern.m - pattern.n} of {pattern.m}"
+        )
+
+
+# ---------------------------------------------------------------- error messages
+def _format_errors(exc: ValidationError, renamed: Dict[Tuple[str, ...], str]) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = tuple(str(p) for p in err["loc"])
+        message = err["msg"]
+        if message.startswith("Value error, "):
+            message = message[len("Value error, "):]
+        original = (err.get("ctx") or {}).get("error")
+        if isinstance(original, PathValueError):
+            loc = loc + tuple(p for p in original.subpath.split(".") if p)
+            message = str(original)
+        elif err["type"] == "extra_forbidden":
+            valid = _valid_keys(loc[:-1])
+            near = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.6)
+            hint = f"did you mean {near[0]!r}?" if near else f"valid keys: {', '.join(sorted(valid))}"
+            message = f"unknown key; {hint}"
+        elif err["type"] == "literal_error":
+            choices = re.findall(r"'([^']*)'", (err.get("ctx") or {}).get("expected", ""))
+            near = difflib.get_close_matches(str(err.get("input")), choices, n=1, cutoff=0.6)
+            message = f"{message}, got {err.get('input')!r}" + (f"; did you mean {near[0]!r}?" if near else "")
+        elif "input" in err and not isinstance(err["input"], (dict, list)):
+            message = f"{message} (got {err['input']!r})"
+        if loc in renamed:
+            loc = loc[:-1] + (f"{renamed[loc]} (alias of {loc[-1]})",)
+        lines.append(f"{'.'.join(loc) or '<top level>'}: {message}")
+    head = "invalid slimtorch config" + (f" ({len(lines)} problems)" if len(lines) > 1 else "")
+    return head + ":\n  " + "\n  ".join(lines)
+
+
+def _valid_keys(loc: Tuple[str, ...]) -> List[str]:
+    """The keys (and accepted aliases) valid at ``loc``, found by walking the schema."""
+    model: Any = CompressionConfig
+    i = 0
+    while i < len(loc) and model is not None:
+        field = model.model_fields.get(loc[i]) if _is_model(model) else None
+        if field is None:
+            return []
+        model = _inner_model(field.annotation)
+        if _is_dict(field.annotation):
+            i += 1  # skip the user's group name
+        i += 1
+    if not _is_model(model):
+        return []
+    keys = list(model.model_fields)
+    if "pattern" in keys:
+        keys += [k for k, v in PARAM_ALIASES.items() if v in keys]
+    return keys
+
+
+def _is_model(tp: Any) -> bool:
+    return isinstance(tp, type) and issubclass(tp, BaseModel)
+
+
+def _is_dict(tp: Any) -> bool:
+    if get_origin(tp) is Union:
+        return any(_is_dict(a) for a in get_args(tp))
+    return get_origin(tp) in (dict, Dict)
+
+
+def _inner_model(tp: Any) -> Optional[Type[BaseModel]]:
+    if _is_model(tp):
+        return tp
+    for arg in get_args(tp):
+        found = _inner_model(arg)
+        if found is not None:
+            return found
+    return None

@@ -1,0 +1,191 @@
+"""Typed config: pydantic v2 models with ``extra="forbid"`` and strict types.
+
+Validation lives here and in :mod:`slimtorch.config.loader` (aliases, DeepSpeed sections, error messages);
+nothing else in the library re-checks user input.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Dict, List, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from .patterns import NMPattern, Pattern, parse_pattern
+
+Method = Literal["magnitude", "gradient", "snip", "snip_momentum"]
+DecayType = Literal["exp", "cos", "linear", "cube"]
+
+#: dense_ratio used when neither the group nor shared_parameters sets one and the pattern is a block pattern
+#: (DeepSpeed's default). For "N:M" the default is N/M.
+DEFAULT_BLOCK_DENSE_RATIO = 0.1
+
+
+class PathValueError(ValueError):
+    """A cross-field error that knows the key path (relative to the model raising it) it belongs to."""
+
+    def __init__(self, subpath: str, message: str):
+        super().__init__(message)
+        self.subpath = subpath
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+def _check_regexes(patterns: Optional[List[str]]) -> Optional[List[str]]:
+    for i, pat in enumerate(patterns or []):
+        try:
+            re.compile(pat)
+        except re.error as exc:
+            raise ValueError(f"entry {i} ({pat!r}) is not a valid regular expression: {exc}") from None
+    return patterns
+
+
+def _check_pattern(text: Optional[str]) -> Optional[str]:
+    if text is not None:
+        parse_pattern(text)  # raises ValueError with the accepted forms
+    return text
+
+
+class GroupParams(_Strict):
+    """Keys a ``different_groups`` entry may override; unset keys come from ``shared_parameters``."""
+
+    method: Optional[Method] = None
+    pattern: Optional[str] = None
+    dense_ratio: Optional[float] = Field(default=None, gt=0.0, le=1.0)
+    sparsity_decay_type: Optional[DecayType] = None
+    start_step: Optional[int] = Field(default=None, ge=0)
+    end_step: Optional[int] = Field(default=None, ge=0)
+    frequency: Optional[int] = Field(default=None, ge=1)
+    beta: Optional[float] = Field(default=None, ge=0.0, lt=1.0)
+
+    @field_validator("pattern")
+    @classmethod
+    def _valid_pattern(cls, value):
+        return _check_pattern(value)
+
+
+class SharedPruningParams(GroupParams):
+    """``sparse_pruning.shared_parameters``: defaults for every pruned layer."""
+
+    enabled: bool = False
+    method: Method = "magnitude"
+    pattern: str = "4x1"
+    sparsity_decay_type: DecayType = "exp"
+    start_step: int = Field(default=0, ge=0)
+    frequency: int = Field(default=1, ge=1)
+    beta: float = Field(default=0.9, ge=0.0, lt=1.0)
+    gradient_accumulation_steps: int = Field(default=1, ge=1)
+    modules: Optional[List[str]] = None
+    excluded_modules: List[str] = Field(default_factory=list)
+
+    @field_validator("modules", "excluded_modules")
+    @classmethod
+    def _valid_regexes(cls, value):
+        return _check_regexes(value)
+
+
+class PruningGroup(_Strict):
+    """One ``different_groups`` entry: its own params for the layers its ``modules`` select."""
+
+    params: GroupParams = Field(default_factory=GroupParams)
+    modules: List[str] = Field(min_length=1)
+    related_modules: Optional[List[Union[str, List[str]]]] = None
+
+    @field_validator("modules")
+    @classmethod
+    def _valid_regexes(cls, value):
+        return _check_regexes(value)
+
+
+@dataclass(frozen=True)
+class PruningSettings:
+    """The resolved settings of one layer (group keys merged over shared ones, defaults filled in)."""
+
+    method: str
+    pattern: Pattern
+    dense_ratio: float
+    decay: str
+    start_step: int
+    end_step: int
+    frequency: int
+    beta: float
+
+    @property
+    def target_sparsity(self) -> float:
+        return 1.0 - self.dense_ratio
+
+
+class SparsePruningConfig(_Strict):
+    """``compression_training.sparse_pruning``."""
+
+    shared_parameters: SharedPruningParams = Field(default_factory=SharedPruningParams)
+    different_groups: Dict[str, PruningGroup] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check_resolved(self) -> "SparsePruningConfig":
+        self.settings_for(None, "shared_parameters")
+        for name in self.different_groups:
+            self.settings_for(name, f"different_groups.{name}.params")
+        return self
+
+    def settings_for(self, group: Optional[str], where: str = "") -> PruningSettings:
+        """Merge a group's params over the shared ones and check the combination."""
+        shared = self.shared_parameters
+        own = self.different_groups[group].params if group is not None else GroupParams()
+
+        def pick(key):
+            value = getattr(own, key)
+            return getattr(shared, key) if value is None else value
+
+        pattern = parse_pattern(pick("pattern"))
+        dense_ratio = pick("dense_ratio")
+        if dense_ratio is None:
+            dense_ratio = pattern.min_dense_ratio if isinstance(pattern, NMPattern) else DEFAULT_BLOCK_DENSE_RATIO
+        start = pick("start_step")
+        end = pick("end_step")
+        end = start if end is None else end
+        if isinstance(pattern, NMPattern) and dense_ratio < pattern.min_dense_ratio - 1e-12:
+            raise PathValueError(
+                f"{where}.dense_ratio",
+                f"dense_ratio {dense_ratio} is impossible with pattern '{pattern}': it keeps {pattern.n} of every "
+                f"{pattern.m} weights, so at least {pattern.min_dense_ratio:g} of them stay. Set dense_ratio >= "
+                f"{pattern.min_dense_ratio:g} (a larger value makes only part of the groups {pattern}-sparse), "
+                "or use a block pattern such as '4x1' for higher sparsity",
+            )
+        if end < start:
+            raise PathValueError(
+                f"{where}.end_step",
+                f"end_step {end} is before start_step {start}; the schedule runs from start_step to end_step "
+                "(equal values prune once)",
+            )
+        return PruningSettings(
+            method=pick("method"),
+            pattern=pattern,
+            dense_ratio=float(dense_ratio),
+            decay=pick("sparsity_decay_type"),
+            start_step=start,
+            end_step=end,
+            frequency=pick("frequency"),
+            beta=float(pick("beta")),
+        )
+
+
+class CompressionTraining(_Strict):
+    sparse_pruning: Optional[SparsePruningConfig] = None
+
+
+class CompressionConfig(_Strict):
+    """What :func:`slimtorch.load_config` returns: the compression sections of a (DeepSpeed) config."""
+
+    compression_training: CompressionTraining = Field(default_factory=CompressionTraining)
+
+    @property
+    def sparse_pruning(self) -> Optional[SparsePruningConfig]:
+        return self.compression_training.sparse_pruning
+
+    @property
+    def pruning_enabled(self) -> bool:
+        sp = self.sparse_pruning
+        return sp is not None and sp.shared_parameters.enabled

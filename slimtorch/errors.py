@@ -1,0 +1,25 @@
+"""Every error slimtorch raises on purpose derives from :class:`SlimError`.
+
+A message always says what is wrong, where (config path, module name, shape) and how to fix it.
+"""
+from __future__ import annotations
+
+
+class SlimError(Exception):
+    """Base class of slimtorch's own errors."""
+
+
+class ConfigError(SlimError, ValueError):
+    """A config, or a config that does not fit the model it is applied to."""
+
+
+class PatternShapeError(ConfigError):
+    """A layer the user named explicitly cannot hold its sparsity pattern (shape does not divide)."""
+
+
+class LifecycleError(SlimError, RuntimeError):
+    """Callbacks used out of order (e.g. after ``finalize()``, or twice per update in hands-free mode)."""
+
+
+class StateDictError(SlimError, ValueError):
+    """A callbacks state_dict that does not belong to these callbacks' model or config."""

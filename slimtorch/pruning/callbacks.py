@@ -1,0 +1,208 @@
+"""``prepare_pruning`` and :class:`PruningCallbacks`: the training-loop side of pruning.
+
+A *step* is one applied optimizer update. Per update the work is:
+
+1. ``on_before_optimizer_step``: fold the gradients into the criteria; at a pruning step, recompute the masks
+   (so the sparsity after update t is the schedule's value at t) and zero the pruned weights;
+2. the optimizer steps;
+3. ``on_after_optimizer_step``: zero the pruned weights again (momentum and weight decay would revive them)
+   and count the update.
+
+Hands-free mode (``optimizer=`` given) runs 1 and 3 from the optimizer's own step pre/post hooks, so a plain loop
+needs no calls, and an update skipped by a GradScaler overflow (no ``optimizer.step()``) does not count.
+"""
+from __future__ import annotations
+
+import warnings
+import weakref
+from typing import Any, Dict, List, Optional
+
+import torch
+from torch import nn
+
+from ..config import CompressionConfig, load_config
+from ..config.loader import ConfigSource
+from ..errors import ConfigError, LifecycleError, StateDictError
+from .pruner import Pruner
+from .targets import TargetPlan, plan_targets
+
+# model -> its active callbacks, so sparsity_report(model) can show patterns, targets and exclusions
+_ACTIVE: "weakref.WeakKeyDictionary[nn.Module, PruningCallbacks]" = weakref.WeakKeyDictionary()
+
+
+def prepare_pruning(model: nn.Module, config: ConfigSource,
+                    optimizer: Optional[torch.optim.Optimizer] = None) -> "PruningCallbacks":
+    """Plan which layers of ``model`` the config prunes and return the callbacks that prune them.
+
+    ``config`` is anything :func:`slimtorch.load_config` takes. With ``optimizer`` the callbacks attach to its
+    ``step()`` and need no calls from the training loop; without it, call the hooks yourself.
+    """
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"prepare_pruning: model must be a torch.nn.Module, got {type(model).__name__}")
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise ConfigError(f"prepare_pruning: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    cfg = load_config(config)
+    if cfg.sparse_pruning is None:
+        raise ConfigError("compression_training.sparse_pruning: the config has no sparse_pruning section to prepare")
+    if model in _ACTIVE:
+        raise LifecycleError("prepare_pruning: this model already has active pruning callbacks; call finalize() on "
+                             "them before preparing again")
+    if cfg.pruning_enabled:
+        plan = plan_targets(model, cfg.sparse_pruning)
+    else:
+        warnings.warn("slimtorch: compression_training.sparse_pruning.shared_parameters.enabled is false; the "
+                      "model will not be pruned", stacklevel=2)
+        plan = TargetPlan([], [])
+    callbacks = PruningCallbacks(model, cfg, plan, optimizer)
+    _ACTIVE[model] = callbacks
+    return callbacks
+
+
+class PruningCallbacks:
+    """Training-loop hooks that prune progressively; see the module docstring for what each one does."""
+
+    def __init__(self, model: nn.Module, config: CompressionConfig, plan: TargetPlan,
+                 optimizer: Optional[torch.optim.Optimizer] = None):
+        self.config = config
+        self.plan = plan
+        self.pruner = Pruner(plan.layers)
+        self.step = 0          # applied updates so far
+        self.history: List[Dict[str, Any]] = []
+        self._micro = 0        # on_after_optimizer_step calls so far (micro-batches when accumulating)
+        self._accumulate = config.sparse_pruning.shared_parameters.gradient_accumulation_steps
+        self._model_ref = weakref.ref(model)
+        self._finalized = False
+        self._handles = []
+        if optimizer is not None:
+            self._handles = [
+                optimizer.register_step_pre_hook(lambda opt, args, kwargs: self._before_update()),
+                optimizer.register_step_post_hook(lambda opt, args, kwargs: self._after_update()),
+            ]
+
+    # ------------------------------------------------------------ properties
+    @property
+    def hands_free(self) -> bool:
+        return bool(self._handles)
+
+    @property
+    def layers(self) -> List[str]:
+        """Names of the layers being pruned."""
+        return [t.name for t in self.plan.layers]
+
+    # ------------------------------------------------------------ lifecycle hooks
+    def on_train_begin(self) -> None:
+        self._check_alive("on_train_begin")
+        self.pruner.apply_masks()  # after a resume the restored masks hold from the first forward on
+
+    def on_epoch_begin(self, epoch: Optional[int] = None) -> None:
+        self._check_alive("on_epoch_begin")
+
+    def on_step_begin(self, step: Optional[int] = None) -> None:
+        """Marks the start of a (micro-)batch; ``step`` is informational: slimtorch counts updates itself."""
+        self._check_alive("on_step_begin")
+
+    def on_before_optimizer_step(self) -> None:
+        self._check_explicit("on_before_optimizer_step")
+        if self._at_boundary():
+            self._before_update()
+
+    def on_after_optimizer_step(self, applied: bool = True) -> None:
+        """Call after ``optimizer.step()``; pass ``applied=False`` when the update was skipped (AMP overflow)."""
+        self._check_explicit("on_after_optimizer_step")
+        boundary = self._at_boundary()
+        self._micro += 1
+        if boundary:
+            if applied:
+                self._after_update()
+            else:
+                self.pruner.apply_masks()
+
+    def on_step_end(self) -> None:
+        self._check_alive("on_step_end")
+
+    def on_epoch_end(self, epoch: Optional[int] = None) -> None:
+        self._check_alive("on_epoch_end")
+
+    def on_train_end(self) -> None:
+        self._check_alive("on_train_end")
+        self.pruner.apply_masks()
+
+    # ------------------------------------------------------------ the work
+    def _before_update(self) -> None:
+        self._check_alive("optimizer.step")
+        self.pruner.observe(self.step)
+        if self.pruner.due(self.step):
+            self.history.extend(self.pruner.update_masks(self.step))
+
+    def _after_update(self) -> None:
+        self.pruner.apply_masks()
+        self.step += 1
+
+    def _at_boundary(self) -> bool:
+        return (self._micro + 1) % self._accumulate == 0
+
+    # ------------------------------------------------------------ checkpoints and the end
+    def state_dict(self) -> Dict[str, Any]:
+        """Everything needed to resume mid-schedule: step counters, masks and criterion scores."""
+        return {"step": self.step, "micro": self._micro, "history": list(self.history),
+                "pruner": self.pruner.state_dict()}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self._check_alive("load_state_dict")
+        if not isinstance(state, dict) or not {"step", "micro", "pruner"} <= set(state):
+            raise StateDictError("load_state_dict expects the dict PruningCallbacks.state_dict() returned")
+        self.pruner.load_state_dict(state["pruner"])
+        self.step = int(state["step"])
+        self._micro = int(state["micro"])
+        self.history = list(state.get("history", []))
+
+    def finalize(self) -> nn.Module:
+        """Apply the masks a last time, detach from the optimizer and drop masks and scores; zeros stay."""
+        self._check_alive("finalize")
+        self.pruner.apply_masks()
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._finalized = True
+        model = self._model_ref()
+        if model is not None:
+            _ACTIVE.pop(model, None)
+            _FINALIZED[model] = self.plan
+        self.pruner = Pruner([])
+        return model
+
+    def report(self):
+        """Shorthand for :func:`slimtorch.sparsity_report` of this model."""
+        from .report import sparsity_report
+        return sparsity_report(self._model_ref())
+
+    # ------------------------------------------------------------ misuse
+    def _check_alive(self, what: str) -> None:
+        if self._finalized:
+            raise LifecycleError(f"{what}: these callbacks were finalized; prepare_pruning again to prune more")
+
+    def _check_explicit(self, what: str) -> None:
+        self._check_alive(what)
+        if self.hands_free:
+            raise LifecycleError(
+                f"{what}: the callbacks were prepared hands-free (optimizer=...), so optimizer.step() already "
+                "drives pruning; don't call it as well, or prepare without optimizer= to drive it yourself"
+            )
+
+
+# model -> plan of finalized callbacks: the report still knows each layer's pattern after finalize()
+_FINALIZED: "weakref.WeakKeyDictionary[nn.Module, TargetPlan]" = weakref.WeakKeyDictionary()
+
+
+def plan_of(model: nn.Module) -> Optional[TargetPlan]:
+    """The target plan of ``model``'s active or finalized callbacks, if any."""
+    active = _ACTIVE.get(model)
+    return active.plan if active is not None else _FINALIZED.get(model)
+
+
+def masks_of(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """Current keep-masks of ``model``'s active callbacks by layer name (empty when none)."""
+    active = _ACTIVE.get(model)
+    if active is None:
+        return {}
+    return {l.name: l.mask for l in active.pruner.layers if l.mask is not None}

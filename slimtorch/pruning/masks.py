@@ -1,0 +1,138 @@
+"""Pure mask math: importance scores -> keep-masks for block ("NxM", rows, columns) and N:M patterns.
+
+Everything works on the *matrix view* of a weight, ``[out, reduction]``:
+
+| layer            | stored weight          | matrix view                                   |
+|------------------|------------------------|-----------------------------------------------|
+| nn.Linear        | ``[out, in]``          | as is                                         |
+| transformers Conv1D | ``[in, out]``       | transposed                                    |
+| nn.Conv1d/2d     | ``[out, in/g, *k]``    | ``[out, *k, in/g]`` flattened to ``[out, k*in/g]`` |
+
+so N:M groups and NxM blocks run along input channels at a fixed kernel position. Ties are broken by index
+(stable sorts), so the same scores give the same mask on every run, rank and device.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..config.patterns import BlockPattern, NMPattern, Pattern
+
+LINEAR, TRANSPOSED, CONV = "linear", "transposed", "conv"
+
+
+def to_matrix(weight: Tensor, layout: str) -> Tensor:
+    """The ``[out, reduction]`` view of ``weight`` (a copy only for transposed/conv layouts)."""
+    if layout == LINEAR:
+        return weight
+    if layout == TRANSPOSED:
+        return weight.t()
+    # conv: [out, in_g, *k] -> [out, *k, in_g] -> [out, k * in_g]
+    return weight.movedim(1, -1).reshape(weight.shape[0], -1)
+
+
+def from_matrix(matrix: Tensor, shape: torch.Size, layout: str) -> Tensor:
+    """Inverse of :func:`to_matrix`: a ``[out, reduction]`` tensor back in the stored weight's shape."""
+    if layout == LINEAR:
+        return matrix.reshape(shape)
+    if layout == TRANSPOSED:
+        return matrix.t().reshape(shape)
+    out, in_g, *kernel = shape
+    return matrix.reshape(out, *kernel, in_g).movedim(-1, 1).contiguous()
+
+
+def block_sides(pattern: BlockPattern, out_features: int, reduction: int) -> tuple[int, int]:
+    """Block height and width in the matrix view (``channel`` spans the whole dimension)."""
+    return (pattern.rows or out_features, pattern.cols or reduction)
+
+
+def pruned_count(sparsity: float, total: int) -> int:
+    """How many of ``total`` units to prune for ``sparsity``: the nearest whole number (ties round up)."""
+    return min(total, max(0, int(math.floor(sparsity * total + 0.5))))
+
+
+def block_mean(scores: Tensor, rows: int, cols: int) -> Tensor:
+    """Mean score of each ``rows x cols`` block: ``[O, I] -> [O/rows, I/cols]``."""
+    out, red = scores.shape
+    return scores.reshape(out // rows, rows, red // cols, cols).mean(dim=(1, 3))
+
+
+def block_mask(scores: Tensor, pattern: BlockPattern, sparsity: float) -> Tensor:
+    """Keep-mask (bool, same shape as ``scores``) dropping the lowest-scoring blocks.
+
+    The number of dropped blocks is ``round(sparsity * n_blocks)``, so the result is within half a block of
+    ``sparsity``. Blocks are ranked by their mean score.
+    """
+    rows, cols = block_sides(pattern, *scores.shape)
+    per_block = block_mean(scores.float(), rows, cols)
+    flat = per_block.flatten()
+    keep = torch.ones_like(flat, dtype=torch.bool)
+    drop = pruned_count(sparsity, flat.numel())
+    if drop:
+        keep[torch.argsort(flat, stable=True)[:drop]] = False
+    keep = keep.reshape(per_block.shape)
+    return keep.repeat_interleave(rows, dim=0).repeat_interleave(cols, dim=1)
+
+
+def nm_mask(scores: Tensor, pattern: NMPattern, sparsity: float) -> Tensor:
+    """Keep-mask with at most N non-zeros in each group of M consecutive inputs.
+
+    A fully N:M layer has sparsity ``(M - N) / M``; a lower ``sparsity`` makes only
+    ``round(sparsity / ((M - N) / M) * n_groups)`` groups N:M, those whose dropped weights score least.
+    """
+    n, m = pattern.n, pattern.m
+    out, red = scores.shape
+    groups = scores.float().reshape(-1, m)
+    order = torch.argsort(groups, dim=1, descending=True, stable=True)
+    top_n = order[:, :n]
+    # cost of making a group N:M = what its M - N weakest weights score together
+    ranked = torch.gather(groups, 1, order)
+    cost = ranked[:, n:].sum(dim=1)
+    per_group = (m - n) / m
+    n_sparse = pruned_count(min(sparsity / per_group, 1.0), groups.shape[0])
+    keep = torch.ones_like(groups, dtype=torch.bool)
+    if n_sparse:
+        chosen = torch.argsort(cost, stable=True)[:n_sparse]
+        sparse_rows = torch.zeros_like(groups[chosen], dtype=torch.bool)
+        sparse_rows.scatter_(1, top_n[chosen], True)
+        keep[chosen] = sparse_rows
+    return keep.reshape(out, red)
+
+
+def compute_mask(scores: Tensor, pattern: Pattern, sparsity: float) -> Tensor:
+    """Dispatch on the pattern's type; ``scores`` is a ``[out, reduction]`` matrix."""
+    if isinstance(pattern, NMPattern):
+        return nm_mask(scores, pattern, sparsity)
+    return block_mask(scores, pattern, sparsity)
+
+
+def fit_problem(pattern: Pattern, out_features: int, reduction: int, in_per_group: int) -> Optional[str]:
+    """Why a ``[out, reduction]`` matrix cannot hold ``pattern`` (``None`` when it can).
+
+    ``in_per_group`` is the number of input channels at one kernel position (``reduction`` for linear layers);
+    groups and blocks must not straddle two kernel positions.
+    """
+    if isinstance(pattern, NMPattern):
+        if in_per_group % pattern.m:
+            return f"{in_per_group} input channels (per group) are not a multiple of M={pattern.m} of '{pattern}'"
+        return None
+    if pattern.rows is not None and out_features % pattern.rows:
+        return f"{out_features} output channels are not a multiple of the block height {pattern.rows} of '{pattern}'"
+    if pattern.cols is not None and in_per_group % pattern.cols:
+        return f"{in_per_group} input channels (per group) are not a multiple of the block width {pattern.cols} of '{pattern}'"
+    return None
+
+
+def pattern_holds(nonzero: Tensor, pattern: Pattern) -> bool:
+    """Whether a ``[out, reduction]`` boolean map of kept/non-zero weights obeys ``pattern``.
+
+    N:M: every group of M holds at most N. Blocks: every block is wholly zero or wholly kept.
+    """
+    if isinstance(pattern, NMPattern):
+        return bool((nonzero.reshape(-1, pattern.m).sum(dim=1) <= pattern.n).all())
+    rows, cols = block_sides(pattern, *nonzero.shape)
+    counts = nonzero.reshape(nonzero.shape[0] // rows, rows, -1, cols).sum(dim=(1, 3))
+    return bool(((counts == 0) | (counts == rows * cols)).all())

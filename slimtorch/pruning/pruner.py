@@ -1,0 +1,181 @@
+"""Holds the masks and scores of the pruned layers and applies them to the parameters.
+
+Masks live here, not on the modules, so the model's state_dict keys never change; they follow the weights to
+whatever device and dtype the weights are on (checked lazily, so ``model.to(...)`` after ``prepare_pruning``
+just works). Everything is plain tensor math: no CPU-only or vendor op.
+"""
+from __future__ import annotations
+
+import warnings
+from collections import defaultdict
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ..config.patterns import BlockPattern
+from ..errors import StateDictError
+from . import criteria, masks
+from .schedules import is_pruning_step, sparsity_at
+from .targets import TargetLayer
+
+STATE_VERSION = 1
+
+
+class LayerState:
+    """One pruned layer: its target description, keep-mask, criterion state and a cast copy of the mask."""
+
+    def __init__(self, target: TargetLayer):
+        self.target = target
+        self.mask: Optional[Tensor] = None       # bool, weight's shape; None = not pruned yet
+        self.bias_mask: Optional[Tensor] = None  # bool [out], only for whole-row patterns
+        self.state: Optional[Tensor] = None      # criterion state (float32), e.g. snip_momentum's S
+        self._cast: Optional[Tensor] = None      # mask in the weight's dtype, for a fused multiply
+        self._warned_no_grad = False
+
+    @property
+    def name(self) -> str:
+        return self.target.name
+
+    @property
+    def weight(self) -> Tensor:
+        return self.target.module.weight
+
+    def cast_mask(self) -> Tensor:
+        w = self.weight
+        if self.mask.device != w.device:
+            self.mask = self.mask.to(w.device)
+        if self._cast is None or self._cast.device != w.device or self._cast.dtype != w.dtype:
+            self._cast = self.mask.to(w.dtype)
+        return self._cast
+
+    def observes_at(self, step: int) -> bool:
+        s = self.target.settings
+        window = criteria.observation_window(s.method, s.beta)
+        if window is None:
+            return False
+        if window == 0:
+            return is_pruning_step(step, s.start_step, s.end_step, s.frequency)
+        return s.start_step - window <= step <= s.end_step
+
+
+class Pruner:
+    """Applies the masks of ``layers`` and recomputes them along their schedules."""
+
+    def __init__(self, layers: List[TargetLayer]):
+        self.layers = [LayerState(t) for t in layers]
+
+    # ------------------------------------------------------------ per update
+    def observe(self, step: int) -> None:
+        """Fold the current gradients into the criteria of the layers that need them at ``step``."""
+        batches: Dict[Tuple[str, float], List[LayerState]] = defaultdict(list)
+        for layer in self.layers:
+            if not layer.observes_at(step):
+                continue
+            if layer.weight.grad is None:
+                if not layer._warned_no_grad:
+                    warnings.warn(f"slimtorch: layer {layer.name!r} has no gradient at step {step}; its "
+                                  f"{layer.target.settings.method} score keeps its last value", stacklevel=3)
+                    layer._warned_no_grad = True
+                continue
+            batches[(layer.target.settings.method, layer.target.settings.beta)].append(layer)
+        with torch.no_grad():
+            for (method, beta), group in batches.items():
+                states = []
+                for layer in group:
+                    if layer.state is not None and layer.state.device != layer.weight.device:
+                        layer.state = layer.state.to(layer.weight.device)
+                    states.append(layer.state)
+                new = criteria.observe(method, beta, states, [l.weight for l in group],
+                                       [l.weight.grad for l in group])
+                for layer, state in zip(group, new):
+                    layer.state = state
+
+    def due(self, step: int) -> bool:
+        return any(self._due(layer, step) for layer in self.layers)
+
+    @staticmethod
+    def _due(layer: LayerState, step: int) -> bool:
+        s = layer.target.settings
+        return is_pruning_step(step, s.start_step, s.end_step, s.frequency)
+
+    def update_masks(self, step: int) -> List[Dict[str, Any]]:
+        """Recompute the masks of the layers whose schedule prunes at ``step``; returns what was done."""
+        events = []
+        with torch.no_grad():
+            for layer in self.layers:
+                if not self._due(layer, step):
+                    continue
+                s = layer.target.settings
+                target = sparsity_at(step, s.start_step, s.end_step, s.dense_ratio, s.decay)
+                weight = layer.weight
+                scores = criteria.score(s.method, weight, layer.state)
+                matrix = masks.to_matrix(scores, layer.target.layout)
+                keep = masks.compute_mask(matrix, s.pattern, target)
+                layer.mask = masks.from_matrix(keep, weight.shape, layer.target.layout)
+                layer._cast = None
+                if isinstance(s.pattern, BlockPattern) and s.pattern.prunes_rows:
+                    layer.bias_mask = keep.all(dim=1)
+                if step >= s.end_step:
+                    layer.state = None  # the schedule is over: the mask is final, the score no longer needed
+                achieved = 1.0 - layer.mask.float().mean().item()
+                events.append({"step": step, "layer": layer.name, "target": target, "sparsity": achieved})
+        self.apply_masks()
+        return events
+
+    def apply_masks(self) -> None:
+        """Zero the pruned weights (and the biases of pruned rows) in place."""
+        active = [l for l in self.layers if l.mask is not None]
+        if not active:
+            return
+        with torch.no_grad():
+            by_dtype: Dict[Tuple[torch.device, torch.dtype], Tuple[List[Tensor], List[Tensor]]] = defaultdict(
+                lambda: ([], []))
+            for layer in active:
+                cast = layer.cast_mask()
+                weights, ms = by_dtype[(cast.device, cast.dtype)]
+                weights.append(layer.weight)
+                ms.append(cast)
+                bias = getattr(layer.target.module, "bias", None)
+                if layer.bias_mask is not None and bias is not None:
+                    bias.mul_(layer.bias_mask.to(device=bias.device, dtype=bias.dtype))
+            for weights, ms in by_dtype.values():
+                torch._foreach_mul_(weights, ms)
+
+    # ------------------------------------------------------------ checkpoints
+    def state_dict(self) -> Dict[str, Any]:
+        return {
+            "version": STATE_VERSION,
+            "layers": {
+                l.name: {
+                    "shape": tuple(l.weight.shape),
+                    "pattern": str(l.target.settings.pattern),
+                    "mask": None if l.mask is None else l.mask.clone(),
+                    "bias_mask": None if l.bias_mask is None else l.bias_mask.clone(),
+                    "state": None if l.state is None else l.state.clone(),
+                }
+                for l in self.layers
+            },
+        }
+
+    def load_state_dict(self, sd: Dict[str, Any]) -> None:
+        if not isinstance(sd, dict) or sd.get("version") != STATE_VERSION or "layers" not in sd:
+            raise StateDictError("not a slimtorch pruning state_dict (expected the dict PruningCallbacks.state_dict() returns)")
+        saved = sd["layers"]
+        ours = {l.name: l for l in self.layers}
+        if set(saved) != set(ours):
+            missing, extra = sorted(set(ours) - set(saved)), sorted(set(saved) - set(ours))
+            raise StateDictError(f"pruning state_dict is for other layers: missing {missing[:5]}, unexpected "
+                                 f"{extra[:5]}; load it into callbacks prepared with the same model and config")
+        for name, entry in saved.items():
+            layer = ours[name]
+            if tuple(entry["shape"]) != tuple(layer.weight.shape) or entry["pattern"] != str(layer.target.settings.pattern):
+                raise StateDictError(f"layer {name!r}: saved shape {tuple(entry['shape'])} / pattern {entry['pattern']!r}"
+                                     f" differ from the model's {tuple(layer.weight.shape)} / "
+                                     f"{layer.target.settings.pattern}")
+            device = layer.weight.device
+            layer.mask = None if entry["mask"] is None else entry["mask"].to(device).clone()
+            layer.bias_mask = None if entry["bias_mask"] is None else entry["bias_mask"].to(device).clone()
+            layer.state = None if entry["state"] is None else entry["state"].to(device).clone()
+            layer._cast = None
+        self.apply_masks()

@@ -1,0 +1,112 @@
+"""``sparsity_report(model)``: a per-layer table of shape, pattern, sparsity and whether the pattern holds."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+
+from . import masks
+from .callbacks import masks_of, plan_of
+from .targets import layer_layout, supported_layers
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    name: str
+    shape: tuple
+    pattern: Optional[str]          # None: not pruned by slimtorch
+    target_sparsity: Optional[float]
+    sparsity: float                 # fraction of exact zeros in the weight
+    pattern_valid: Optional[bool]   # None: no pattern to check
+    note: str                       # group, or why the layer is left dense
+
+
+class SparsityReport:
+    """Rows of :class:`LayerReport`; ``str()`` gives a table, ``rows`` / ``as_dicts()`` the data."""
+
+    def __init__(self, rows: List[LayerReport]):
+        self.rows = rows
+
+    def __iter__(self):
+        return iter(self.rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, name: str) -> LayerReport:
+        for row in self.rows:
+            if row.name == name:
+                return row
+        raise KeyError(name)
+
+    def as_dicts(self) -> List[Dict]:
+        return [asdict(r) for r in self.rows]
+
+    @property
+    def pruned(self) -> List[LayerReport]:
+        return [r for r in self.rows if r.pattern is not None]
+
+    def overall_sparsity(self) -> float:
+        """Zeros over weights, across the pruned layers."""
+        total = sum(_numel(r.shape) for r in self.pruned)
+        zeros = sum(r.sparsity * _numel(r.shape) for r in self.pruned)
+        return zeros / total if total else 0.0
+
+    def __str__(self) -> str:
+        header = ("layer", "shape", "pattern", "target", "sparsity", "valid", "note")
+        body = [
+            (r.name, "x".join(map(str, r.shape)), r.pattern or "-",
+             "-" if r.target_sparsity is None else f"{r.target_sparsity:.1%}", f"{r.sparsity:.1%}",
+             "-" if r.pattern_valid is None else ("yes" if r.pattern_valid else "NO"), r.note)
+            for r in self.rows
+        ]
+        widths = [max(len(str(c)) for c in col) for col in zip(header, *body)]
+        fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+        lines = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
+        lines += [fmt.format(*row) for row in body]
+        lines.append(f"overall sparsity of pruned layers: {self.overall_sparsity():.1%} "
+                     f"({len(self.pruned)} of {len(self.rows)} layers pruned)")
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def sparsity_report(model: nn.Module) -> SparsityReport:
+    """Per-layer sparsity of every Linear / Conv1d / Conv2d / Conv1D of ``model``.
+
+    For layers pruned by slimtorch (active or finalized callbacks) it also gives the pattern, the final target and
+    whether the pattern holds: on the live mask while callbacks are active, else on the weights' zeros (a kept
+    block then must hold no exact zero). Layers left dense say why.
+    """
+    plan = plan_of(model)
+    targets = {t.name: t for t in plan.layers} if plan else {}
+    left_out = {lo.name: lo.reason for lo in plan.left_out} if plan else {}
+    live = masks_of(model)
+    rows = []
+    for name, module in supported_layers(model):
+        weight = module.weight.detach()
+        sparsity = (weight == 0).float().mean().item() if weight.numel() else 0.0
+        target = targets.get(name)
+        if target is None:
+            rows.append(LayerReport(name, tuple(weight.shape), None, None, sparsity, None,
+                                    left_out.get(name, "not targeted")))
+            continue
+        layout, _ = layer_layout(module)
+        mask = live.get(name)
+        kept = (weight != 0) if mask is None else mask.to(weight.device)
+        valid = masks.pattern_holds(masks.to_matrix(kept, layout), target.settings.pattern)
+        if mask is not None:  # the live mask must also be what the weights show
+            valid = valid and not bool((weight[~kept] != 0).any())
+        rows.append(LayerReport(name, tuple(weight.shape), str(target.settings.pattern),
+                                target.settings.target_sparsity, sparsity, valid,
+                                f"group {target.group}" if target.group else "shared_parameters"))
+    return SparsityReport(rows)

@@ -1,0 +1,165 @@
+"""Which layers a config prunes, with which settings, and why the others are left alone.
+
+Rules (CONVENTIONS.md): every nn.Linear, nn.Conv1d, nn.Conv2d and transformers Conv1D is a default target,
+except the last supported layer in registration order (the head) and layers whose weight is tied to an
+embedding. ``modules`` / ``excluded_modules`` entries are regular expressions applied with ``re.search`` to a
+layer's full dotted name and to its ancestors' names (a matched module selects its supported descendants);
+``excluded_modules`` wins over everything; a layer two groups claim is an error.
+"""
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from torch import nn
+
+from ..config.schema import PruningSettings, SparsePruningConfig
+from ..errors import ConfigError, PatternShapeError
+from . import masks
+
+SP_PATH = "compression_training.sparse_pruning"
+
+
+@dataclass
+class TargetLayer:
+    """A layer that will be pruned: where it is, how to view its weight, and its resolved settings."""
+
+    name: str
+    module: nn.Module
+    layout: str
+    in_per_group: int
+    group: Optional[str]
+    settings: PruningSettings
+
+
+@dataclass(frozen=True)
+class LeftOut:
+    """A supported layer that is not pruned, and the reason."""
+
+    name: str
+    reason: str
+
+
+@dataclass
+class TargetPlan:
+    layers: List[TargetLayer]
+    left_out: List[LeftOut]
+
+
+def layer_layout(module: nn.Module) -> Optional[Tuple[str, int]]:
+    """(layout, input channels per group) for a supported layer, ``None`` for anything else."""
+    if isinstance(module, nn.Linear):
+        return masks.LINEAR, module.in_features
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        return masks.CONV, module.in_channels // module.groups
+    if type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers"):
+        return masks.TRANSPOSED, module.weight.shape[0]  # Conv1D stores [in, out]
+    return None
+
+
+def supported_layers(model: nn.Module) -> List[Tuple[str, nn.Module]]:
+    return [(name, mod) for name, mod in model.named_modules() if name and layer_layout(mod) is not None]
+
+
+def _ancestry(name: str) -> List[str]:
+    parts = name.split(".")
+    return [".".join(parts[: i + 1]) for i in range(len(parts))]
+
+
+def _matches(patterns: Sequence[str], name: str) -> Optional[int]:
+    """Index of the first pattern that selects ``name`` (itself or an ancestor), else ``None``."""
+    chain = _ancestry(name)
+    for i, pat in enumerate(patterns):
+        if any(re.search(pat, n) for n in chain):
+            return i
+    return None
+
+
+def _names_exactly(patterns: Sequence[str], name: str) -> bool:
+    return any(re.fullmatch(pat, name) for pat in patterns)
+
+
+def _default_exclusions(model: nn.Module, layers: List[Tuple[str, nn.Module]]) -> Dict[str, str]:
+    reasons: Dict[str, str] = {}
+    embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))}
+    for name, mod in layers:
+        if id(mod.weight) in embedding_weights:
+            reasons[name] = "weight tied to an embedding (name it exactly in a group's modules to prune it)"
+    if layers:
+        head = layers[-1][0]
+        reasons.setdefault(head, "output head: last supported layer (name it exactly in a group's modules to prune it)")
+    return reasons
+
+
+def _check_patterns_match(patterns: Sequence[str], all_names: List[str], where: str) -> None:
+    for i, pat in enumerate(patterns):
+        if any(re.search(pat, n) for n in all_names):
+            continue
+        short = sorted({".".join(n.split(".")[-k:]) for n in all_names for k in (1, 2, 3)})
+        near = difflib.get_close_matches(pat, short, n=3, cutoff=0.5) or difflib.get_close_matches(
+            pat, all_names, n=3, cutoff=0.3)
+        hint = f"closest module names: {', '.join(near)}" if near else f"module names look like: {', '.join(all_names[:3])}"
+        raise ConfigError(f"{where}[{i}]: {pat!r} matches no module of the model; {hint}")
+
+
+def plan_targets(model: nn.Module, config: SparsePruningConfig) -> TargetPlan:
+    """Resolve the config against ``model``: the layers to prune and the supported layers left out."""
+    shared = config.shared_parameters
+    groups = config.different_groups
+    all_names = [n for n, _ in model.named_modules() if n]
+    _check_patterns_match(shared.excluded_modules, all_names, f"{SP_PATH}.shared_parameters.excluded_modules")
+    if shared.modules is not None:
+        _check_patterns_match(shared.modules, all_names, f"{SP_PATH}.shared_parameters.modules")
+    for gname, group in groups.items():
+        _check_patterns_match(group.modules, all_names, f"{SP_PATH}.different_groups.{gname}.modules")
+
+    layers = supported_layers(model)
+    defaults_out = _default_exclusions(model, layers)
+    plan = TargetPlan([], [])
+    for name, module in layers:
+        excluded = _matches(shared.excluded_modules, name)
+        if excluded is not None:
+            plan.left_out.append(LeftOut(name, f"excluded_modules[{excluded}] {shared.excluded_modules[excluded]!r}"))
+            continue
+        claimed = [g for g, grp in groups.items() if _matches(grp.modules, name) is not None]
+        if len(claimed) > 1:
+            raise ConfigError(
+                f"{SP_PATH}.different_groups: layer {name!r} is matched by groups {claimed[0]!r} and {claimed[1]!r}; "
+                "a layer belongs to one group: make their modules patterns disjoint"
+            )
+        group = claimed[0] if claimed else None
+        chosen_by = groups[group].modules if group else shared.modules
+        if group is None and shared.modules is not None and _matches(shared.modules, name) is None:
+            plan.left_out.append(LeftOut(name, "not selected by shared_parameters.modules"))
+            continue
+        if name in defaults_out and not (chosen_by and _names_exactly(chosen_by, name)):
+            plan.left_out.append(LeftOut(name, defaults_out[name]))
+            continue
+        settings = config.settings_for(group)
+        layout, in_per_group = layer_layout(module)
+        matrix = masks.to_matrix(module.weight, layout)
+        problem = masks.fit_problem(settings.pattern, matrix.shape[0], matrix.shape[1], in_per_group)
+        if problem:
+            where = f"different_groups.{group}.modules" if group else "shared_parameters.modules"
+            if chosen_by and name in chosen_by:
+                raise PatternShapeError(
+                    f"{SP_PATH}.{where}: layer {name!r} (weight {tuple(module.weight.shape)}) cannot hold its "
+                    f"pattern: {problem}. Choose a pattern that divides its shape or remove it from {where}"
+                )
+            plan.left_out.append(LeftOut(name, f"shape does not fit: {problem}"))
+            continue
+        plan.layers.append(TargetLayer(name, module, layout, in_per_group, group, settings))
+    _check_groups_used(plan, config)
+    return plan
+
+
+def _check_groups_used(plan: TargetPlan, config: SparsePruningConfig) -> None:
+    used = {layer.group for layer in plan.layers}
+    for gname, group in config.different_groups.items():
+        if gname in used:
+            continue
+        why = [f"{lo.name}: {lo.reason}" for lo in plan.left_out if _matches(group.modules, lo.name) is not None]
+        detail = "; ".join(why) if why else "its modules contain no Linear, Conv1d, Conv2d or Conv1D layer"
+        raise ConfigError(f"{SP_PATH}.different_groups.{gname}.modules: the group selects no layer to prune ({detail})")
