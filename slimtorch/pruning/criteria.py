@@ -1,4 +1,4 @@
-"""Importance criteria: what ranks weights before a mask is computed.
+r"""Importance criteria: what ranks weights before a mask is computed.
 
 | method        | score of weight w with gradient g             | needs gradients |
 |---------------|-----------------------------------------------|-----------------|

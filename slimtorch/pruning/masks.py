@@ -126,13 +126,18 @@ def fit_problem(pattern: Pattern, out_features: int, reduction: int, in_per_grou
     return None
 
 
-def pattern_holds(nonzero: Tensor, pattern: Pattern) -> bool:
+def pattern_holds(nonzero: Tensor, pattern: Pattern, dense_groups_allowed: bool = False) -> bool:
     """Whether a ``[out, reduction]`` boolean map of kept/non-zero weights obeys ``pattern``.
 
-    N:M: every group of M holds at most N. Blocks: every block is wholly zero or wholly kept.
+    N:M: every group of M holds at most N (or, with ``dense_groups_allowed``, is left whole: the state of a
+    layer whose dense_ratio is above N/M). Blocks: every block is wholly zero or wholly kept.
     """
     if isinstance(pattern, NMPattern):
-        return bool((nonzero.reshape(-1, pattern.m).sum(dim=1) <= pattern.n).all())
+        counts = nonzero.reshape(-1, pattern.m).sum(dim=1)
+        ok = counts <= pattern.n
+        if dense_groups_allowed:
+            ok |= counts == pattern.m
+        return bool(ok.all())
     rows, cols = block_sides(pattern, *nonzero.shape)
     counts = nonzero.reshape(nonzero.shape[0] // rows, rows, -1, cols).sum(dim=(1, 3))
     return bool(((counts == 0) | (counts == rows * cols)).all())

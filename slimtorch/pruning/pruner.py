@@ -118,7 +118,7 @@ class Pruner:
                     layer.bias_mask = keep.all(dim=1)
                 if step >= s.end_step:
                     layer.state = None  # the schedule is over: the mask is final, the score no longer needed
-                achieved = 1.0 - layer.mask.float().mean().item()
+                achieved = 1.0 - layer.mask.sum().item() / layer.mask.numel()
                 events.append({"step": step, "layer": layer.name, "target": target, "sparsity": achieved})
         self.apply_masks()
         return events

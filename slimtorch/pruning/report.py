@@ -7,6 +7,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
+from ..config.patterns import NMPattern
 from . import masks
 from .callbacks import masks_of, plan_of
 from .targets import layer_layout, supported_layers
@@ -94,7 +95,7 @@ def sparsity_report(model: nn.Module) -> SparsityReport:
     rows = []
     for name, module in supported_layers(model):
         weight = module.weight.detach()
-        sparsity = (weight == 0).float().mean().item() if weight.numel() else 0.0
+        sparsity = (weight == 0).sum().item() / weight.numel() if weight.numel() else 0.0
         target = targets.get(name)
         if target is None:
             rows.append(LayerReport(name, tuple(weight.shape), None, None, sparsity, None,
@@ -103,7 +104,9 @@ def sparsity_report(model: nn.Module) -> SparsityReport:
         layout, _ = layer_layout(module)
         mask = live.get(name)
         kept = (weight != 0) if mask is None else mask.to(weight.device)
-        valid = masks.pattern_holds(masks.to_matrix(kept, layout), target.settings.pattern)
+        settings = target.settings
+        partial_nm = isinstance(settings.pattern, NMPattern) and settings.dense_ratio > settings.pattern.min_dense_ratio
+        valid = masks.pattern_holds(masks.to_matrix(kept, layout), settings.pattern, dense_groups_allowed=partial_nm)
         if mask is not None:  # the live mask must also be what the weights show
             valid = valid and not bool((weight[~kept] != 0).any())
         rows.append(LayerReport(name, tuple(weight.shape), str(target.settings.pattern),

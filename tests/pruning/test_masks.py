@@ -1,0 +1,127 @@
+"""Pure mask math: exact structure, exact counts, layouts, determinism."""
+import math
+
+import pytest
+import torch
+
+from slimtorch.config.patterns import BlockPattern, NMPattern, parse_pattern
+from slimtorch.pruning import masks
+
+
+def _scores(out, red, seed=0):
+    return torch.rand(out, red, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("pattern", ["4x1", "1x4", "2x8", "1x1", "8x8", "channelx1", "1xchannel", "16x2"])
+@pytest.mark.parametrize("sparsity", [0.0, 0.1, 0.5, 0.9, 1.0])
+def test_block_mask_drops_whole_blocks_and_exact_count(pattern, sparsity):
+    p = parse_pattern(pattern)
+    scores = _scores(32, 64)
+    keep = masks.block_mask(scores, p, sparsity)
+    rows, cols = masks.block_sides(p, 32, 64)
+    per_block = keep.reshape(32 // rows, rows, 64 // cols, cols).sum(dim=(1, 3))
+    assert ((per_block == 0) | (per_block == rows * cols)).all()
+    n_blocks = per_block.numel()
+    dropped = int((per_block == 0).sum())
+    assert dropped == masks.pruned_count(sparsity, n_blocks)
+    assert abs(dropped / n_blocks - sparsity) <= 0.5 / n_blocks + 1e-12
+    assert masks.pattern_holds(keep, p)
+
+
+def test_block_mask_drops_the_lowest_mean_blocks():
+    scores = torch.tensor([[1.0, 9.0], [2.0, 8.0], [3.0, 0.5], [4.0, 0.4]])
+    keep = masks.block_mask(scores, BlockPattern(2, 1), 0.5)  # blocks: col0 rows0-1 (1.5), rows2-3 (3.5); col1: 8.5, 0.45
+    assert keep.tolist() == [[False, True], [False, True], [True, False], [True, False]]
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (4, 8), (1, 2), (3, 8)])
+def test_nm_mask_full_sparsity_every_group(n, m):
+    p = NMPattern(n, m)
+    scores = _scores(16, 64, seed=n * m)
+    keep = masks.nm_mask(scores, p, 1 - n / m)
+    groups = keep.reshape(-1, m)
+    assert (groups.sum(dim=1) == n).all()
+    # the kept weights are the top-n scores of their group
+    top = torch.topk(scores.reshape(-1, m), n, dim=1).indices
+    assert torch.equal(torch.zeros_like(groups).scatter_(1, top, True), groups)
+    assert masks.pattern_holds(keep, p)
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.1, 0.25, 0.4, 0.5])
+def test_nm_mask_partial_makes_only_a_share_of_groups_sparse(sparsity):
+    p = NMPattern(2, 4)
+    scores = _scores(32, 32, seed=3)
+    keep = masks.nm_mask(scores, p, sparsity)
+    counts = keep.reshape(-1, 4).sum(dim=1)
+    assert set(counts.unique().tolist()) <= {2, 4}
+    n_sparse = int((counts == 2).sum())
+    assert n_sparse == masks.pruned_count(sparsity / 0.5, counts.numel())
+    assert masks.pattern_holds(keep, p, dense_groups_allowed=True)
+    assert masks.pattern_holds(keep, p) == (sparsity == 0.5)
+
+
+def test_nm_mask_sparsifies_the_cheapest_groups_first():
+    scores = torch.tensor([[5.0, 5.0, 5.0, 5.0, 9.0, 9.0, 0.1, 0.1]])
+    keep = masks.nm_mask(scores, NMPattern(2, 4), 0.25)  # one of the two groups: the second costs 0.2
+    assert keep.tolist() == [[True] * 4 + [True, True, False, False]]
+
+
+def test_ties_are_deterministic():
+    scores = torch.ones(64, 64)
+    a = masks.block_mask(scores, BlockPattern(4, 1), 0.5)
+    b = masks.block_mask(scores.clone(), BlockPattern(4, 1), 0.5)
+    assert torch.equal(a, b)
+    c = masks.nm_mask(scores, NMPattern(2, 4), 0.5)
+    assert torch.equal(c, masks.nm_mask(scores.clone(), NMPattern(2, 4), 0.5))
+
+
+@pytest.mark.parametrize("layout,shape", [
+    (masks.LINEAR, (6, 8)), (masks.TRANSPOSED, (8, 6)), (masks.CONV, (6, 4, 3, 3)), (masks.CONV, (6, 8, 5)),
+])
+def test_matrix_view_round_trip(layout, shape):
+    w = torch.randn(*shape)
+    m = masks.to_matrix(w, layout)
+    assert m.shape[0] == (shape[1] if layout == masks.TRANSPOSED else shape[0])
+    assert torch.equal(masks.from_matrix(m, w.shape, layout), w)
+
+
+def test_conv_groups_run_along_input_channels_at_one_kernel_position():
+    w = torch.arange(2 * 4 * 2 * 2, dtype=torch.float32).reshape(2, 4, 2, 2)  # [out, in, kh, kw]
+    m = masks.to_matrix(w, masks.CONV)
+    # first 4 entries of a row: all input channels at kernel position (0, 0)
+    assert m[0, :4].tolist() == w[0, :, 0, 0].tolist()
+    assert m[1, 4:8].tolist() == w[1, :, 0, 1].tolist()
+
+
+@pytest.mark.parametrize("pattern,shape,in_g,problem", [
+    ("2:4", (8, 6), 6, "multiple of M=4"),
+    ("4x1", (6, 8), 8, "block height 4"),
+    ("1x4", (8, 6), 6, "block width 4"),
+    ("2:4", (8, 9), 1, "multiple of M=4"),       # depthwise 3x3 conv: 1 input channel per group
+    ("4x1", (8, 8), 8, None),
+    ("channelx1", (7, 8), 8, None),
+    ("1xchannel", (7, 9), 9, None),
+])
+def test_fit_problem(pattern, shape, in_g, problem):
+    got = masks.fit_problem(parse_pattern(pattern), shape[0], shape[1], in_g)
+    if problem is None:
+        assert got is None
+    else:
+        assert problem in got
+
+
+def test_pattern_holds_rejects_broken_structure():
+    keep = torch.ones(8, 8, dtype=torch.bool)
+    keep[0, 0] = False  # a 4x1 block with one zero
+    assert not masks.pattern_holds(keep, BlockPattern(4, 1))
+    keep = torch.ones(2, 8, dtype=torch.bool)
+    keep[0, :1] = False  # 3 of 4 kept
+    assert not masks.pattern_holds(keep, NMPattern(2, 4))
+
+
+def test_pruned_count_rounds_to_nearest():
+    assert masks.pruned_count(0.9, 10) == 9
+    assert masks.pruned_count(0.25, 6) == 2  # 1.5 rounds up
+    assert masks.pruned_count(1 - 0.1 ** 1, 147456) == round(0.9 * 147456)
+    assert masks.pruned_count(1.2, 5) == 5 and masks.pruned_count(-0.1, 5) == 0
+    assert math.isclose(masks.pruned_count(0.5, 1000) / 1000, 0.5)
