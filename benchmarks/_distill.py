@@ -124,10 +124,10 @@ def encoder_linears(model: torch.nn.Module) -> Dict[str, torch.nn.Linear]:
     }
 
 
-def make_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
+def make_optimizer(model: torch.nn.Module, lr: float = LR) -> torch.optim.Optimizer:
     """The pinned optimizer: AdamW(lr=LR, weight_decay=WEIGHT_DECAY) over the trainable parameters."""
     params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=WEIGHT_DECAY)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -419,30 +419,36 @@ def interleaved_updates(
 # --------------------------------------------------------------------------------------------------------------------
 # checks on the final weights
 # --------------------------------------------------------------------------------------------------------------------
-def nm_valid(weight: torch.Tensor, n: int = 2, m: int = 4) -> bool:
-    """True when every group of ``m`` consecutive weights along the input dimension of a [out, in] weight holds at
-    most ``n`` non-zeros (the NVIDIA convention: n counts the kept weights)."""
+def nm_violations(weight: torch.Tensor, n: int = 2, m: int = 4) -> int:
+    """Number of groups of ``m`` consecutive weights along the input dimension of a [out, in] weight that hold
+    more than ``n`` non-zeros (the NVIDIA convention: n counts the kept weights). -1 if ``in`` is not a multiple
+    of m."""
     w = weight.detach().reshape(weight.shape[0], -1)
     if w.shape[1] % m:
-        return False
-    return bool(((w.reshape(w.shape[0], -1, m) != 0).sum(-1) <= n).all())
+        return -1
+    return int(((w.reshape(w.shape[0], -1, m) != 0).sum(-1) > n).sum())
 
 
-def nm_group_share(weight: torch.Tensor, n: int = 2, m: int = 4) -> float:
-    """Share of the groups of m along the input dimension that hold at most n non-zeros."""
-    w = weight.detach().reshape(weight.shape[0], -1)
-    return float(((w.reshape(w.shape[0], -1, m) != 0).sum(-1) <= n).float().mean())
+def nm_valid(weight: torch.Tensor, n: int = 2, m: int = 4) -> bool:
+    """True when every group of ``m`` along the input dimension holds at most ``n`` non-zeros."""
+    return nm_violations(weight, n, m) == 0
 
 
-def blocks_valid(weight: torch.Tensor, bh: int, bw: int) -> bool:
-    """True when every [bh output rows x bw input columns] block of a [out, in] weight is all zero or all non-zero
-    (a kept weight that happens to be exactly 0.0 would fail it; with float training that does not happen)."""
+def block_violations(weight: torch.Tensor, bh: int, bw: int) -> int:
+    """Number of [bh output rows x bw input columns] blocks of a [out, in] weight that are neither all zero nor
+    all non-zero (a kept weight that is exactly 0.0 would count; with float training that does not happen).
+    -1 if the shape does not tile."""
     w = weight.detach().reshape(weight.shape[0], -1)
     o, i = w.shape
     if o % bh or i % bw:
-        return False
+        return -1
     nz = (w != 0).reshape(o // bh, bh, i // bw, bw).sum((1, 3))
-    return bool(((nz == 0) | (nz == bh * bw)).all())
+    return int(((nz != 0) & (nz != bh * bw)).sum())
+
+
+def blocks_valid(weight: torch.Tensor, bh: int, bw: int) -> bool:
+    """True when every bh x bw block is all zero or all kept."""
+    return block_violations(weight, bh, bw) == 0
 
 
 @torch.no_grad()
@@ -463,7 +469,8 @@ def sparsity(weight: torch.Tensor) -> float:
 
 
 def layer_report(model: torch.nn.Module, names: Iterable[str]) -> Dict[str, Dict[str, object]]:
-    """{name: {"shape", "sparsity", "nm_2_4", "block_4x1"}} for the named Linear layers."""
+    """{name: {"shape", "sparsity", "nm_2_4", "block_4x1"}} for the named Linear layers (the last two: is the
+    weight valid 2:4 / 4x1)."""
     mods = dict(model.named_modules())
     out = {}
     for name in names:

@@ -59,6 +59,7 @@ def parse_args(argv=None):
     ap.add_argument("--pruning-type", default="snip_momentum")
     ap.add_argument("--scope", default="local", choices=["local", "global"], help="INC pruning_scope")
     ap.add_argument("--decay", default=D.DECAY, choices=["exp", "cos", "linear", "cube"])
+    ap.add_argument("--lr", type=float, default=D.LR, help="AdamW learning rate (keep equal to the other side)")
     ap.add_argument("--no-timing", action="store_true", help="skip the interleaved dense student")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--device", default="cpu")
@@ -97,16 +98,27 @@ def inc_config(args):
     )
 
 
-def pattern_check(weight: torch.Tensor, pattern: str) -> bool:
-    """INC's pattern on a [out, in] weight: "N:M" -> at most M-N non-zeros per M along the input dimension;
-    "NxM" -> every N x M block all zero or all kept."""
+def pattern_violations(weight: torch.Tensor, pattern: str) -> int:
+    """Groups/blocks of a [out, in] weight that break INC's pattern: "N:M" -> groups of M along the input
+    dimension with more than M-N non-zeros; "NxM" -> N x M blocks neither all zero nor all kept."""
     if ":" in pattern:
         n, m = (int(x) for x in pattern.split(":"))
-        return D.nm_valid(weight, m - n, m)
+        return D.nm_violations(weight, m - n, m)
     if "x" in pattern and "channel" not in pattern:
         bh, bw = (int(x) for x in pattern.split("x"))
-        return D.blocks_valid(weight, bh, bw)
-    return True
+        return D.block_violations(weight, bh, bw)
+    return 0
+
+
+def pattern_group_count(mods, pattern: str) -> int:
+    """How many groups (N:M) or blocks (NxM) the targeted weights hold in all."""
+    if ":" in pattern:
+        m = int(pattern.split(":")[1])
+        return sum(mod.weight.numel() // m for mod in mods.values())
+    if "x" in pattern and "channel" not in pattern:
+        bh, bw = (int(x) for x in pattern.split("x"))
+        return sum(mod.weight.numel() // (bh * bw) for mod in mods.values())
+    return 0
 
 
 def main(argv=None):
@@ -132,8 +144,8 @@ def main(argv=None):
         D.warmup(dense, teacher, batches[0])
     D.warmup(student, teacher, batches[0])  # before INC hooks the model: a hooked forward counts as a step
 
-    opt = D.make_optimizer(student)
-    opt_dense = D.make_optimizer(dense) if dense is not None else None
+    opt = D.make_optimizer(student, args.lr)
+    opt_dense = D.make_optimizer(dense, args.lr) if dense is not None else None
 
     pruning = prepare_pruning(student, inc_config(args), optimizer=opt)
     pruners = pruning.pruners
@@ -178,9 +190,10 @@ def main(argv=None):
 
     cos_mean, cos_min = D.heldout_cosine(student, teacher, tok, heldout, teacher_emb=teacher_emb)
     layers = D.layer_report(student, targeted)
-    valid = {n: pattern_check(targeted_mods[n].weight, args.pattern) for n in targeted}
+    bad = {n: pattern_violations(targeted_mods[n].weight, args.pattern) for n in targeted}
     for n in targeted:
-        layers[n]["pattern_valid"] = valid[n]
+        layers[n]["pattern_violations"] = bad[n]
+    pattern_groups = pattern_group_count(targeted_mods, args.pattern)
     attn = [n for n in targeted if re.search(ATTN_SELF, n)]
     rest = [n for n in targeted if n not in attn]
 
@@ -213,7 +226,7 @@ def main(argv=None):
         "extra_steps": args.extra_steps,
         "total_updates": total,
         "batch": [D.BATCH_SIZE, D.SEQ_LEN],
-        "lr": D.LR,
+        "lr": args.lr,
         "heldout_n": len(heldout),
         "heldout_cosine_mean": cos_mean,
         "heldout_cosine_min": cos_min,
@@ -224,7 +237,10 @@ def main(argv=None):
         "other_sparsity": group_sparsity(rest) if args.attn_sparsity is not None else None,
         "layer_sparsity_min": min(l["sparsity"] for l in layers.values()),
         "layer_sparsity_max": max(l["sparsity"] for l in layers.values()),
-        "pattern_valid": all(valid.values()),
+        "pattern_valid": all(v == 0 for v in bad.values()),
+        "pattern_violations": sum(bad.values()),
+        "pattern_groups": pattern_groups,
+        "layers_with_violations": sum(v != 0 for v in bad.values()),
         "sparsity_trajectory": trajectory,
         "inc_sparsity_trajectory": inc_trajectory,
         "loss_first": losses[0],
@@ -244,7 +260,8 @@ def main(argv=None):
     if args.json_out:
         Path(args.json_out).write_text(text + "\n")
     summary = {k: result[k] for k in ("seed", "pattern", "heldout_cosine_mean", "heldout_cosine_min",
-                                      "targeted_sparsity", "pattern_valid", "overhead_ratio", "wall_s")}
+                                      "targeted_sparsity", "pattern_valid", "pattern_violations", "overhead_ratio",
+                                      "wall_s")}
     print(json.dumps(summary))
     return result
 
