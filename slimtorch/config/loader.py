@@ -57,21 +57,31 @@ def load_config(source: ConfigSource) -> CompressionConfig:
 
 def _read(source: Any) -> Dict[str, Any]:
     if isinstance(source, dict):
+        _check_keys(source, ())
         return source
     if isinstance(source, (str, os.PathLike)):
         text = os.fspath(source)
-        if not text.lstrip().startswith("{"):
-            path = Path(text)
-            if not path.is_file():
-                raise ConfigError(f"config file {text!r} does not exist (pass a path, a dict or JSON text)")
-            text = path.read_text()
-            where = str(path)
-        else:
+        if isinstance(source, str) and text.lstrip().startswith(("{", "[")):
             where = "JSON text"
+        else:
+            path = Path(text)
+            try:
+                is_file = path.is_file()
+            except OSError:
+                is_file = False
+            if not is_file:
+                raise ConfigError(f"config file {text[:200]!r} does not exist (pass a path, a dict or JSON text)")
+            try:
+                text = path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ConfigError(f"{path}: cannot read the config file as UTF-8 text: {exc}") from None
+            where = str(path)
         try:
             doc = json.loads(text)
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{where}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+        except RecursionError:
+            raise ConfigError(f"{where}: the JSON is nested too deeply to be a config") from None
         if not isinstance(doc, dict):
             raise ConfigError(f"{where}: the top level of a config must be a JSON object, got {type(doc).__name__}")
         return doc
@@ -81,10 +91,28 @@ def _read(source: Any) -> Dict[str, Any]:
     )
 
 
+def _check_keys(node: Any, path: Tuple[str, ...], depth: int = 0) -> None:
+    """JSON objects have string keys; a dict built in Python may not."""
+    if depth > 64:
+        raise ConfigError(f"{'.'.join(path)}: the config is nested too deeply")
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if not isinstance(key, str):
+                where = ".".join(path) or "<top level>"
+                raise ConfigError(f"{where}: key {key!r} is a {type(key).__name__}; config keys are strings")
+            _check_keys(value, path + (key,), depth + 1)
+    elif isinstance(node, (list, tuple)):
+        for i, item in enumerate(node):
+            _check_keys(item, path + (f"[{i}]",), depth + 1)
+
+
 def _normalise(doc: Dict[str, Any], renamed: Dict[Tuple[str, ...], str]) -> Dict[str, Any]:
     """Keep the compression sections, apply DeepSpeed aliases, refuse what looks misspelt."""
     if "sparse_pruning" in doc and "compression_training" not in doc:
-        doc = {"compression_training": doc}  # only the compression_training section was given
+        # only the compression_training section's body was given
+        techniques = ("sparse_pruning",) + UNSUPPORTED_TRAINING
+        doc = {"compression_training": {k: v for k, v in doc.items() if k in techniques},
+               **{k: v for k, v in doc.items() if k not in techniques}}
     out: Dict[str, Any] = {}
     for key, value in doc.items():
         if key in SECTIONS:
@@ -94,7 +122,7 @@ def _normalise(doc: Dict[str, Any], renamed: Dict[Tuple[str, ...], str]) -> Dict
         if near:
             raise ConfigError(f"{key}: unknown top-level key; did you mean {near[0]!r}?")
     inference = out.pop("compression_inference", None)
-    if isinstance(inference, dict) and any(_enabled(v) for v in inference.values()):
+    if isinstance(inference, dict) and any(_enabled(v, f"compression_inference.{k}") for k, v in inference.items()):
         raise ConfigError(
             "compression_inference: post-training quantization is not available in this slimtorch version; "
             "disable it ('enabled': false) or remove the section"
@@ -104,7 +132,7 @@ def _normalise(doc: Dict[str, Any], renamed: Dict[Tuple[str, ...], str]) -> Dict
         for name in UNSUPPORTED_TRAINING:
             if name not in training:
                 continue
-            if _enabled(training[name]):
+            if _enabled(training[name], f"compression_training.{name}"):
                 raise ConfigError(
                     f"compression_training.{name}: DeepSpeed's {name} is not implemented by slimtorch; set its "
                     "'enabled' to false or remove it (slimtorch implements sparse_pruning)"
@@ -122,11 +150,16 @@ def _normalise(doc: Dict[str, Any], renamed: Dict[Tuple[str, ...], str]) -> Dict
     return out
 
 
-def _enabled(section: Any) -> bool:
+def _enabled(section: Any, where: str = "") -> bool:
     if not isinstance(section, dict):
         return False
     shared = section.get("shared_parameters")
-    flag = shared.get("enabled") if isinstance(shared, dict) else section.get("enabled")
+    if isinstance(shared, dict):
+        flag, where = shared.get("enabled"), f"{where}.shared_parameters.enabled"
+    else:
+        flag, where = section.get("enabled"), f"{where}.enabled"
+    if flag is not None and not isinstance(flag, bool):
+        raise ConfigError(f"{where}: Input should be a valid boolean (got {flag!r})")
     return flag is True
 
 
@@ -166,11 +199,14 @@ def _check_deepspeed_nm(value: Any, where: str) -> None:
 
 
 # ---------------------------------------------------------------- error messages
+# pydantic puts union-branch tags ("str", "list[str]", "function-after[...]") into error locations
+_TYPE_TAG = re.compile(r"^(str|list\[.*\]|dict\[.*\]|function-\w+\[.*\])$")
+_CLASS_NAME = re.compile(r"a valid dictionary( or instance of \w+)?")
 def _format_errors(exc: ValidationError, renamed: Dict[Tuple[str, ...], str]) -> str:
     lines = []
     for err in exc.errors():
-        loc = tuple(str(p) for p in err["loc"])
-        message = err["msg"]
+        loc = tuple(str(p) for p in err["loc"] if not _TYPE_TAG.match(str(p)))
+        message = _CLASS_NAME.sub("a JSON object", err["msg"])
         if message.startswith("Value error, "):
             message = message[len("Value error, "):]
         original = (err.get("ctx") or {}).get("error")

@@ -139,6 +139,11 @@ class SparsePruningConfig(_Strict):
             value = getattr(own, key)
             return getattr(shared, key) if value is None else value
 
+        def origin(key):
+            if group is not None and getattr(own, key) is None:
+                return f" (inherited from shared_parameters.{key}; set {key} in the group to override it)"
+            return ""
+
         pattern = parse_pattern(pick("pattern"))
         dense_ratio = pick("dense_ratio")
         if dense_ratio is None:
@@ -149,7 +154,7 @@ class SparsePruningConfig(_Strict):
         if isinstance(pattern, NMPattern) and dense_ratio < pattern.min_dense_ratio - 1e-12:
             raise PathValueError(
                 f"{where}.dense_ratio",
-                f"dense_ratio {dense_ratio} is impossible with pattern '{pattern}': it keeps {pattern.n} of every "
+                f"dense_ratio {dense_ratio}{origin('dense_ratio')} is impossible with pattern '{pattern}': it keeps {pattern.n} of every "
                 f"{pattern.m} weights, so at least {pattern.min_dense_ratio:g} of them stay. Set dense_ratio >= "
                 f"{pattern.min_dense_ratio:g} (a larger value makes only part of the groups {pattern}-sparse), "
                 "or use a block pattern such as '4x1' for higher sparsity",
@@ -157,7 +162,7 @@ class SparsePruningConfig(_Strict):
         if end < start:
             raise PathValueError(
                 f"{where}.end_step",
-                f"end_step {end} is before start_step {start}; the schedule runs from start_step to end_step "
+                f"end_step {end}{origin('end_step')} is before start_step {start}{origin('start_step')}; the schedule runs from start_step to end_step "
                 "(equal values prune once)",
             )
         return PruningSettings(

@@ -200,6 +200,11 @@ def plan_of(model: nn.Module) -> Optional[TargetPlan]:
     return active.plan if active is not None else _FINALIZED.get(model)
 
 
+def is_active(model: nn.Module) -> bool:
+    """Whether ``model`` has callbacks that have not been finalized."""
+    return model in _ACTIVE
+
+
 def masks_of(model: nn.Module) -> Dict[str, torch.Tensor]:
     """Current keep-masks of ``model``'s active callbacks by layer name (empty when none)."""
     active = _ACTIVE.get(model)

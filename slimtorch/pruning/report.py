@@ -9,7 +9,7 @@ from torch import nn
 
 from ..config.patterns import NMPattern
 from . import masks
-from .callbacks import masks_of, plan_of
+from .callbacks import is_active, masks_of, plan_of
 from .targets import layer_layout, supported_layers
 
 
@@ -92,6 +92,7 @@ def sparsity_report(model: nn.Module) -> SparsityReport:
     targets = {t.name: t for t in plan.layers} if plan else {}
     left_out = {lo.name: lo.reason for lo in plan.left_out} if plan else {}
     live = masks_of(model)
+    plan_is_active = is_active(model)
     rows = []
     for name, module in supported_layers(model):
         weight = module.weight.detach()
@@ -103,6 +104,11 @@ def sparsity_report(model: nn.Module) -> SparsityReport:
             continue
         layout, _ = layer_layout(module)
         mask = live.get(name)
+        if mask is None and plan_is_active:
+            rows.append(LayerReport(name, tuple(weight.shape), str(target.settings.pattern),
+                                    target.settings.target_sparsity, sparsity, None,
+                                    f"not pruned yet (schedule starts at step {target.settings.start_step})"))
+            continue
         kept = (weight != 0) if mask is None else mask.to(weight.device)
         settings = target.settings
         partial_nm = isinstance(settings.pattern, NMPattern) and settings.dense_ratio > settings.pattern.min_dense_ratio

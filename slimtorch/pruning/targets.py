@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -93,7 +94,7 @@ def _default_exclusions(model: nn.Module, layers: List[Tuple[str, nn.Module]]) -
     return reasons
 
 
-def _check_patterns_match(patterns: Sequence[str], all_names: List[str], where: str) -> None:
+def _check_patterns_match(patterns: Sequence[str], all_names: List[str], where: str, warn_only: bool = False) -> None:
     for i, pat in enumerate(patterns):
         if any(re.search(pat, n) for n in all_names):
             continue
@@ -101,7 +102,11 @@ def _check_patterns_match(patterns: Sequence[str], all_names: List[str], where: 
         near = difflib.get_close_matches(pat, short, n=3, cutoff=0.5) or difflib.get_close_matches(
             pat, all_names, n=3, cutoff=0.3)
         hint = f"closest module names: {', '.join(near)}" if near else f"module names look like: {', '.join(all_names[:3])}"
-        raise ConfigError(f"{where}[{i}]: {pat!r} matches no module of the model; {hint}")
+        message = f"{where}[{i}]: {pat!r} matches no module of the model; {hint}"
+        if warn_only:
+            warnings.warn(f"slimtorch: {message}", stacklevel=4)
+        else:
+            raise ConfigError(message)
 
 
 def plan_targets(model: nn.Module, config: SparsePruningConfig) -> TargetPlan:
@@ -109,7 +114,10 @@ def plan_targets(model: nn.Module, config: SparsePruningConfig) -> TargetPlan:
     shared = config.shared_parameters
     groups = config.different_groups
     all_names = [n for n, _ in model.named_modules() if n]
-    _check_patterns_match(shared.excluded_modules, all_names, f"{SP_PATH}.shared_parameters.excluded_modules")
+    # an exclusion that matches nothing is harmless (DeepSpeed's stock ["classifier", "pooler"] on a model without
+    # a pooler): warn with the closest names instead of refusing an existing DeepSpeed config
+    _check_patterns_match(shared.excluded_modules, all_names, f"{SP_PATH}.shared_parameters.excluded_modules",
+                          warn_only=True)
     if shared.modules is not None:
         _check_patterns_match(shared.modules, all_names, f"{SP_PATH}.shared_parameters.modules")
     for gname, group in groups.items():
@@ -143,7 +151,7 @@ def plan_targets(model: nn.Module, config: SparsePruningConfig) -> TargetPlan:
         problem = masks.fit_problem(settings.pattern, matrix.shape[0], matrix.shape[1], in_per_group)
         if problem:
             where = f"different_groups.{group}.modules" if group else "shared_parameters.modules"
-            if chosen_by and name in chosen_by:
+            if chosen_by and _names_exactly(chosen_by, name):
                 raise PatternShapeError(
                     f"{SP_PATH}.{where}: layer {name!r} (weight {tuple(module.weight.shape)}) cannot hold its "
                     f"pattern: {problem}. Choose a pattern that divides its shape or remove it from {where}"

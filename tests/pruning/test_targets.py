@@ -170,7 +170,6 @@ def test_two_groups_claiming_a_layer_name_both():
     ("different_groups.sp1.modules[0]", config({"sp1": {"modules": ["atention.self"]}}), "attention.self"),
     ("different_groups.sp1.modules[1]", config({"sp1": {"modules": ["query", "intermediat.dense"]}}),
      "intermediate.dense"),
-    ("shared_parameters.excluded_modules[0]", config(excluded_modules=["clasifier"]), "classifier"),
     ("shared_parameters.modules[0]", config(modules=["poolr"]), "pooler"),
 ])
 def test_pattern_matching_nothing_names_closest_modules(where, cfg, closest):
@@ -179,6 +178,13 @@ def test_pattern_matching_nothing_names_closest_modules(where, cfg, closest):
     message = str(info.value)
     assert f"{SP}.{where}:" in message and "matches no module of the model" in message
     assert "closest module names:" in message and closest in message.split("closest module names:")[1]
+
+
+def test_exclusion_matching_nothing_only_warns():
+    # DeepSpeed's stock exclusions (e.g. "pooler") must not break a config on a model without that module
+    with pytest.warns(UserWarning, match=r"excluded_modules\[0\]: 'clasifier' matches no module.*classifier"):
+        cb = prepare_pruning(TinyBert(), config(excluded_modules=["clasifier"]))
+    assert cb.layers
 
 
 def test_pattern_far_from_everything_shows_example_names():
@@ -208,16 +214,14 @@ def test_exactly_named_layer_that_does_not_fit_is_pattern_shape_error():
 
 def test_loosely_matched_layer_that_does_not_fit_is_skipped_with_reason():
     model = Odd()
-    cb = prepare_pruning(model, config({"g": {"modules": ["^(a|odd|b)$"]}}))
+    cb = prepare_pruning(model, config({"g": {"modules": ["a", "od"]}}))
     assert cb.layers == ["a", "b"]
+    assert [t.group for t in cb.plan.layers] == ["g", None]
     reason = left_out(cb)["odd"]
     assert reason == "shape does not fit: 6 output channels are not a multiple of the block height 4 of '4x1'"
     assert sparsity_report(model)["odd"].note == reason
 
 
-@pytest.mark.xfail(strict=True, reason="slimtorch/pruning/targets.py: the head rule treats a regex that fullmatches "
-                                       "the name ('^odd$') as an exact name, the PatternShapeError rule only the "
-                                       "literal string; '^odd$' is skipped silently instead")
 def test_anchored_exact_name_that_does_not_fit_is_pattern_shape_error():
     with pytest.raises(PatternShapeError):
         prepare_pruning(Odd(), config({"g": {"modules": ["^odd$", "a"]}}))
