@@ -18,8 +18,9 @@ The protocol (pinned by the constants below; change them only for both sides at 
   ``random.Random(seed)``; a new shuffle per pass over the training set. Seeds 0, 1, 2.
 * Loss (``distill_loss``): relative masked MSE of the last hidden states plus 1 - cosine of the pooled sentence
   embeddings; see its docstring.
-* Optimizer: AdamW, lr 1e-4, weight_decay 0 (the student distils towards a fixed teacher; decay would only pull
-  it away), betas/eps torch's defaults, one optimizer per student.
+* Optimizer: AdamW, lr 2e-4 (the best of 5e-5, 1e-4, 2e-4, 4e-4 for INC at seed 0: tuned on the peer, so the
+  choice cannot favour slimtorch), weight_decay 0 (the student distils towards a fixed teacher; decay would only
+  pull it away), betas/eps torch's defaults, one optimizer per student.
 * Schedule: 80 updates in all. Pruning starts at update 0 and reaches the target at update 60 (Intel Neural
   Compressor's meaning of ``end_step``: the masks are updated at the *beginning* of updates 0, 5, ..., 60, the
   sparsity after the pruning at update t is 1 - d**((t - 0) / 60) for the exp decay, and the first pruning, at
@@ -54,7 +55,7 @@ import torch.nn.functional as F
 SEEDS = (0, 1, 2)
 BATCH_SIZE = 8
 SEQ_LEN = 64
-LR = 1e-4
+LR = 2e-4           # AdamW; INC seed 0 held-out cosine: 5e-5 0.852, 1e-4 0.866, 2e-4 0.877, 4e-4 0.875
 WEIGHT_DECAY = 0.0
 START_STEP = 0
 END_STEP = 60          # INC meaning: last mask update happens at the beginning of update 60 (0-based)
@@ -361,16 +362,24 @@ class Interleaved:
 
     def overhead(self, start: int = START_STEP, end: int = END_STEP) -> Dict[str, float]:
         """Overhead of pruning over updates start..end inclusive (the pruning window):
-        ``median_ratio`` (median over updates of pruned/dense: the headline), ``ratio_of_medians`` and
-        ``ratio_of_sums`` (total time; includes the mask updates' spikes), plus the medians themselves."""
+        ``median_ratio`` (median over updates of pruned/dense: the headline), ``ratio_of_medians``,
+        ``ratio_of_sums`` (total time; includes the mask updates' spikes, and any outside disturbance),
+        ``median_ratio_quiet`` (median ratio over the ``n_quiet`` updates whose dense half ran within 1.5x of the
+        fastest dense update), plus the medians themselves."""
         p = self.pruned_s[start : end + 1]
         d = self.dense_s[start : end + 1]
         if not p:
             return {}
+        ratios = [a / b for a, b in zip(p, d)]
+        # "quiet" pairs: the dense update (which pruning cannot slow down) ran within 1.5x of the fastest dense
+        # update, i.e. the machine was not disturbed from outside; on a shared machine this is the cleanest view
+        quiet = [r for r, b in zip(ratios, d) if b <= 1.5 * min(self.dense_s)]
         return {
-            "median_ratio": statistics.median(a / b for a, b in zip(p, d)),
+            "median_ratio": statistics.median(ratios),
             "ratio_of_medians": statistics.median(p) / statistics.median(d),
             "ratio_of_sums": sum(p) / sum(d),
+            "median_ratio_quiet": statistics.median(quiet) if quiet else float("nan"),
+            "n_quiet": len(quiet),
             "median_pruned_s": statistics.median(p),
             "median_dense_s": statistics.median(d),
             "n_updates": len(p),

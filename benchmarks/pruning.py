@@ -86,13 +86,16 @@ def run_oneshot() -> dict:
 
 
 def run_inc(seed: int, args, timed: bool) -> dict:
-    python = subprocess.run(["bash", str(HERE / "peers" / "setup_inc.sh")], check=True, capture_output=True,
-                            text=True).stdout.strip().splitlines()[-1]
-    python = str(Path(python) / "bin" / "python") if Path(python).is_dir() else python
+    # setup_inc.sh builds (or reuses) the peer's venv, matching our transformers version, and prints its path
+    venv = subprocess.run(["bash", str(HERE / "peers" / "setup_inc.sh")], check=True, stdout=subprocess.PIPE,
+                          text=True, env={**os.environ, "PYTHON": sys.executable}).stdout.strip().splitlines()[-1]
+    python = str(Path(venv) / "bin" / "python")
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "inc.json"
-        inc_pattern = args.pattern if ":" in args.pattern else args.pattern  # 2:4 means the same in both
-        cmd = [python, str(HERE / "peers" / "inc_pruning.py"), "--seed", str(seed), "--pattern", inc_pattern,
+        # INC reads "N:M" as N pruned of M: the same as ours for 2:4 (the only N:M this driver passes through)
+        if ":" in args.pattern and args.pattern != "2:4":
+            raise SystemExit("only 2:4 means the same to INC and slimtorch; compare other N:M by hand")
+        cmd = [python, str(HERE / "peers" / "inc_pruning.py"), "--seed", str(seed), "--pattern", args.pattern,
                "--target-sparsity", str(1 - args.dense_ratio), "--json-out", str(out)]
         if args.attn_dense_ratio is not None:
             cmd += ["--attn-sparsity", str(1 - args.attn_dense_ratio)]

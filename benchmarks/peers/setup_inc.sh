@@ -69,8 +69,8 @@ if [[ -n "${SLIMTORCH_TORCH_INDEX:-}" ]]; then
     torch_args=(--index-url "$SLIMTORCH_TORCH_INDEX")
 fi
 "${PIP[@]}" install -q ${torch_args[@]+"${torch_args[@]}"} "torch==${TORCH_VERSION}" >&2
-installed_torch="$("$VENV/bin/python" -c 'import torch; print(torch.__version__)')"
-cuda="$("$VENV/bin/python" -c 'import torch; print(torch.version.cuda or "")')"
+installed_torch="$("$VENV/bin/python" -W ignore -c 'import torch; print(torch.__version__)')"
+cuda="$("$VENV/bin/python" -W ignore -c 'import torch; print(torch.version.cuda or "")')"
 if [[ -n "$cuda" ]]; then
     log "WARNING: torch $installed_torch is a CUDA build (CUDA $cuda); set SLIMTORCH_TORCH_INDEX for the CPU one"
 fi
