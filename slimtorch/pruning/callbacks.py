@@ -1,13 +1,15 @@
 """``prepare_pruning`` and :class:`PruningCallbacks`: the training-loop side of pruning.
 
-A *step* is one applied optimizer update. Per update the work is:
+A *step* is one applied optimizer update; ``cb.step`` counts them. Per update the work is:
 
-1. ``on_before_optimizer_step``: fold the gradients into the criteria; at a pruning step, recompute the masks
-   (so the sparsity after update t is the schedule's value at t) and zero the pruned weights;
+1. ``on_before_optimizer_step``: fold the update's gradients into the criteria (snip_momentum's score);
 2. the optimizer steps;
-3. ``on_after_optimizer_step``: zero the pruned weights again (momentum and weight decay would revive them)
-   and count the update.
+3. ``on_after_optimizer_step``: zero the pruned weights again (momentum and weight decay would revive them),
+   count the update, and when the new count t is a pruning step, recompute the masks for step t from the scores
+   so far and zero the newly pruned weights. The next forward therefore runs the pruned network, its gradient
+   already sees it, and "after t updates the sparsity is the schedule's value at t" holds exactly.
 
+Pruning at step 0 (before any update) happens in the first ``on_before_optimizer_step``, with the first gradient.
 Hands-free mode (``optimizer=`` given) runs 1 and 3 from the optimizer's own step pre/post hooks, so a plain loop
 needs no calls, and an update skipped by a GradScaler overflow (no ``optimizer.step()``) does not count.
 """
@@ -69,6 +71,7 @@ class PruningCallbacks:
         self.step = 0          # applied updates so far
         self.history: List[Dict[str, Any]] = []
         self._micro = 0        # on_after_optimizer_step calls so far (micro-batches when accumulating)
+        self._masks_for = -1   # the pruning step whose masks were last computed
         self._accumulate = config.sparse_pruning.shared_parameters.gradient_accumulation_steps
         self._model_ref = weakref.ref(model)
         self._finalized = False
@@ -131,12 +134,19 @@ class PruningCallbacks:
     def _before_update(self) -> None:
         self._check_alive("optimizer.step")
         self.pruner.observe(self.step)
-        if self.pruner.due(self.step):
-            self.history.extend(self.pruner.update_masks(self.step))
+        if self.pruner.due(self.step) and self._masks_for != self.step:
+            self._update_masks()  # only when no earlier update could prepare them (the very first one)
 
     def _after_update(self) -> None:
         self.pruner.apply_masks()
         self.step += 1
+        if self.pruner.due(self.step):
+            # prune now, before the next forward, so that update's gradient already sees the pruned network
+            self._update_masks()
+
+    def _update_masks(self) -> None:
+        self.history.extend(self.pruner.update_masks(self.step))
+        self._masks_for = self.step
 
     def _at_boundary(self) -> bool:
         return (self._micro + 1) % self._accumulate == 0
@@ -144,7 +154,7 @@ class PruningCallbacks:
     # ------------------------------------------------------------ checkpoints and the end
     def state_dict(self) -> Dict[str, Any]:
         """Everything needed to resume mid-schedule: step counters, masks and criterion scores."""
-        return {"step": self.step, "micro": self._micro, "history": list(self.history),
+        return {"step": self.step, "micro": self._micro, "masks_for": self._masks_for, "history": list(self.history),
                 "pruner": self.pruner.state_dict()}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
@@ -154,6 +164,7 @@ class PruningCallbacks:
         self.pruner.load_state_dict(state["pruner"])
         self.step = int(state["step"])
         self._micro = int(state["micro"])
+        self._masks_for = int(state.get("masks_for", -1))
         self.history = list(state.get("history", []))
 
     def finalize(self) -> nn.Module:

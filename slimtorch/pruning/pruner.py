@@ -54,8 +54,8 @@ class LayerState:
         window = criteria.observation_window(s.method, s.beta)
         if window is None:
             return False
-        if window == 0:
-            return is_pruning_step(step, s.start_step, s.end_step, s.frequency)
+        if window == 0:  # the update just before a pruning step, or the pruning step itself when it comes first
+            return any(is_pruning_step(t, s.start_step, s.end_step, s.frequency) for t in (step, step + 1))
         return s.start_step - window <= step <= s.end_step
 
 

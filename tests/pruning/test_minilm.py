@@ -58,12 +58,13 @@ def test_request_config_4x1_exp_schedule(minilm, paragraphs):
     assert len(cb.layers) == 36 and [lo.name for lo in cb.plan.left_out] == ["pooler.dense"]
     sparsity_after = {}
 
-    def record():
-        t = cb.step - 1
+    def record():  # after t applied updates: the masks of the last pruning step <= t
+        t = cb.step
         sparsity_after[t] = {l.name: (l.weight.detach() == 0).sum().item() / l.weight.numel() for l in cb.pruner.layers}
 
     run(model, teacher, list(token_batches(tok, paragraphs[:20], 2, 32)), opt, after_each=record)
-    last_pruned = None
+    last_pruned = 0  # step 0 is a pruning step (to sparsity 0)
+    assert sorted(sparsity_after) == list(range(1, 11))
     for t in sorted(sparsity_after):
         if is_pruning_step(t, 0, end, 2):
             last_pruned = t
