@@ -13,7 +13,7 @@ kept in float32 whatever the parameters' dtype, on the parameters' device.
 from __future__ import annotations
 
 import math
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -38,28 +38,31 @@ def observation_window(method: str, beta: float) -> Optional[int]:
     return 0
 
 
-def observe(method: str, beta: float, states: List[Optional[Tensor]], weights: List[Tensor],
-            grads: List[Tensor]) -> List[Tensor]:
-    """Fold one update's gradients into the layers' states; returns the new states (updated in place where
-    possible). Batched over layers with ``torch._foreach_*`` so the per-update cost is a few fused passes."""
-    if method == "gradient":
-        return [g.detach().abs().float() for g in grads]
-    # |w * g|
-    products = torch._foreach_mul([w.detach() for w in weights], [g.detach() for g in grads])
-    torch._foreach_abs_(products)
-    if method == "snip":
-        return [p.float() for p in products]
-    if method != "snip_momentum":
+def observe(method: str, beta: float, states: List[Optional[Tensor]], spares: List[Optional[Tensor]],
+            weights: List[Tensor], grads: List[Tensor]) -> Tuple[List[Tensor], List[Optional[Tensor]]]:
+    """Fold one update's gradients into the layers' states -> (new states, spare buffers).
+
+    Each new state is written into a float32 buffer that is reused update after update (the previous state
+    becomes the next update's spare), so the per-update cost is three passes over the weights and no allocation:
+    on CPU, allocating and page-faulting fresh buffers every update cost more than the arithmetic itself.
+    """
+    if method not in ("gradient", "snip", "snip_momentum"):
         raise ValueError(f"method {method!r} takes no observations")
-    fresh = [s is None for s in states]
-    if all(fresh):
-        return [p.float() for p in products]
-    kept = [s for s in states if s is not None]
-    incoming = [p for p, f in zip(products, fresh) if not f]
-    torch._foreach_mul_(kept, beta)  # S <- beta * S + |w * g|
-    torch._foreach_add_(kept, incoming)
-    it = iter(kept)
-    return [p.float() if f else next(it) for p, f in zip(products, fresh)]
+    new_states, new_spares = [], []
+    for state, spare, w, g in zip(states, spares, weights, grads):
+        buf = spare
+        if buf is None or buf.shape != w.shape or buf.device != w.device:
+            buf = torch.empty(w.shape, dtype=torch.float32, device=w.device)
+        if method == "gradient":
+            torch.abs(g.detach(), out=buf)                    # |g|
+        else:
+            torch.mul(w.detach(), g.detach(), out=buf)        # |w * g|
+            buf.abs_()
+            if method == "snip_momentum" and state is not None:
+                buf.add_(state, alpha=beta)                   # S <- beta * S + |w * g|
+        new_states.append(buf)
+        new_spares.append(state)
+    return new_states, new_spares
 
 
 def score(method: str, weight: Tensor, state: Optional[Tensor]) -> Tensor:

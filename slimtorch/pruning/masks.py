@@ -8,8 +8,9 @@ Everything works on the *matrix view* of a weight, ``[out, reduction]``:
 | transformers Conv1D | ``[in, out]``       | transposed                                    |
 | nn.Conv1d/2d     | ``[out, in/g, *k]``    | ``[out, *k, in/g]`` flattened to ``[out, k*in/g]`` |
 
-so N:M groups and NxM blocks run along input channels at a fixed kernel position. Ties are broken by index
-(stable sorts), so the same scores give the same mask on every run, rank and device.
+so N:M groups and NxM blocks run along input channels at a fixed kernel position. Blocks and N:M groups are
+ranked with stable sorts (ties broken by position); inside an N:M group ``topk`` picks the N kept weights. The
+same scores give the same mask on every run and rank of one device type.
 """
 from __future__ import annotations
 
@@ -54,6 +55,25 @@ def pruned_count(sparsity: float, total: int) -> int:
     return min(total, max(0, int(math.floor(sparsity * total + 0.5))))
 
 
+def lowest_k(values: Tensor, k: int) -> Tensor:
+    """Bool mask of the ``k`` smallest entries of a 1-D tensor; ties broken by position (lowest index first).
+
+    The same selection as ``argsort(values, stable=True)[:k]`` at a fraction of the cost (a k-th value search and a
+    cumulative sum instead of a full sort). NaN counts as +inf (never among the lowest).
+    """
+    n = values.numel()
+    if k <= 0:
+        return torch.zeros(n, dtype=torch.bool, device=values.device)
+    if k >= n:
+        return torch.ones(n, dtype=torch.bool, device=values.device)
+    values = torch.nan_to_num(values, nan=float("inf"))
+    threshold = torch.kthvalue(values, k).values
+    below = values < threshold
+    ties = values == threshold
+    room = k - below.sum()
+    return below | (ties & (torch.cumsum(ties, 0) <= room))
+
+
 def block_mean(scores: Tensor, rows: int, cols: int) -> Tensor:
     """Mean score of each ``rows x cols`` block: ``[O, I] -> [O/rows, I/cols]``."""
     out, red = scores.shape
@@ -69,10 +89,7 @@ def block_mask(scores: Tensor, pattern: BlockPattern, sparsity: float) -> Tensor
     rows, cols = block_sides(pattern, *scores.shape)
     per_block = block_mean(scores.float(), rows, cols)
     flat = per_block.flatten()
-    keep = torch.ones_like(flat, dtype=torch.bool)
-    drop = pruned_count(sparsity, flat.numel())
-    if drop:
-        keep[torch.argsort(flat, stable=True)[:drop]] = False
+    keep = ~lowest_k(flat, pruned_count(sparsity, flat.numel()))
     keep = keep.reshape(per_block.shape)
     return keep.repeat_interleave(rows, dim=0).repeat_interleave(cols, dim=1)
 
@@ -86,19 +103,14 @@ def nm_mask(scores: Tensor, pattern: NMPattern, sparsity: float) -> Tensor:
     n, m = pattern.n, pattern.m
     out, red = scores.shape
     groups = scores.float().reshape(-1, m)
-    order = torch.argsort(groups, dim=1, descending=True, stable=True)
-    top_n = order[:, :n]
+    top_values, top_n = groups.topk(n, dim=1)
     # cost of making a group N:M = what its M - N weakest weights score together
-    ranked = torch.gather(groups, 1, order)
-    cost = ranked[:, n:].sum(dim=1)
+    cost = groups.sum(dim=1) - top_values.sum(dim=1)
     per_group = (m - n) / m
     n_sparse = pruned_count(min(sparsity / per_group, 1.0), groups.shape[0])
-    keep = torch.ones_like(groups, dtype=torch.bool)
-    if n_sparse:
-        chosen = torch.argsort(cost, stable=True)[:n_sparse]
-        sparse_rows = torch.zeros_like(groups[chosen], dtype=torch.bool)
-        sparse_rows.scatter_(1, top_n[chosen], True)
-        keep[chosen] = sparse_rows
+    chosen = lowest_k(cost, n_sparse)
+    nm_kept = torch.zeros_like(groups, dtype=torch.bool).scatter_(1, top_n, True)
+    keep = torch.where(chosen.unsqueeze(1), nm_kept, torch.ones_like(nm_kept))
     return keep.reshape(out, red)
 
 

@@ -31,6 +31,7 @@ class LayerState:
         self.bias_mask: Optional[Tensor] = None  # bool [out], only for whole-row patterns
         self.state: Optional[Tensor] = None      # criterion state (float32), e.g. snip_momentum's S
         self._cast: Optional[Tensor] = None      # mask in the weight's dtype, for a fused multiply
+        self._spare: Optional[Tensor] = None     # reused buffer for the next criterion state
         self._warned_no_grad = False
 
     @property
@@ -86,10 +87,10 @@ class Pruner:
                     if layer.state is not None and layer.state.device != layer.weight.device:
                         layer.state = layer.state.to(layer.weight.device)
                     states.append(layer.state)
-                new = criteria.observe(method, beta, states, [l.weight for l in group],
-                                       [l.weight.grad for l in group])
-                for layer, state in zip(group, new):
-                    layer.state = state
+                new, spares = criteria.observe(method, beta, states, [l._spare for l in group],
+                                               [l.weight for l in group], [l.weight.grad for l in group])
+                for layer, state, spare in zip(group, new, spares):
+                    layer.state, layer._spare = state, spare
 
     def due(self, step: int) -> bool:
         return any(self._due(layer, step) for layer in self.layers)
@@ -117,7 +118,7 @@ class Pruner:
                 if isinstance(s.pattern, BlockPattern) and s.pattern.prunes_rows:
                     layer.bias_mask = keep.all(dim=1)
                 if step >= s.end_step:
-                    layer.state = None  # the schedule is over: the mask is final, the score no longer needed
+                    layer.state = layer._spare = None  # the schedule is over: the mask is final
                 achieved = 1.0 - layer.mask.sum().item() / layer.mask.numel()
                 events.append({"step": step, "layer": layer.name, "target": target, "sparsity": achieved})
         self.apply_masks()

@@ -125,3 +125,18 @@ def test_pruned_count_rounds_to_nearest():
     assert masks.pruned_count(1 - 0.1 ** 1, 147456) == round(0.9 * 147456)
     assert masks.pruned_count(1.2, 5) == 5 and masks.pruned_count(-0.1, 5) == 0
     assert math.isclose(masks.pruned_count(0.5, 1000) / 1000, 0.5)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_lowest_k_equals_a_stable_sort(seed):
+    g = torch.Generator().manual_seed(seed)
+    values = torch.randint(0, 7, (500,), generator=g).float()  # many ties
+    for k in (0, 1, 37, 250, 499, 500, 600):
+        want = torch.zeros(500, dtype=torch.bool)
+        want[torch.argsort(values, stable=True)[:k]] = True
+        assert torch.equal(masks.lowest_k(values, k), want), k
+
+
+def test_lowest_k_never_picks_nan_first():
+    values = torch.tensor([float("nan"), 3.0, 1.0, 2.0])
+    assert masks.lowest_k(values, 3).tolist() == [False, True, True, True]
