@@ -60,10 +60,13 @@ def test_nm_mask_partial_makes_only_a_share_of_groups_sparse(sparsity):
     assert masks.pattern_holds(keep, p) == (sparsity == 0.5)
 
 
-def test_nm_mask_sparsifies_the_cheapest_groups_first():
-    scores = torch.tensor([[5.0, 5.0, 5.0, 5.0, 9.0, 9.0, 0.1, 0.1]])
-    keep = masks.nm_mask(scores, NMPattern(2, 4), 0.25)  # one of the two groups: the second costs 0.2
-    assert keep.tolist() == [[True] * 4 + [True, True, False, False]]
+def test_nm_mask_sparsifies_the_clearest_groups_first():
+    # group A scores alike (its 2:4 choice is a coin toss), group B has two clear winners: B goes first,
+    # although A's dropped weights score less in total
+    scores = torch.tensor([[0.1, 0.1, 0.1, 0.1, 10.0, 1.0, 10.0, 1.0]])
+    keep = masks.nm_mask(scores, NMPattern(2, 4), 0.25)
+    assert keep.tolist() == [[True] * 4 + [True, False, True, False]]
+    assert masks.nm_mask(scores, NMPattern(2, 4), 0.5).sum() == 4
 
 
 def test_ties_are_deterministic():
