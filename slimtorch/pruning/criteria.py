@@ -13,7 +13,7 @@ kept in float32 whatever the parameters' dtype, on the parameters' device.
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -38,31 +38,27 @@ def observation_window(method: str, beta: float) -> Optional[int]:
     return 0
 
 
-def observe(method: str, beta: float, states: List[Optional[Tensor]], spares: List[Optional[Tensor]],
-            weights: List[Tensor], grads: List[Tensor]) -> Tuple[List[Tensor], List[Optional[Tensor]]]:
-    """Fold one update's gradients into the layers' states -> (new states, spare buffers).
+def observe(method: str, beta: float, state: Optional[Tensor], spare: Optional[Tensor], weight: Tensor,
+            grad: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
+    """Fold one update's gradient into a layer's state -> (new state, spare buffer for the next call).
 
-    Each new state is written into a float32 buffer that is reused update after update (the previous state
-    becomes the next update's spare), so the per-update cost is three passes over the weights and no allocation:
-    on CPU, allocating and page-faulting fresh buffers every update cost more than the arithmetic itself.
+    The new state is written into a float32 buffer that is reused update after update (the previous state becomes
+    the next call's spare), so the per-update cost is three passes over the weight and no allocation: on CPU,
+    allocating and page-faulting fresh buffers every update cost more than the arithmetic itself.
     """
     if method not in ("gradient", "snip", "snip_momentum"):
         raise ValueError(f"method {method!r} takes no observations")
-    new_states, new_spares = [], []
-    for state, spare, w, g in zip(states, spares, weights, grads):
-        buf = spare
-        if buf is None or buf.shape != w.shape or buf.device != w.device:
-            buf = torch.empty(w.shape, dtype=torch.float32, device=w.device)
-        if method == "gradient":
-            torch.abs(g.detach(), out=buf)                    # |g|
-        else:
-            torch.mul(w.detach(), g.detach(), out=buf)        # |w * g|
-            buf.abs_()
-            if method == "snip_momentum" and state is not None:
-                buf.add_(state, alpha=beta)                   # S <- beta * S + |w * g|
-        new_states.append(buf)
-        new_spares.append(state)
-    return new_states, new_spares
+    buf = spare
+    if buf is None or buf.shape != weight.shape or buf.device != weight.device:
+        buf = torch.empty(weight.shape, dtype=torch.float32, device=weight.device)
+    if method == "gradient":
+        torch.abs(grad.detach(), out=buf)                     # |g|
+    else:
+        torch.mul(weight.detach(), grad.detach(), out=buf)    # |w * g|
+        buf.abs_()
+        if method == "snip_momentum" and state is not None:
+            buf.add_(state.to(buf.device), alpha=beta)        # S <- beta * S + |w * g|
+    return buf, state
 
 
 def score(method: str, weight: Tensor, state: Optional[Tensor]) -> Tensor:

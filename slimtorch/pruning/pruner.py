@@ -69,28 +69,20 @@ class Pruner:
     # ------------------------------------------------------------ per update
     def observe(self, step: int) -> None:
         """Fold the current gradients into the criteria of the layers that need them at ``step``."""
-        batches: Dict[Tuple[str, float], List[LayerState]] = defaultdict(list)
-        for layer in self.layers:
-            if not layer.observes_at(step):
-                continue
-            if layer.weight.grad is None:
-                if not layer._warned_no_grad:
-                    warnings.warn(f"slimtorch: layer {layer.name!r} has no gradient at step {step}; its "
-                                  f"{layer.target.settings.method} score keeps its last value", stacklevel=3)
-                    layer._warned_no_grad = True
-                continue
-            batches[(layer.target.settings.method, layer.target.settings.beta)].append(layer)
         with torch.no_grad():
-            for (method, beta), group in batches.items():
-                states = []
-                for layer in group:
-                    if layer.state is not None and layer.state.device != layer.weight.device:
-                        layer.state = layer.state.to(layer.weight.device)
-                    states.append(layer.state)
-                new, spares = criteria.observe(method, beta, states, [l._spare for l in group],
-                                               [l.weight for l in group], [l.weight.grad for l in group])
-                for layer, state, spare in zip(group, new, spares):
-                    layer.state, layer._spare = state, spare
+            for layer in self.layers:
+                if not layer.observes_at(step):
+                    continue
+                grad = layer.weight.grad
+                if grad is None:
+                    if not layer._warned_no_grad:
+                        warnings.warn(f"slimtorch: layer {layer.name!r} has no gradient at step {step}; its "
+                                      f"{layer.target.settings.method} score keeps its last value", stacklevel=3)
+                        layer._warned_no_grad = True
+                    continue
+                s = layer.target.settings
+                layer.state, layer._spare = criteria.observe(s.method, s.beta, layer.state, layer._spare,
+                                                             layer.weight, grad)
 
     def due(self, step: int) -> bool:
         return any(self._due(layer, step) for layer in self.layers)
