@@ -117,7 +117,8 @@ class PruningCallbacks:
         if boundary:
             if applied:
                 self._after_update()
-            else:
+            else:  # the gradients it saw were not applied (inf/NaN under AMP): forget them too
+                self.pruner.forget_last_observation()
                 self.pruner.apply_masks()
 
     def on_step_end(self) -> None:

@@ -65,10 +65,12 @@ class Pruner:
 
     def __init__(self, layers: List[TargetLayer]):
         self.layers = [LayerState(t) for t in layers]
+        self._last_observed: List[LayerState] = []
 
     # ------------------------------------------------------------ per update
     def observe(self, step: int) -> None:
         """Fold the current gradients into the criteria of the layers that need them at ``step``."""
+        self._last_observed = []
         with torch.no_grad():
             for layer in self.layers:
                 if not layer.observes_at(step):
@@ -83,6 +85,16 @@ class Pruner:
                 s = layer.target.settings
                 layer.state, layer._spare = criteria.observe(s.method, s.beta, layer.state, layer._spare,
                                                              layer.weight, grad)
+                self._last_observed.append(layer)
+
+    def forget_last_observation(self) -> None:
+        """Undo the last :meth:`observe` (its update was skipped, e.g. by an AMP overflow: inf/NaN gradients).
+
+        ``observe`` leaves the previous state intact in the spare buffer, so this is a swap, not a recomputation.
+        """
+        for layer in self._last_observed:
+            layer.state, layer._spare = layer._spare, layer.state
+        self._last_observed = []
 
     def due(self, step: int) -> bool:
         return any(self._due(layer, step) for layer in self.layers)

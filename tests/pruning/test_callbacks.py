@@ -144,6 +144,30 @@ def test_grad_scaler_skipped_update_does_not_count():
     assert cb.step == 5
 
 
+def test_skipped_update_in_explicit_mode_leaves_no_trace():
+    results = []
+    for skip in (False, True):
+        model = mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        cb = st.prepare_pruning(model, config())
+        for i, (x, y) in enumerate(batches(12)):
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            if skip and i == 3:  # an overflowed update: inf gradients, no optimizer step
+                model[0].weight.grad.fill_(float("inf"))
+                cb.on_before_optimizer_step()
+                cb.on_after_optimizer_step(applied=False)
+                opt.zero_grad()
+                nn.functional.mse_loss(model(x), y).backward()  # the same batch again, as a scaler would
+            cb.on_before_optimizer_step()
+            opt.step()
+            cb.on_after_optimizer_step()
+        assert cb.step == 12
+        results.append(model.state_dict())
+    for key in results[0]:
+        assert torch.equal(results[0][key], results[1][key]), key
+
+
 def test_bf16_parameters_autocast_and_dtype_change():
     model = mlp().to(torch.bfloat16)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
