@@ -28,6 +28,8 @@ from ..errors import ConfigError, LifecycleError, StateDictError
 from .pruner import Pruner
 from .targets import TargetPlan, plan_targets
 
+HISTORY_EVENTS_PER_LAYER = 64  # cb.history keeps the last 64 mask recomputations of each layer
+
 # model -> its active callbacks, so sparsity_report(model) can show patterns, targets and exclusions
 _ACTIVE: "weakref.WeakKeyDictionary[nn.Module, PruningCallbacks]" = weakref.WeakKeyDictionary()
 
@@ -69,7 +71,7 @@ class PruningCallbacks:
         self.plan = plan
         self.pruner = Pruner(plan.layers)
         self.step = 0          # applied updates so far
-        self.history: List[Dict[str, Any]] = []
+        self.history: List[Dict[str, Any]] = []  # recent mask recomputations: step, layer, target, sparsity
         self._micro = 0        # on_after_optimizer_step calls so far (micro-batches when accumulating)
         self._masks_for = -1   # the pruning step whose masks were last computed
         self._accumulate = config.sparse_pruning.shared_parameters.gradient_accumulation_steps
@@ -147,6 +149,10 @@ class PruningCallbacks:
 
     def _update_masks(self) -> None:
         self.history.extend(self.pruner.update_masks(self.step))
+        # the recent recomputations are for inspection; a long schedule must not grow checkpoints without bound
+        limit = HISTORY_EVENTS_PER_LAYER * max(1, len(self.pruner.layers))
+        if len(self.history) > limit:
+            del self.history[:-limit]
         self._masks_for = self.step
 
     def _at_boundary(self) -> bool:

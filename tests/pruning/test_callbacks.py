@@ -296,3 +296,13 @@ def test_conv_model_nm_groups_along_input_channels():
         groups = (w.permute(0, 2, 3, 1) != 0).reshape(-1, 4)  # 4 input channels at one kernel position
         assert (groups.sum(dim=1) <= 2).all()
         assert (w == 0).float().mean().item() == pytest.approx(0.5)
+
+
+def test_history_stays_bounded_on_long_schedules():
+    from slimtorch.pruning.callbacks import HISTORY_EVENTS_PER_LAYER
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    cb = st.prepare_pruning(model, config(method="magnitude", start_step=0, end_step=200, frequency=1), optimizer=opt)
+    train(model, opt, batches(150))
+    assert len(cb.history) == HISTORY_EVENTS_PER_LAYER * 2
+    assert cb.history[-1]["step"] == 150 and cb.history[0]["step"] == 150 - HISTORY_EVENTS_PER_LAYER + 1
