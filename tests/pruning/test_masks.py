@@ -143,3 +143,41 @@ def test_lowest_k_equals_a_stable_sort(seed):
 def test_lowest_k_never_picks_nan_first():
     values = torch.tensor([float("nan"), 3.0, 1.0, 2.0])
     assert masks.lowest_k(values, 3).tolist() == [False, True, True, True]
+
+
+from hypothesis import given, settings, strategies as hst  # noqa: E402
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(rows=hst.sampled_from([1, 2, 4, 8]), cols=hst.sampled_from([1, 2, 4, 8]), out_mult=hst.integers(1, 6),
+       in_mult=hst.integers(1, 6), sparsity=hst.floats(0.0, 1.0), seed=hst.integers(0, 2 ** 16))
+def test_block_mask_invariants(rows, cols, out_mult, in_mult, sparsity, seed):
+    scores = torch.rand(rows * out_mult, cols * in_mult, generator=torch.Generator().manual_seed(seed))
+    pattern = BlockPattern(rows, cols)
+    keep = masks.block_mask(scores, pattern, sparsity)
+    n_blocks = out_mult * in_mult
+    dropped_weights = int((~keep).sum())
+    assert dropped_weights == masks.pruned_count(sparsity, n_blocks) * rows * cols
+    assert masks.pattern_holds(keep, pattern)
+    # every dropped block scores no more than every kept block
+    means = masks.block_mean(scores, rows, cols).flatten()
+    kept_blocks = masks.block_mean(keep.float(), rows, cols).flatten() == 1
+    if kept_blocks.any() and (~kept_blocks).any():
+        assert means[~kept_blocks].max() <= means[kept_blocks].min()
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(nm=hst.sampled_from([(1, 2), (1, 4), (2, 4), (3, 4), (2, 8), (4, 8)]), out=hst.integers(1, 8),
+       groups=hst.integers(1, 8), frac=hst.floats(0.0, 1.0), seed=hst.integers(0, 2 ** 16))
+def test_nm_mask_invariants(nm, out, groups, frac, seed):
+    n, m = nm
+    scores = torch.rand(out, groups * m, generator=torch.Generator().manual_seed(seed))
+    sparsity = frac * (m - n) / m
+    keep = masks.nm_mask(scores, NMPattern(n, m), sparsity)
+    counts = keep.reshape(-1, m).sum(dim=1)
+    assert set(counts.unique().tolist()) <= {n, m}
+    assert int((counts == n).sum()) == masks.pruned_count(frac, counts.numel())
+    # inside a sparse group the kept weights are its best ones
+    g_scores, g_keep = scores.reshape(-1, m), keep.reshape(-1, m)
+    for row in (counts == n).nonzero().flatten().tolist():
+        assert g_scores[row][g_keep[row]].min() >= g_scores[row][~g_keep[row]].max()
