@@ -1,6 +1,6 @@
 """slimtorch: device-agnostic model compression for PyTorch, configured by DeepSpeed-style JSON."""
 from .config import CompressionConfig, load_config
-from .errors import ConfigError, LifecycleError, PatternShapeError, SlimError, StateDictError
+from .errors import CalibrationError, ConfigError, LifecycleError, PatternShapeError, SlimError, StateDictError
 from .pruning import PruningCallbacks, SparsityReport, prepare_pruning, sparsity_report
 
 __version__ = "0.1.0"
@@ -8,6 +8,6 @@ __version__ = "0.1.0"
 __all__ = [
     "load_config", "CompressionConfig",
     "prepare_pruning", "PruningCallbacks", "sparsity_report", "SparsityReport",
-    "SlimError", "ConfigError", "PatternShapeError", "LifecycleError", "StateDictError",
+    "SlimError", "ConfigError", "PatternShapeError", "LifecycleError", "StateDictError", "CalibrationError",
     "__version__",
 ]

@@ -23,3 +23,7 @@ class LifecycleError(SlimError, RuntimeError):
 
 class StateDictError(SlimError, ValueError):
     """A callbacks state_dict that does not belong to these callbacks' model or config."""
+
+
+class CalibrationError(SlimError, ValueError):
+    """Quantization parameters cannot be computed: NaN/inf reached an observer, nothing was observed, bad range."""

@@ -1,0 +1,285 @@
+r"""Observers: watch calibration tensors, then propose quantization parameters.
+
+Contract: ``observe(x)`` (any number of times), ``qparams() -> (scale, zero_point)``, ``reset()``.
+
+| name           | class                       | range it proposes                                     | per channel |
+|----------------|-----------------------------|-------------------------------------------------------|-------------|
+| minmax         | MinMaxObserver              | [min, max] of everything observed                     | yes         |
+| moving_average | MovingAverageMinMaxObserver | m <- m + c * (batch_min - m), same for max            | yes         |
+| percentile     | PercentileObserver          | ``percentile`` quantile of \|x\| (of x if asymmetric) | no          |
+| entropy        | EntropyObserver             | threshold minimising KL(P \|\| Q), TensorRT-style       | no          |
+| mse            | MSEObserver                 | clip range minimising the quantize-dequantize MSE     | no          |
+
+Histogram observers keep two fixed-size histograms (of x >= 0 and of -x for x < 0) on [0, R], so memory is bounded.
+R starts at the first batch's max |x|; when a batch exceeds R, R doubles and adjacent bin pairs merge, which is exact
+because the new edges are a subset of the old ones. The histogram thus equals that of the concatenated data, with a
+bin width at most twice the one the concatenation alone would get. Counts are int64 (exact, deterministic).
+Asymmetric histogram observers clip [min, max] to [-t, t] with the |x| threshold t (percentile: per-side quantiles).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ..errors import CalibrationError
+from .primitives import DEFAULT_EPS, choose_qparams, fake_quantize
+
+
+class Observer:
+    """Base class: input checks, the empty-observer error and the qparams() step shared by all observers."""
+
+    per_channel_ok = True
+
+    def __init__(self, dtype: str = "int8", symmetric: bool = True, per_channel_axis: Optional[int] = None,
+                 eps: float = DEFAULT_EPS):
+        if per_channel_axis is not None and not self.per_channel_ok:
+            raise CalibrationError(f"{type(self).__name__} is per-tensor only; use minmax or moving_average per channel")
+        choose_qparams(torch.tensor(0.0), torch.tensor(0.0), dtype=dtype, symmetric=symmetric)  # validates the pair
+        self.dtype, self.symmetric, self.axis, self.eps = dtype, symmetric, per_channel_axis, eps
+        self.reset()
+
+    def reset(self) -> None:
+        self.min_val: Optional[Tensor] = None
+        self.max_val: Optional[Tensor] = None
+
+    def observe(self, x: Tensor) -> None:
+        x = x.detach()
+        if not x.is_floating_point():
+            x = x.to(torch.float32)
+        if x.numel() == 0:
+            return  # nothing to learn from an empty tensor
+        finite = torch.isfinite(x)
+        if not bool(finite.all()):
+            n_nan, n_inf = int(torch.isnan(x).sum()), int(torch.isinf(x).sum())
+            raise CalibrationError(f"the observed tensor (shape {tuple(x.shape)}, {x.dtype}) contains {n_nan} NaN and "
+                             f"{n_inf} inf values; quantization ranges need finite activations")
+        self._observe(x.to(torch.float32))
+
+    def _observe(self, x: Tensor) -> None:
+        raise NotImplementedError
+
+    def _channel_minmax(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+        if self.axis is None:
+            return x.amin(), x.amax()
+        flat = x.movedim(self.axis, 0).reshape(x.shape[self.axis], -1)  # [C, everything else]
+        if self.min_val is not None and self.min_val.numel() != flat.shape[0]:
+            raise CalibrationError(f"the observed tensor has {flat.shape[0]} channels on axis {self.axis}, earlier ones "
+                             f"had {self.min_val.numel()}")
+        return flat.amin(1), flat.amax(1)
+
+    def _range(self) -> Tuple[Tensor, Tensor]:
+        return self.min_val, self.max_val
+
+    def qparams(self) -> Tuple[Tensor, Tensor]:
+        if self.min_val is None:
+            raise CalibrationError(f"{type(self).__name__}.qparams() called before any tensor was observed; run "
+                               f"calibration data through observe() first")
+        lo, hi = self._range()
+        return choose_qparams(lo, hi, dtype=self.dtype, symmetric=self.symmetric, eps=self.eps)
+
+
+class MinMaxObserver(Observer):
+    """Running min and max of everything observed."""
+
+    def _observe(self, x: Tensor) -> None:
+        lo, hi = self._channel_minmax(x)
+        if self.min_val is None:
+            self.min_val, self.max_val = lo, hi
+        else:
+            self.min_val, self.max_val = torch.minimum(self.min_val, lo), torch.maximum(self.max_val, hi)
+
+
+class MovingAverageMinMaxObserver(Observer):
+    """Exponential moving average of per-batch min and max; the first batch initialises it."""
+
+    def __init__(self, dtype: str = "int8", symmetric: bool = True, per_channel_axis: Optional[int] = None,
+                 averaging_constant: float = 0.01, eps: float = DEFAULT_EPS):
+        if not 0.0 < averaging_constant <= 1.0:
+            raise CalibrationError(f"averaging_constant must be in (0, 1], got {averaging_constant}")
+        self.averaging_constant = averaging_constant
+        super().__init__(dtype, symmetric, per_channel_axis, eps)
+
+    def _observe(self, x: Tensor) -> None:
+        lo, hi = self._channel_minmax(x)
+        if self.min_val is None:
+            self.min_val, self.max_val = lo, hi
+        else:
+            c = self.averaging_constant
+            self.min_val = self.min_val + c * (lo - self.min_val)  # m <- m + c * (batch_min - m)
+            self.max_val = self.max_val + c * (hi - self.max_val)
+
+
+class HistogramObserver(Observer):
+    """Two-sided histogram on [0, R] with ``bins`` bins per side; subclasses turn it into a clipping range."""
+
+    per_channel_ok = False
+
+    def __init__(self, dtype: str = "int8", symmetric: bool = True, per_channel_axis: Optional[int] = None,
+                 bins: int = 2048, eps: float = DEFAULT_EPS):
+        if bins < 2 or bins & (bins - 1):
+            raise CalibrationError(f"bins must be a power of two >= 2 (doubling the range merges bin pairs), got {bins}")
+        self.bins = bins
+        super().__init__(dtype, symmetric, per_channel_axis, eps)
+
+    def reset(self) -> None:
+        super().reset()
+        self.R: Optional[float] = None
+        self.pos: Optional[Tensor] = None  # counts of x in [i*w, (i+1)*w), w = R / bins
+        self.neg: Optional[Tensor] = None  # counts of -x in the same bins, for x < 0
+
+    @property
+    def bin_width(self) -> float:
+        return self.R / self.bins
+
+    def _grow(self, amax: float) -> None:
+        while self.R < amax:  # double R: old bins (2k, 2k+1) become new bin k, the upper half starts empty
+            self.R *= 2.0
+            for name in ("pos", "neg"):
+                h = getattr(self, name)
+                merged = h.reshape(-1, 2).sum(1)
+                setattr(self, name, torch.cat([merged, torch.zeros_like(merged)]))
+
+    def _counts(self, a: Tensor) -> Tensor:
+        idx = torch.clamp((a * (self.bins / self.R)).floor().long(), 0, self.bins - 1)  # bin = floor(a / w)
+        return torch.bincount(idx, minlength=self.bins)
+
+    def _observe(self, x: Tensor) -> None:
+        x = x.reshape(-1)
+        lo, hi = x.amin(), x.amax()
+        amax = float(torch.maximum(-lo, hi))
+        if self.R is None:
+            self.R = amax if amax > 0 else self.eps
+            self.pos = torch.zeros(self.bins, dtype=torch.int64, device=x.device)
+            self.neg = torch.zeros_like(self.pos)
+            self.min_val, self.max_val = lo, hi
+        else:
+            self.min_val, self.max_val = torch.minimum(self.min_val, lo), torch.maximum(self.max_val, hi)
+        self._grow(amax)
+        self.pos += self._counts(x[x >= 0])
+        self.neg += self._counts(-x[x < 0])
+
+    def abs_hist(self) -> Tensor:
+        """Histogram of |x| on [0, R], float64."""
+        return (self.pos + self.neg).double()
+
+    def _range(self) -> Tuple[Tensor, Tensor]:
+        t = torch.as_tensor(self._threshold(), dtype=torch.float32, device=self.min_val.device)
+        # clip [min, max] to [-t, t]; a symmetric scale then comes from t (or the larger side, if smaller than t)
+        return torch.maximum(self.min_val, -t), torch.minimum(self.max_val, t)
+
+    def _threshold(self) -> float:
+        raise NotImplementedError
+
+
+def _quantile(counts: Tensor, edges: Tensor, q: float) -> float:
+    """Value below which a fraction q of the histogram mass lies, linear inside the bin."""
+    cum = torch.cumsum(counts, 0)
+    target = q * float(cum[-1])
+    i = int(torch.searchsorted(cum, torch.tensor([target], dtype=cum.dtype)).clamp(max=len(counts) - 1))
+    before = float(cum[i - 1]) if i > 0 else 0.0
+    frac = (target - before) / max(float(counts[i]), 1.0)
+    return float(edges[i] + frac * (edges[i + 1] - edges[i]))
+
+
+class PercentileObserver(HistogramObserver):
+    """Clips at the ``percentile`` of |x| (symmetric) or at the lower/upper percentiles of x (asymmetric)."""
+
+    def __init__(self, dtype: str = "int8", symmetric: bool = True, per_channel_axis: Optional[int] = None,
+                 percentile: float = 99.99, bins: int = 2048, eps: float = DEFAULT_EPS):
+        if not 0.0 < percentile <= 100.0:
+            raise CalibrationError(f"percentile must be in (0, 100], got {percentile}")
+        self.percentile = percentile
+        super().__init__(dtype, symmetric, per_channel_axis, bins, eps)
+
+    def _threshold(self) -> float:
+        edges = torch.linspace(0.0, self.R, self.bins + 1, dtype=torch.float64)
+        return _quantile(self.abs_hist().cpu(), edges, self.percentile / 100.0)
+
+    def _range(self) -> Tuple[Tensor, Tensor]:
+        if self.symmetric:
+            return super()._range()
+        # signed histogram: negative bins (most negative first) then positive bins
+        counts = torch.cat([self.neg.flip(0), self.pos]).double().cpu()
+        edges = torch.linspace(-self.R, self.R, 2 * self.bins + 1, dtype=torch.float64)
+        p = self.percentile / 100.0
+        lo = torch.as_tensor(_quantile(counts, edges, 1.0 - p), dtype=torch.float32, device=self.min_val.device)
+        hi = torch.as_tensor(_quantile(counts, edges, p), dtype=torch.float32, device=self.min_val.device)
+        return torch.maximum(self.min_val, lo), torch.minimum(self.max_val, hi)
+
+
+class EntropyObserver(HistogramObserver):
+    """TensorRT entropy calibration: the |x| threshold whose ``levels``-level quantization loses least KL."""
+
+    def __init__(self, dtype: str = "int8", symmetric: bool = True, per_channel_axis: Optional[int] = None,
+                 bins: int = 2048, levels: int = 128, eps: float = DEFAULT_EPS):
+        self.levels = levels  # 128 = the int8 magnitudes of a symmetric grid
+        super().__init__(dtype, symmetric, per_channel_axis, bins, eps)
+
+    def _threshold(self) -> float:
+        hist = self.abs_hist()
+        last = int(torch.nonzero(hist).max()) + 1  # bins beyond the data cannot be better thresholds
+        if last <= self.levels:
+            return last * self.bin_width  # too few bins to quantize: keep everything
+        hist = hist[:last]
+        cands = torch.arange(self.levels, last + 1, device=hist.device)  # threshold after i bins
+        tail = hist.flip(0).cumsum(0).flip(0)  # tail[i] = sum(hist[i:])
+        j = torch.arange(last, device=hist.device)
+        best_kl, best_i = float("inf"), last
+        for chunk in cands.split(256):  # bounded memory: [256, bins] at a time
+            i = chunk[:, None]
+            inside = j[None, :] < i
+            h = torch.where(inside, hist[None, :], torch.zeros((), dtype=hist.dtype, device=hist.device))
+            p = h.clone()  # P: first i bins, outliers folded into bin i-1
+            p.scatter_add_(1, i - 1, torch.where(chunk < last, tail[chunk.clamp(max=last - 1)],
+                                                 torch.zeros_like(tail[:1])).unsqueeze(1).to(p.dtype))
+            level = torch.clamp(j[None, :] * self.levels // i, max=self.levels - 1)  # bin j -> level floor(j*L/i)
+            nz = (p > 0).double()
+            lsum = torch.zeros(len(chunk), self.levels, dtype=p.dtype, device=p.device).scatter_add_(1, level, h)
+            lnz = torch.zeros_like(lsum).scatter_add_(1, level, nz)
+            # Q: each level's mass spread evenly over the bins of that level where P is non-zero
+            q = nz * lsum.gather(1, level) / lnz.gather(1, level).clamp(min=1.0)
+            p = p / p.sum(1, keepdim=True)
+            q = q / q.sum(1, keepdim=True).clamp(min=1e-300)
+            q = torch.where((p > 0) & (q == 0), torch.full_like(q, 1e-12), q)  # smoothing: P>0 where Q has no mass
+            kl = torch.where(p > 0, p * torch.log(p / q.clamp(min=1e-300)), torch.zeros_like(p)).sum(1)
+            k = int(torch.argmin(kl))
+            if float(kl[k]) < best_kl:  # strict: ties keep the smaller threshold
+                best_kl, best_i = float(kl[k]), int(chunk[k])
+        return best_i * self.bin_width  # KL(P || Q) = sum P log(P / Q), minimised over i
+
+
+class MSEObserver(HistogramObserver):
+    """Grid search of the clipping threshold t in (0, amax] minimising the quantize-dequantize MSE of the histogram."""
+
+    def __init__(self, dtype: str = "int8", symmetric: bool = True, per_channel_axis: Optional[int] = None,
+                 grid: int = 100, bins: int = 2048, eps: float = DEFAULT_EPS):
+        self.grid = grid
+        super().__init__(dtype, symmetric, per_channel_axis, bins, eps)
+
+    def _threshold(self) -> float:
+        dev = self.pos.device
+        sub = 4  # 4 points per bin, each with a quarter of its count: bins are not much finer than the int8 step
+        offs = (torch.arange(sub, device=dev, dtype=torch.float64) + 0.5) / sub
+        idx = torch.arange(self.bins, device=dev, dtype=torch.float64)[:, None]
+        centers = ((idx + offs) * self.bin_width).reshape(-1)  # sub-bin points (i + (k + 0.5) / sub) * w
+        vals = torch.cat([centers, -centers]).float()
+        w = torch.cat([self.pos, self.neg]).double().repeat_interleave(sub) / sub
+        amax = float(torch.maximum(-self.min_val, self.max_val))
+        ts = torch.arange(1, self.grid + 1, device=dev, dtype=torch.float32) * (amax / self.grid)  # t_k = k/G * amax
+        lo = torch.maximum(self.min_val, -ts)
+        hi = torch.minimum(self.max_val, ts)
+        s, z = choose_qparams(lo, hi, dtype=self.dtype, symmetric=self.symmetric, eps=self.eps)
+        err = fake_quantize(vals.expand(len(ts), -1), s, z, dtype=self.dtype, axis=0) - vals  # [grid, values]
+        mse = (err.double() ** 2 * w).sum(1)  # sum_b count_b * (fq(x_b) - x_b)^2
+        return float(ts[int(torch.argmin(mse))])
+
+
+OBSERVERS = {
+    "minmax": MinMaxObserver,
+    "moving_average": MovingAverageMinMaxObserver,
+    "percentile": PercentileObserver,
+    "entropy": EntropyObserver,
+    "mse": MSEObserver,
+}
