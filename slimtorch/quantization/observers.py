@@ -18,6 +18,7 @@ Asymmetric histogram observers clip [min, max] to [-t, t] with the |x| threshold
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Optional, Tuple
 
 import torch
@@ -27,7 +28,7 @@ from ..errors import CalibrationError
 from .primitives import DEFAULT_EPS, choose_qparams, fake_quantize
 
 
-class Observer:
+class Observer(ABC):
     """Base class: input checks, the empty-observer error and the qparams() step shared by all observers."""
 
     per_channel_ok = True
@@ -57,8 +58,9 @@ class Observer:
                              f"{n_inf} inf values; quantization ranges need finite activations")
         self._observe(x.to(torch.float32))
 
+    @abstractmethod
     def _observe(self, x: Tensor) -> None:
-        raise NotImplementedError
+        """Fold a finite float32 tensor into the statistics."""
 
     def _channel_minmax(self, x: Tensor) -> Tuple[Tensor, Tensor]:
         if self.axis is None:
@@ -169,8 +171,9 @@ class HistogramObserver(Observer):
         # clip [min, max] to [-t, t]; a symmetric scale then comes from t (or the larger side, if smaller than t)
         return torch.maximum(self.min_val, -t), torch.minimum(self.max_val, t)
 
+    @abstractmethod
     def _threshold(self) -> float:
-        raise NotImplementedError
+        """The clipping magnitude this observer's method picks from the histogram."""
 
 
 def _quantile(counts: Tensor, edges: Tensor, q: float) -> float:

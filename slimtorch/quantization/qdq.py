@@ -1,0 +1,226 @@
+r"""QDQ modules: int8 weights + an input QuantizeLinear->DequantizeLinear pair, in plain PyTorch on any device.
+
+| class       | wraps                    | weight layout (stored as ``weight_int8``) | per-channel axis |
+|-------------|--------------------------|-------------------------------------------|------------------|
+| QDQLinear   | nn.Linear                | [out, in]                                 | 0                |
+| QDQConv1d   | nn.Conv1d                | [out, in/groups, k]                       | 0                |
+| QDQConv2d   | nn.Conv2d                | [out, in/groups, kh, kw]                  | 0                |
+| QDQConv1D   | transformers' Conv1D     | [in, out] (kept as the original)          | 1                |
+
+forward(x) = op(fake_quantize(x, input qparams), dequantize(weight_int8, weight_scale, 0), bias).
+
+Weights are symmetric int8 (zero point 0, the restricted range [-127, 127], what TensorRT needs), so a pruned 0.0
+is stored as exactly 0. Activations are static (``input_scale``/``input_zero_point`` buffers from calibration) or
+dynamic (qparams from the current input: per tensor, or per token = per row of the last axis). Every tensor is a
+buffer, so ``.to()``, ``state_dict()`` and ``load_state_dict()`` work without calibration data. Scales stay float32
+through ``.to(dtype)``/``.half()``: QuantizeLinear takes float32 scales, and the PyTorch and ONNX models must agree.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import CalibrationError, ConfigError
+from .primitives import DTYPES, SYMMETRIC_INT8_QMAX, choose_qparams, dequantize, fake_quantize, quantize
+
+WEIGHT_GRANULARITIES = ("per_channel", "per_tensor")
+ACT_GRANULARITIES = ("tensor", "token")
+_FP32_BUFFERS = ("weight_scale", "input_scale")
+
+
+def _is_hf_conv1d(module: nn.Module) -> bool:
+    # matched by name so slimtorch does not import transformers (slow) just to recognise the class
+    return any(c.__name__ == "Conv1D" for c in type(module).__mro__) and hasattr(module, "nf")
+
+
+class _QDQBase(nn.Module):
+    """Shared weight storage, activation fake-quantization, dtype-safe ``_apply`` and shape-tolerant loading."""
+
+    weight_axis = 0
+    dynamic_token_ok = True
+
+    def __init__(self, weight: Tensor, bias: Optional[Tensor], *, weight_granularity: str = "per_channel",
+                 act_dtype: str = "int8", act_symmetric: bool = True,
+                 act_qparams: Optional[Tuple[Tensor, Tensor]] = None, dynamic: bool = False,
+                 act_granularity: str = "tensor"):
+        super().__init__()
+        if weight_granularity not in WEIGHT_GRANULARITIES:
+            raise ConfigError(f"weight granularity must be one of {WEIGHT_GRANULARITIES}, got {weight_granularity!r}")
+        if act_granularity not in ACT_GRANULARITIES or (act_granularity == "token" and not dynamic):
+            raise ConfigError(f"activation granularity must be 'tensor', or 'token' with dynamic=True; got "
+                              f"{act_granularity!r} (dynamic={dynamic})")
+        if act_granularity == "token" and not self.dynamic_token_ok:
+            raise ConfigError(f"{type(self).__name__} has no token axis; use act_granularity='tensor'")
+        choose_qparams(torch.tensor(0.0), torch.tensor(0.0), dtype=act_dtype, symmetric=act_symmetric)  # validates
+        self.act_dtype, self.act_symmetric = act_dtype, act_symmetric
+        self.dynamic, self.act_granularity = dynamic, act_granularity
+        w = weight.detach().to(torch.float32)
+        if weight_granularity == "per_channel":
+            flat = w.movedim(self.weight_axis, 0).reshape(w.shape[self.weight_axis], -1)
+            lo, hi = flat.amin(1), flat.amax(1)
+            axis = self.weight_axis
+        else:
+            lo, hi, axis = w.amin(), w.amax(), None
+        scale, zp = choose_qparams(lo, hi, dtype="int8", symmetric=True)  # zp 0: pruned zeros stay exactly 0
+        self.register_buffer("weight_int8", quantize(w, scale, zp, dtype="int8", axis=axis,
+                                                     quant_min=-SYMMETRIC_INT8_QMAX))
+        self.register_buffer("weight_scale", scale)
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        if not dynamic:
+            if act_qparams is None:
+                raise CalibrationError(f"static {type(self).__name__} needs act_qparams=(scale, zero_point) from "
+                                       f"calibration; pass dynamic=True to quantize activations at run time")
+            s, z = self._check_act_qparams(*act_qparams)
+            self.register_buffer("input_scale", s.to(w.device))
+            self.register_buffer("input_zero_point", z.to(w.device))
+
+    def _check_act_qparams(self, scale, zero_point) -> Tuple[Tensor, Tensor]:
+        s = torch.as_tensor(scale, dtype=torch.float32).detach().clone()
+        z = torch.as_tensor(zero_point).detach().clone().to(torch.int32)
+        _, qmin, qmax = DTYPES[self.act_dtype]
+        if s.numel() != 1 or z.numel() != 1:
+            raise CalibrationError(f"activation qparams must be per tensor (one scale, one zero point), got shapes "
+                                   f"{tuple(s.shape)} and {tuple(z.shape)}")
+        if not (torch.isfinite(s).all() and float(s) > 0):
+            raise CalibrationError(f"activation scale must be finite and > 0, got {float(s)}")
+        if not qmin <= int(z) <= qmax or (self.act_symmetric and int(z) != 0):
+            raise CalibrationError(f"activation zero point {int(z)} is invalid for {self.act_dtype} "
+                                   f"({'symmetric: must be 0' if self.act_symmetric else f'range [{qmin}, {qmax}]'})")
+        return s.reshape(()), z.reshape(())
+
+    # -- activation quantization -------------------------------------------------------------------------------
+    def quantize_input(self, x: Tensor) -> Tensor:
+        """QuantizeLinear -> DequantizeLinear of ``x`` with static or run-time qparams (saturating, like ONNX)."""
+        if not self.dynamic:
+            return fake_quantize(x, self.input_scale, self.input_zero_point, dtype=self.act_dtype)
+        xd = x.detach()
+        if self.act_granularity == "tensor":
+            s, z = choose_qparams(xd.amin(), xd.amax(), dtype=self.act_dtype, symmetric=self.act_symmetric)
+            return fake_quantize(x, s, z, dtype=self.act_dtype)
+        rows = x.reshape(-1, x.shape[-1])  # one token = one row of the last (feature) axis
+        s, z = choose_qparams(rows.detach().amin(1), rows.detach().amax(1), dtype=self.act_dtype,
+                              symmetric=self.act_symmetric)
+        return fake_quantize(rows, s, z, dtype=self.act_dtype, axis=0).reshape(x.shape)
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        axis = self.weight_axis if self.weight_scale.dim() == 1 else None
+        zp = torch.zeros_like(self.weight_scale, dtype=torch.int32)
+        return dequantize(self.weight_int8, self.weight_scale, zp, axis=axis).to(dtype)
+
+    # -- buffers -----------------------------------------------------------------------------------------------
+    def _apply(self, fn, recurse=True):
+        keep = {n: self._buffers[n] for n in _FP32_BUFFERS if self._buffers.get(n) is not None}
+        super()._apply(fn, recurse)
+        for n, t in keep.items():  # follow the device, never the dtype: scales are float32 by contract
+            self._buffers[n] = t.to(device=self._buffers[n].device)
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a per-tensor checkpoint loads into a per-channel-built module (and back): the scale shape follows the file
+        for n in ("weight_scale",):
+            t, own = state_dict.get(prefix + n), self._buffers.get(n)
+            if t is not None and own is not None and t.shape != own.shape:
+                self._buffers[n] = torch.empty(t.shape, dtype=own.dtype, device=own.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        w = "per_channel" if self.weight_scale.dim() == 1 else "per_tensor"
+        act = f"dynamic/{self.act_granularity}" if self.dynamic else "static"
+        return (f"weight={tuple(self.weight_int8.shape)} int8 {w}, act={self.act_dtype} "
+                f"{'symmetric' if self.act_symmetric else 'asymmetric'} {act}")
+
+    @classmethod
+    def _from_float_kwargs(cls, module: nn.Module) -> dict:
+        return {}
+
+    @classmethod
+    def from_float(cls, module: nn.Module, *, weight_granularity: str = "per_channel", act_dtype: str = "int8",
+                   act_symmetric: bool = True, act_qparams: Optional[Tuple[Tensor, Tensor]] = None,
+                   dynamic: bool = False, act_granularity: str = "tensor"):
+        """A QDQ copy of ``module`` (never modified): its weight quantized, its bias copied, activation qparams set."""
+        q = cls(module.weight, module.bias, weight_granularity=weight_granularity, act_dtype=act_dtype,
+                act_symmetric=act_symmetric, act_qparams=act_qparams, dynamic=dynamic,
+                act_granularity=act_granularity, **cls._from_float_kwargs(module))
+        q.train(module.training)
+        return q
+
+
+class QDQLinear(_QDQBase):
+    """nn.Linear with an int8 weight [out, in]."""
+
+    def __init__(self, weight: Tensor, bias: Optional[Tensor], **kw):
+        super().__init__(weight, bias, **kw)
+        self.out_features, self.in_features = weight.shape
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(self.quantize_input(x), self.dequantized_weight(x.dtype), self.bias)
+
+
+class QDQConv1D(_QDQBase):
+    """transformers' Conv1D (y = x @ W + b, W stored [in, out]): the weight keeps that layout, channels on axis 1."""
+
+    weight_axis = 1
+
+    def __init__(self, weight: Tensor, bias: Optional[Tensor], **kw):
+        super().__init__(weight, bias, **kw)
+        self.nf = weight.shape[1]
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = torch.matmul(self.quantize_input(x), self.dequantized_weight(x.dtype))  # [.., in] @ [in, out]
+        return y if self.bias is None else y + self.bias
+
+
+class _QDQConvNd(_QDQBase):
+    dynamic_token_ok = False  # a conv input has no token rows; dynamic convs use per-tensor qparams
+    _conv = None
+
+    def __init__(self, weight: Tensor, bias: Optional[Tensor], *, stride, padding, dilation, groups,
+                 padding_mode: str = "zeros", reversed_padding=None, **kw):
+        super().__init__(weight, bias, **kw)
+        self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
+        self.padding_mode, self._reversed_padding = padding_mode, reversed_padding
+        self.out_channels = weight.shape[0]
+
+    @classmethod
+    def _from_float_kwargs(cls, m: nn.Module) -> dict:
+        return dict(stride=m.stride, padding=m.padding, dilation=m.dilation, groups=m.groups,
+                    padding_mode=m.padding_mode, reversed_padding=list(m._reversed_padding_repeated_twice))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x, w = self.quantize_input(x), self.dequantized_weight(x.dtype)
+        if self.padding_mode != "zeros":  # as nn.ConvNd: pad explicitly (reflect/replicate/circular), then no padding
+            x = F.pad(x, self._reversed_padding, mode=self.padding_mode)
+            return type(self)._conv(x, w, self.bias, self.stride, 0, self.dilation, self.groups)
+        return type(self)._conv(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class QDQConv1d(_QDQConvNd):
+    """nn.Conv1d with an int8 weight [out, in/groups, k]."""
+    _conv = staticmethod(F.conv1d)
+
+
+class QDQConv2d(_QDQConvNd):
+    """nn.Conv2d with an int8 weight [out, in/groups, kh, kw]."""
+    _conv = staticmethod(F.conv2d)
+
+
+QDQ_MODULES = {"Linear": QDQLinear, "Conv1d": QDQConv1d, "Conv2d": QDQConv2d, "Conv1D": QDQConv1D}
+
+
+def qdq_class_for(module: nn.Module):
+    """The QDQ class for ``module`` (by op type, the names config ``op_types`` uses), or None if it has none."""
+    if _is_hf_conv1d(module):
+        return QDQConv1D
+    for name, cls in (("Linear", nn.Linear), ("Conv1d", nn.Conv1d), ("Conv2d", nn.Conv2d)):
+        if isinstance(module, cls):
+            return QDQ_MODULES[name]
+    return None
+
+
+def op_type(module: nn.Module) -> Optional[str]:
+    """Config op-type name of ``module`` ("Linear", "Conv1d", "Conv2d", "Conv1D") or None."""
+    cls = qdq_class_for(module)
+    return None if cls is None else next(k for k, v in QDQ_MODULES.items() if v is cls)
