@@ -15,6 +15,7 @@ pruned / dense, the two updates run alternately (``_distill.interleaved_updates`
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -85,11 +86,16 @@ def run_oneshot() -> dict:
     return {"cos_mean": mean, "cos_min": low}
 
 
-def run_inc(seed: int, args, timed: bool) -> dict:
-    # setup_inc.sh builds (or reuses) the peer's venv, matching our transformers version, and prints its path
+@functools.lru_cache(maxsize=1)
+def inc_python() -> str:
+    """setup_inc.sh builds (or reuses) the peer's venv, matching our transformers version; once per run."""
     venv = subprocess.run(["bash", str(HERE / "peers" / "setup_inc.sh")], check=True, stdout=subprocess.PIPE,
                           text=True, env={**os.environ, "PYTHON": sys.executable}).stdout.strip().splitlines()[-1]
-    python = str(Path(venv) / "bin" / "python")
+    return str(Path(venv) / "bin" / "python")
+
+
+def run_inc(seed: int, args, timed: bool) -> dict:
+    python = inc_python()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "inc.json"
         # INC reads "N:M" as N pruned of M: the same as ours for 2:4 (the only N:M this driver passes through)

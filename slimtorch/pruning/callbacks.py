@@ -141,6 +141,7 @@ class PruningCallbacks:
             self._update_masks()  # only when no earlier update could prepare them (the very first one)
 
     def _after_update(self) -> None:
+        self.pruner.keep_last_observation()
         self.pruner.apply_masks()
         self.step += 1
         if self.pruner.due(self.step):

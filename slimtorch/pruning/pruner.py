@@ -33,6 +33,8 @@ class LayerState:
         self._cast: Optional[Tensor] = None      # mask in the weight's dtype, for a fused multiply
         self._spare: Optional[Tensor] = None     # reused buffer for the next criterion state
         self._warned_no_grad = False
+        # updates before a pruning step whose gradients still matter: fixed by the settings, so computed once
+        self._window = criteria.observation_window(target.settings.method, target.settings.beta)
 
     @property
     def name(self) -> str:
@@ -52,7 +54,7 @@ class LayerState:
 
     def observes_at(self, step: int) -> bool:
         s = self.target.settings
-        window = criteria.observation_window(s.method, s.beta)
+        window = self._window
         if window is None:
             return False
         if window == 0:  # the update just before a pruning step, or the pruning step itself when it comes first
@@ -86,6 +88,10 @@ class Pruner:
                 layer.state, layer._spare = criteria.observe(s.method, s.beta, layer.state, layer._spare,
                                                              layer.weight, grad)
                 self._last_observed.append(layer)
+
+    def keep_last_observation(self) -> None:
+        """The last observation's update was applied: it can no longer be undone."""
+        self._last_observed = []
 
     def forget_last_observation(self) -> None:
         """Undo the last :meth:`observe` (its update was skipped, e.g. by an AMP overflow: inf/NaN gradients).

@@ -306,3 +306,17 @@ def test_history_stays_bounded_on_long_schedules():
     train(model, opt, batches(150))
     assert len(cb.history) == HISTORY_EVENTS_PER_LAYER * 2
     assert cb.history[-1]["step"] == 150 and cb.history[0]["step"] == 150 - HISTORY_EVENTS_PER_LAYER + 1
+
+
+def test_applied_update_cannot_be_forgotten_later():
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    cb = st.prepare_pruning(model, config())
+    x, y = batches(1)[0]
+    nn.functional.mse_loss(model(x), y).backward()
+    cb.on_before_optimizer_step()
+    opt.step()
+    cb.on_after_optimizer_step()
+    scores = [l.state.clone() for l in cb.pruner.layers]
+    cb.on_after_optimizer_step(applied=False)  # a skipped update that observed nothing must not undo the last one
+    assert all(torch.equal(a, l.state) for a, l in zip(scores, cb.pruner.layers))
