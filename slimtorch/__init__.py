@@ -1,6 +1,7 @@
 """slimtorch: device-agnostic model compression for PyTorch, configured by DeepSpeed-style JSON."""
 from .config import CompressionConfig, load_config
-from .errors import CalibrationError, ConfigError, LifecycleError, PatternShapeError, SlimError, StateDictError
+from .errors import (CalibrationError, ConfigError, ExportError, LifecycleError, PatternShapeError, SlimError,
+                     StateDictError)
 from .pruning import PruningCallbacks, SparsityReport, prepare_pruning, sparsity_report
 
 __version__ = "0.1.0"

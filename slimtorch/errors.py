@@ -27,3 +27,7 @@ class StateDictError(SlimError, ValueError):
 
 class CalibrationError(SlimError, ValueError):
     """Quantization parameters cannot be computed: NaN/inf reached an observer, nothing was observed, bad range."""
+
+
+class ExportError(SlimError, RuntimeError):
+    """A model that cannot be exported to ONNX, or an exported file that fails onnx.checker or ONNX Runtime."""
