@@ -10,5 +10,6 @@ __all__ = [
     "load_config", "CompressionConfig",
     "prepare_pruning", "PruningCallbacks", "sparsity_report", "SparsityReport",
     "SlimError", "ConfigError", "PatternShapeError", "LifecycleError", "StateDictError", "CalibrationError",
+    "ExportError",
     "__version__",
 ]
