@@ -121,12 +121,6 @@ def _normalise(doc: Dict[str, Any], renamed: Dict[Tuple[str, ...], str]) -> Dict
         near = difflib.get_close_matches(key, SECTIONS, n=1, cutoff=0.75)
         if near:
             raise ConfigError(f"{key}: unknown top-level key; did you mean {near[0]!r}?")
-    inference = out.pop("compression_inference", None)
-    if isinstance(inference, dict) and any(_enabled(v, f"compression_inference.{k}") for k, v in inference.items()):
-        raise ConfigError(
-            "compression_inference: post-training quantization is not available in this slimtorch version; "
-            "disable it ('enabled': false) or remove the section"
-        )
     training = out.get("compression_training")
     if isinstance(training, dict):
         for name in UNSUPPORTED_TRAINING:

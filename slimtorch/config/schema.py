@@ -5,13 +5,14 @@ nothing else in the library re-checks user input.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Dict, List, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from .base import PathValueError, _check_regexes, _Strict  # noqa: F401  (PathValueError re-exported)
 from .patterns import NMPattern, Pattern, parse_pattern
+from .quant_schema import CompressionInference
 
 Method = Literal["magnitude", "gradient", "snip", "snip_momentum"]
 DecayType = Literal["exp", "cos", "linear", "cube"]
@@ -19,27 +20,6 @@ DecayType = Literal["exp", "cos", "linear", "cube"]
 #: dense_ratio used when neither the group nor shared_parameters sets one and the pattern is a block pattern
 #: (DeepSpeed's default). For "N:M" the default is N/M.
 DEFAULT_BLOCK_DENSE_RATIO = 0.1
-
-
-class PathValueError(ValueError):
-    """A cross-field error that knows the key path (relative to the model raising it) it belongs to."""
-
-    def __init__(self, subpath: str, message: str):
-        super().__init__(message)
-        self.subpath = subpath
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
-
-
-def _check_regexes(patterns: Optional[List[str]]) -> Optional[List[str]]:
-    for i, pat in enumerate(patterns or []):
-        try:
-            re.compile(pat)
-        except re.error as exc:
-            raise ValueError(f"entry {i} ({pat!r}) is not a valid regular expression: {exc}") from None
-    return patterns
 
 
 def _check_pattern(text: Optional[str]) -> Optional[str]:
@@ -185,6 +165,7 @@ class CompressionConfig(_Strict):
     """What :func:`slimtorch.load_config` returns: the compression sections of a (DeepSpeed) config."""
 
     compression_training: CompressionTraining = Field(default_factory=CompressionTraining)
+    compression_inference: CompressionInference = Field(default_factory=CompressionInference)
 
     @property
     def sparse_pruning(self) -> Optional[SparsePruningConfig]:
@@ -194,3 +175,8 @@ class CompressionConfig(_Strict):
     def pruning_enabled(self) -> bool:
         sp = self.sparse_pruning
         return sp is not None and sp.shared_parameters.enabled
+
+    @property
+    def quantization(self):
+        """The enabled quantization section (static or dynamic), or None."""
+        return self.compression_inference.active

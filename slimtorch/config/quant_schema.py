@@ -1,0 +1,130 @@
+"""Typed config of ``compression_inference``: static and dynamic post-training quantization.
+
+Key names follow CONVENTIONS.md; every key has a documented default, so ``{"enabled": true}`` is a whole section.
+"""
+from __future__ import annotations
+
+from typing import List, Literal, Optional, Union
+
+from pydantic import Field, field_validator, model_validator
+
+from .base import PathValueError, _check_regexes, _Strict
+
+OpType = Literal["Linear", "Conv1d", "Conv2d", "Conv1D"]
+ALL_OP_TYPES: List[str] = ["Linear", "Conv1d", "Conv2d", "Conv1D"]
+Observer = Literal["minmax", "moving_average", "percentile", "entropy", "mse"]
+
+
+class WeightQuant(_Strict):
+    """Weights: int8, symmetric (zero point 0, so pruned zeros stay exactly 0; what TensorRT needs)."""
+
+    dtype: Literal["int8"] = "int8"
+    scheme: Literal["symmetric"] = "symmetric"
+    granularity: Literal["per_channel", "per_tensor"] = "per_channel"
+
+
+class _ActivationBase(_Strict):
+    # uint8 asymmetric is the default: ONNX Runtime's fast int8 path on x86 (U8S8) and the accurate choice for
+    # one-sided inputs (after GELU/ReLU). int8 symmetric is what TensorRT takes; see docs/quantization.md.
+    dtype: Literal["int8", "uint8"] = "uint8"
+    scheme: Optional[Literal["symmetric", "asymmetric"]] = None  # default follows dtype
+
+    @model_validator(mode="after")
+    def _scheme_fits_dtype(self):
+        if self.dtype == "uint8" and self.scheme == "symmetric":
+            raise PathValueError("scheme", "uint8 activations are asymmetric (zero point in [0, 255]); use "
+                                           "'scheme': 'asymmetric', or 'dtype': 'int8' for symmetric activations")
+        return self
+
+    @property
+    def symmetric(self) -> bool:
+        if self.scheme is None:
+            return self.dtype == "int8"
+        return self.scheme == "symmetric"
+
+
+class StaticActivationQuant(_ActivationBase):
+    """Activations with ranges from calibration data."""
+
+    observer: Observer = "minmax"
+    percentile: float = Field(default=99.99, gt=50.0, le=100.0)
+
+
+class DynamicActivationQuant(_ActivationBase):
+    """Activations quantized at run time from each input: one range per tensor, or per token (row)."""
+
+    granularity: Literal["per_tensor", "per_token"] = "per_tensor"
+
+
+class SmoothQuantConfig(_Strict):
+    enabled: bool = False
+    alpha: Union[float, Literal["auto"]] = 0.5
+    folding: bool = True
+
+    @field_validator("alpha", mode="before")
+    @classmethod
+    def _alpha_range(cls, value):
+        if isinstance(value, bool):
+            raise ValueError("alpha must be a number in [0, 1] or \"auto\"")
+        if isinstance(value, (int, float)):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"alpha must be in [0, 1] (0: no migration to the weights, 1: all of it), "
+                                 f"got {value}")
+            return float(value)
+        return value
+
+
+class AccuracyCriterion(_Strict):
+    """Accepted so the schema is complete; accuracy-aware fallback itself is not implemented yet."""
+
+    tolerable_loss: float = Field(default=0.01, ge=0.0)
+    relative: bool = True
+    higher_is_better: bool = True
+    max_trials: int = Field(default=100, ge=1)
+    timeout: float = Field(default=0, ge=0)
+
+
+class _QuantSection(_Strict):
+    enabled: bool = False
+    weight: WeightQuant = Field(default_factory=WeightQuant)
+    op_types: List[OpType] = Field(default_factory=lambda: list(ALL_OP_TYPES), min_length=1)
+    quantize_attention_matmuls: bool = False
+    excluded_modules: List[str] = Field(default_factory=list)
+    fold_batchnorm: bool = True
+    accuracy_criterion: Optional[AccuracyCriterion] = None
+
+    @field_validator("excluded_modules")
+    @classmethod
+    def _valid_regexes(cls, value):
+        return _check_regexes(value)
+
+
+class StaticQuantization(_QuantSection):
+    activation: StaticActivationQuant = Field(default_factory=StaticActivationQuant)
+    num_calibration_batches: int = Field(default=100, ge=1)
+    smoothquant: SmoothQuantConfig = Field(default_factory=SmoothQuantConfig)
+
+
+class DynamicQuantization(_QuantSection):
+    activation: DynamicActivationQuant = Field(default_factory=DynamicActivationQuant)
+
+
+class CompressionInference(_Strict):
+    static_quantization: Optional[StaticQuantization] = None
+    dynamic_quantization: Optional[DynamicQuantization] = None
+
+    @model_validator(mode="after")
+    def _one_mode(self):
+        if (self.static_quantization is not None and self.static_quantization.enabled
+                and self.dynamic_quantization is not None and self.dynamic_quantization.enabled):
+            raise PathValueError("dynamic_quantization.enabled", "static_quantization and dynamic_quantization are "
+                                 "both enabled; enable one of them (static needs a calibration loader, dynamic not)")
+        return self
+
+    @property
+    def active(self) -> Optional[Union[StaticQuantization, DynamicQuantization]]:
+        """The enabled section, or None."""
+        for section in (self.static_quantization, self.dynamic_quantization):
+            if section is not None and section.enabled:
+                return section
+        return None
