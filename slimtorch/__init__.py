@@ -3,12 +3,14 @@ from .config import CompressionConfig, load_config
 from .errors import (CalibrationError, ConfigError, ExportError, LifecycleError, PatternShapeError, SlimError,
                      StateDictError)
 from .pruning import PruningCallbacks, SparsityReport, prepare_pruning, sparsity_report
+from .quantization import QuantizationReport, quantization_report, quantize
 
 __version__ = "0.1.0"
 
 __all__ = [
     "load_config", "CompressionConfig",
     "prepare_pruning", "PruningCallbacks", "sparsity_report", "SparsityReport",
+    "quantize", "quantization_report", "QuantizationReport",
     "SlimError", "ConfigError", "PatternShapeError", "LifecycleError", "StateDictError", "CalibrationError",
     "ExportError",
     "__version__",

@@ -7,6 +7,7 @@ always removed and every submodule's train/eval mode restored, even when calibra
 """
 from __future__ import annotations
 
+import itertools
 import sys
 from collections.abc import Mapping
 from typing import Any, Callable, Dict, Iterable, Optional, Union
@@ -85,6 +86,29 @@ def _first_tensor(args, kwargs):
     return None
 
 
+class _TextProgress:
+    """Progress lines on stderr, every tenth of the run, where tqdm is not installed."""
+
+    def __init__(self, total: int):
+        self.total, self.n, self.every = total, 0, max(1, total // 10)
+
+    def update(self, k: int) -> None:
+        self.n += k
+        if self.n % self.every == 0 or self.n == self.total:
+            print(f"slimtorch calibration: {self.n}/{self.total} batches", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        pass
+
+
+def _progress_bar(total: int):
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return _TextProgress(total)
+    return tqdm(total=total, desc="slimtorch calibration", unit="batch", file=sys.stderr, leave=False)
+
+
 def calibrate(model: nn.Module, loader: Iterable, *, observer_factory: Callable[[str, nn.Module], Any],
               num_batches: int, input_fn: Optional[Callable[[Any], Any]] = None, module_filter: ModuleFilter,
               progress: bool = True) -> Dict[str, Any]:
@@ -118,17 +142,18 @@ def calibrate(model: nn.Module, loader: Iterable, *, observer_factory: Callable[
     modes = {m: m.training for m in model.modules()}
     handles = []
     device = model_device(model)
-    total = num_batches if not hasattr(loader, "__len__") else min(num_batches, len(loader))
-    every = max(1, total // 10)
+    try:
+        total = min(num_batches, len(loader))  # type: ignore[arg-type]
+    except TypeError:  # a generator, or a loader whose length is unknown
+        total = num_batches
+    bar = _progress_bar(total) if progress else None
     seen = 0
     try:
         for n, m in selected.items():
             handles.append(m.register_forward_pre_hook(make_hook(n), with_kwargs=True))
         model.eval()
         with torch.no_grad():
-            for i, batch in enumerate(loader):
-                if i >= num_batches:
-                    break
+            for i, batch in enumerate(itertools.islice(loader, num_batches)):  # never reads a batch too many
                 state["batch"] = i
                 inputs = input_fn(batch) if input_fn is not None else batch
                 try:
@@ -139,9 +164,11 @@ def calibrate(model: nn.Module, loader: Iterable, *, observer_factory: Callable[
                     raise CalibrationError(f"calibration batch {i} ({describe(inputs)}) could not be fed to "
                                            f"{type(model).__name__}: {type(e).__name__}: {e}") from e
                 seen += 1
-                if progress and (seen % every == 0 or seen == total):
-                    print(f"slimtorch calibration: {seen}/{total} batches", file=sys.stderr, flush=True)
+                if bar is not None:
+                    bar.update(1)
     finally:
+        if bar is not None:
+            bar.close()
         for h in handles:
             h.remove()
         for m, training in modes.items():
