@@ -2,6 +2,7 @@
 from .config import CompressionConfig, load_config
 from .errors import (CalibrationError, ConfigError, ExportError, LifecycleError, PatternShapeError, SlimError,
                      StateDictError)
+from .export import export_onnx
 from .pruning import PruningCallbacks, SparsityReport, prepare_pruning, sparsity_report
 from .quantization import QuantizationReport, quantization_report, quantize
 
@@ -10,7 +11,7 @@ __version__ = "0.1.0"
 __all__ = [
     "load_config", "CompressionConfig",
     "prepare_pruning", "PruningCallbacks", "sparsity_report", "SparsityReport",
-    "quantize", "quantization_report", "QuantizationReport",
+    "quantize", "quantization_report", "QuantizationReport", "export_onnx",
     "SlimError", "ConfigError", "PatternShapeError", "LifecycleError", "StateDictError", "CalibrationError",
     "ExportError",
     "__version__",

@@ -36,6 +36,17 @@ def _is_hf_conv1d(module: nn.Module) -> bool:
     return any(c.__name__ == "Conv1D" for c in type(module).__mro__) and hasattr(module, "nf")
 
 
+def fake_quantize_dynamic(x: Tensor, dtype: str, symmetric: bool, granularity: str) -> Tensor:
+    """Quantize-dequantize with qparams from ``x`` itself: one range per tensor, or per token (row of the last axis)."""
+    xd = x.detach()
+    if granularity == "tensor":
+        s, z = choose_qparams(xd.amin(), xd.amax(), dtype=dtype, symmetric=symmetric)
+        return fake_quantize(x, s, z, dtype=dtype)
+    rows = x.reshape(-1, x.shape[-1])
+    s, z = choose_qparams(rows.detach().amin(1), rows.detach().amax(1), dtype=dtype, symmetric=symmetric)
+    return fake_quantize(rows, s, z, dtype=dtype, axis=0).reshape(x.shape)
+
+
 class _QDQBase(nn.Module):
     """Shared weight storage, activation fake-quantization, dtype-safe ``_apply`` and shape-tolerant loading."""
 
@@ -96,14 +107,7 @@ class _QDQBase(nn.Module):
         """QuantizeLinear -> DequantizeLinear of ``x`` with static or run-time qparams (saturating, like ONNX)."""
         if not self.dynamic:
             return fake_quantize(x, self.input_scale, self.input_zero_point, dtype=self.act_dtype)
-        xd = x.detach()
-        if self.act_granularity == "tensor":
-            s, z = choose_qparams(xd.amin(), xd.amax(), dtype=self.act_dtype, symmetric=self.act_symmetric)
-            return fake_quantize(x, s, z, dtype=self.act_dtype)
-        rows = x.reshape(-1, x.shape[-1])  # one token = one row of the last (feature) axis
-        s, z = choose_qparams(rows.detach().amin(1), rows.detach().amax(1), dtype=self.act_dtype,
-                              symmetric=self.act_symmetric)
-        return fake_quantize(rows, s, z, dtype=self.act_dtype, axis=0).reshape(x.shape)
+        return fake_quantize_dynamic(x, self.act_dtype, self.act_symmetric, self.act_granularity)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
         axis = self.weight_axis if self.weight_scale.dim() == 1 else None
@@ -156,6 +160,12 @@ class QDQLinear(_QDQBase):
         self.out_features, self.in_features = weight.shape
 
     def forward(self, x: Tensor) -> Tensor:
+        if torch.onnx.is_in_onnx_export():
+            from ..export.qdq_symbolic import export_linear
+            return export_linear(self, x)
+        return self._eager_forward(x)
+
+    def _eager_forward(self, x: Tensor) -> Tensor:
         return F.linear(self.quantize_input(x), self.dequantized_weight(x.dtype), self.bias)
 
 
@@ -169,6 +179,12 @@ class QDQConv1D(_QDQBase):
         self.nf = weight.shape[1]
 
     def forward(self, x: Tensor) -> Tensor:
+        if torch.onnx.is_in_onnx_export():
+            from ..export.qdq_symbolic import export_linear
+            return export_linear(self, x)
+        return self._eager_forward(x)
+
+    def _eager_forward(self, x: Tensor) -> Tensor:
         y = torch.matmul(self.quantize_input(x), self.dequantized_weight(x.dtype))  # [.., in] @ [in, out]
         return y if self.bias is None else y + self.bias
 
@@ -190,11 +206,35 @@ class _QDQConvNd(_QDQBase):
                     padding_mode=m.padding_mode, reversed_padding=list(m._reversed_padding_repeated_twice))
 
     def forward(self, x: Tensor) -> Tensor:
-        x, w = self.quantize_input(x), self.dequantized_weight(x.dtype)
         if self.padding_mode != "zeros":  # as nn.ConvNd: pad explicitly (reflect/replicate/circular), then no padding
             x = F.pad(x, self._reversed_padding, mode=self.padding_mode)
-            return type(self)._conv(x, w, self.bias, self.stride, 0, self.dilation, self.groups)
-        return type(self)._conv(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        if torch.onnx.is_in_onnx_export():
+            from ..export.qdq_symbolic import export_conv
+            return export_conv(self, x, self._onnx_conv_attrs(x))
+        return self._conv_after_padding(x)
+
+    def _padding_for(self, x: Tensor):
+        return 0 if self.padding_mode != "zeros" else self.padding
+
+    def _conv_after_padding(self, x: Tensor) -> Tensor:
+        w = self.dequantized_weight(x.dtype)
+        return type(self)._conv(self.quantize_input(x), w, self.bias, self.stride, self._padding_for(x),
+                                self.dilation, self.groups)
+
+    def _onnx_conv_attrs(self, x: Tensor):
+        """(strides, pads, dilations, group, kernel_shape) as ONNX Conv attributes."""
+        kernel = list(self.weight_int8.shape[2:])
+        nd = len(kernel)
+        padding = self._padding_for(x)
+        if padding == "valid":
+            padding = 0
+        if padding == "same":  # nn.ConvNd: total d*(k-1), the extra one on the right
+            total = [d * (k - 1) for d, k in zip(self.dilation, kernel)]
+            begin, end = [t // 2 for t in total], [t - t // 2 for t in total]
+        else:
+            p = [padding] * nd if isinstance(padding, int) else list(padding)
+            begin, end = p, p
+        return list(self.stride), begin + end, list(self.dilation), self.groups, kernel
 
 
 class QDQConv1d(_QDQConvNd):
