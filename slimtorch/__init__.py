@@ -4,14 +4,14 @@ from .errors import (CalibrationError, ConfigError, ExportError, LifecycleError,
                      StateDictError)
 from .export import export_onnx
 from .pruning import PruningCallbacks, SparsityReport, prepare_pruning, sparsity_report
-from .quantization import QuantizationReport, quantization_report, quantize
+from .quantization import QuantizationReport, load_quantized, quantization_report, quantize
 
 __version__ = "0.1.0"
 
 __all__ = [
     "load_config", "CompressionConfig",
     "prepare_pruning", "PruningCallbacks", "sparsity_report", "SparsityReport",
-    "quantize", "quantization_report", "QuantizationReport", "export_onnx",
+    "quantize", "load_quantized", "quantization_report", "QuantizationReport", "export_onnx",
     "SlimError", "ConfigError", "PatternShapeError", "LifecycleError", "StateDictError", "CalibrationError",
     "ExportError",
     "__version__",

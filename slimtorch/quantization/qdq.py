@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import CalibrationError, ConfigError
+from ..errors import CalibrationError, ConfigError, StateDictError
 from .primitives import DTYPES, SYMMETRIC_INT8_QMAX, choose_qparams, dequantize, fake_quantize, quantize
 
 WEIGHT_GRANULARITIES = ("per_channel", "per_tensor")
@@ -45,6 +45,24 @@ def fake_quantize_dynamic(x: Tensor, dtype: str, symmetric: bool, granularity: s
     rows = x.reshape(-1, x.shape[-1])
     s, z = choose_qparams(rows.detach().amin(1), rows.detach().amax(1), dtype=dtype, symmetric=symmetric)
     return fake_quantize(rows, s, z, dtype=dtype, axis=0).reshape(x.shape)
+
+
+_DTYPE_CODES = ("int8", "uint8")
+
+
+def encode_spec(act_dtype: str, act_symmetric: bool, dynamic: bool, act_granularity: str) -> Tensor:
+    """[dtype, symmetric, dynamic, per-token] as int8: what a state_dict needs to rebuild a QDQ layer."""
+    return torch.tensor([_DTYPE_CODES.index(act_dtype), int(act_symmetric), int(dynamic),
+                         ACT_GRANULARITIES.index(act_granularity)], dtype=torch.int8)
+
+
+def decode_spec(spec: Tensor) -> dict:
+    """Inverse of :func:`encode_spec`: keyword arguments of ``from_float``."""
+    codes = [int(v) for v in spec.tolist()]
+    if len(codes) != 4 or codes[0] not in (0, 1) or codes[3] not in (0, 1):
+        raise ConfigError(f"qdq_spec {codes} is not a slimtorch QDQ layer description")
+    return dict(act_dtype=_DTYPE_CODES[codes[0]], act_symmetric=bool(codes[1]), dynamic=bool(codes[2]),
+                act_granularity=ACT_GRANULARITIES[codes[3]])
 
 
 class _QDQBase(nn.Module):
@@ -80,6 +98,8 @@ class _QDQBase(nn.Module):
                                                      quant_min=-SYMMETRIC_INT8_QMAX))
         self.register_buffer("weight_scale", scale)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        # the activation scheme as a small tensor, so a state_dict (or safetensors file) alone rebuilds the layer
+        self.register_buffer("qdq_spec", encode_spec(act_dtype, act_symmetric, dynamic, act_granularity))
         if not dynamic:
             if act_qparams is None:
                 raise CalibrationError(f"static {type(self).__name__} needs act_qparams=(scale, zero_point) from "
@@ -128,6 +148,16 @@ class _QDQBase(nn.Module):
             t, own = state_dict.get(prefix + n), self._buffers.get(n)
             if t is not None and own is not None and t.shape != own.shape:
                 self._buffers[n] = torch.empty(t.shape, dtype=own.dtype, device=own.device)
+        spec = state_dict.get(prefix + "qdq_spec")
+        if spec is not None:
+            stored = decode_spec(spec)
+            if stored["dynamic"] != self.dynamic:
+                raise StateDictError(
+                    f"{prefix or 'layer '}: the checkpoint holds a {'dynamic' if stored['dynamic'] else 'static'} "
+                    f"QDQ layer, this one is {'dynamic' if self.dynamic else 'static'}; rebuild the model with "
+                    "slimtorch.load_quantized(float_model, state_dict)")
+            self.act_dtype, self.act_symmetric = stored["act_dtype"], stored["act_symmetric"]
+            self.act_granularity = stored["act_granularity"]
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:

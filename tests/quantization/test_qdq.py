@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from slimtorch.errors import CalibrationError, ConfigError
+from slimtorch.errors import CalibrationError, ConfigError, StateDictError
 from slimtorch.quantization.observers import MinMaxObserver
 from slimtorch.quantization.qdq import (QDQConv1D, QDQConv1d, QDQConv2d, QDQLinear, op_type, qdq_class_for)
 
@@ -136,8 +136,8 @@ def test_state_dict_round_trip_without_calibration():
     assert torch.equal(a(xx), b(xx))
     # dynamic modules have no activation buffers; loading a static file into one is a clear error
     d = QDQLinear.from_float(lin, dynamic=True)
-    assert set(d.state_dict()) == {"weight_int8", "weight_scale", "bias"}
-    with pytest.raises(RuntimeError, match="input_scale"):
+    assert set(d.state_dict()) == {"weight_int8", "weight_scale", "bias", "qdq_spec"}
+    with pytest.raises(StateDictError, match="the checkpoint holds a static QDQ layer, this one is dynamic"):
         d.load_state_dict(a.state_dict())
 
 
