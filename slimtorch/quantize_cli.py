@@ -1,0 +1,121 @@
+"""``slimtorch quantize``: config + model + calibration data -> an ONNX QDQ file and a printed summary.
+
+The model is a Hugging Face model directory (loaded with ``transformers.AutoModel``) or ``package.module:function``
+returning an ``nn.Module``. Calibration data is a text file (paragraphs separated by blank lines, tokenized with the
+model directory's tokenizer), a ``torch.save``d list of batches, or ``package.module:function`` returning an
+iterable of batches.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any, List, Optional, Tuple
+
+from .errors import SlimError
+
+
+def add_quantize_parser(sub) -> None:
+    p = sub.add_parser("quantize", help="quantize a model and export it to ONNX (QuantizeLinear/DequantizeLinear)",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", help="JSON config with compression_inference.static_quantization (or dynamic_...)")
+    p.add_argument("--model", required=True, help="Hugging Face model directory, or package.module:function")
+    p.add_argument("--calib", help="calibration data: a .txt file, a torch.save'd list of batches, or "
+                                   "package.module:function (static quantization needs it)")
+    p.add_argument("--output", required=True, help="path of the ONNX file to write")
+    p.add_argument("--batch-size", type=int, default=8, help="texts per calibration batch (text files)")
+    p.add_argument("--max-length", type=int, default=128, help="tokens per text (text files)")
+    p.add_argument("--save-state-dict", help="also save the quantized model's state_dict here (.pt)")
+    p.add_argument("--opset", type=int, default=17)
+
+
+def run_quantize(args) -> int:
+    import torch
+
+    from . import export_onnx, quantization_report, quantize
+
+    try:
+        model, tokenizer = _load_model(args.model)
+        batches = _load_calibration(args.calib, tokenizer, args.batch_size, args.max_length)
+        example = batches[0] if batches else _default_example(tokenizer, model)
+        started = time.perf_counter()
+        q = quantize(model, args.config, calib_dataloader=batches if args.calib else None)
+        seconds = time.perf_counter() - started
+        path = export_onnx(q, example, args.output, opset=args.opset)
+        if args.save_state_dict:
+            torch.save(q.state_dict(), args.save_state_dict)
+    except SlimError as err:
+        print(f"slimtorch quantize: {err}", file=sys.stderr)
+        return 2
+    report = quantization_report(q)
+    print(f"{len(report.quantized)} layers quantized, {len(report.left_float)} left in float "
+          f"({seconds:.1f} s)")
+    for f in report.left_float:
+        print(f"  float: {f.name} ({f.op_type}): {f.reason}")
+    if report.smoothquant is not None:
+        print(str(report.smoothquant))
+    size = os.path.getsize(path) / 2**20
+    print(f"wrote {path} ({size:.1f} MiB), checked with onnx.checker and ONNX Runtime")
+    return 0
+
+
+def _load_model(spec: str) -> Tuple[Any, Any]:
+    if os.path.isdir(spec):
+        try:
+            from transformers import AutoModel, AutoTokenizer
+        except ImportError as e:
+            raise SlimError(f"--model {spec}: a model directory needs the transformers package") from e
+        model = AutoModel.from_pretrained(spec).eval()
+        tokenizer = AutoTokenizer.from_pretrained(spec) if any(
+            (Path(spec) / f).exists() for f in ("tokenizer.json", "vocab.txt", "tokenizer_config.json")) else None
+        return model, tokenizer
+    obj = _import_callable(spec, "--model")()
+    import torch.nn as nn
+
+    if not isinstance(obj, nn.Module):
+        raise SlimError(f"--model {spec}: the function returned {type(obj).__name__}, not a torch.nn.Module")
+    return obj.eval(), None
+
+
+def _load_calibration(spec: Optional[str], tokenizer, batch_size: int, max_length: int) -> List[Any]:
+    if spec is None:
+        return []
+    if spec.endswith(".txt"):
+        if tokenizer is None:
+            raise SlimError(f"--calib {spec}: a text file needs a model directory with a tokenizer (--model DIR)")
+        try:
+            text = Path(spec).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise SlimError(f"--calib {spec}: cannot read the text file: {e}") from e
+        paragraphs = [" ".join(p.split()) for p in re.split(r"\n\s*\n", text) if p.strip()]
+        if not paragraphs:
+            raise SlimError(f"--calib {spec}: no text in the file")
+        return [dict(tokenizer(paragraphs[i:i + batch_size], padding=True, truncation=True, max_length=max_length,
+                               return_tensors="pt")) for i in range(0, len(paragraphs), batch_size)]
+    if os.path.isfile(spec):
+        import torch
+
+        data = torch.load(spec, map_location="cpu", weights_only=True)
+        return list(data) if not isinstance(data, torch.Tensor) else [data]
+    return list(_import_callable(spec, "--calib")())
+
+
+def _import_callable(spec: str, flag: str):
+    module_name, _, attr = spec.partition(":")
+    if not attr:
+        raise SlimError(f"{flag} {spec!r}: not a directory or file; give package.module:function")
+    try:
+        module = importlib.import_module(module_name)
+        return getattr(module, attr)
+    except (ImportError, AttributeError) as e:
+        raise SlimError(f"{flag} {spec!r}: cannot import: {e}") from e
+
+
+def _default_example(tokenizer, model):
+    if tokenizer is not None:
+        return dict(tokenizer(["slimtorch exports this example sentence."], return_tensors="pt"))
+    raise SlimError("without --calib there is no example input to trace the export with; pass --calib")
