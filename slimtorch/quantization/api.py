@@ -21,7 +21,7 @@ from ..config.quant_schema import DynamicQuantization, StaticQuantization
 from ..errors import CalibrationError, ConfigError
 from .calibrate import calibrate, describe, feed, model_device, to_device
 from .observers import OBSERVERS
-from .qdq import QDQ_MODULES, _QDQBase, op_type
+from .qdq import QDQ_MODULES, _QDQBase, op_type, quantizable_forward
 from .report import REPORT_ATTR, FloatLayer, QuantizationReport, QuantizedLayer
 
 SECTION_PATH = "compression_inference"
@@ -109,6 +109,10 @@ def select_targets(model: nn.Module, section, where: str) -> Tuple[Dict[str, nn.
         if hit is not None:
             used.add(hit)
             left.append(FloatLayer(name, kind, f"excluded_modules[{hit}] ({section.excluded_modules[hit]!r})"))
+            continue
+        unknown = quantizable_forward(module)
+        if unknown is not None:
+            left.append(FloatLayer(name, kind, unknown))
             continue
         if not getattr(module.weight, "is_floating_point", lambda: False)():
             raise ConfigError(f"{where}: module {name!r} ({kind}) has a {module.weight.dtype} weight; quantize() "

@@ -224,8 +224,9 @@ class _QDQConvNd(_QDQBase):
     _conv = None
 
     def __init__(self, weight: Tensor, bias: Optional[Tensor], *, stride, padding, dilation, groups,
-                 padding_mode: str = "zeros", reversed_padding=None, **kw):
+                 padding_mode: str = "zeros", reversed_padding=None, pre_pad=None, **kw):
         super().__init__(weight, bias, **kw)
+        self.pre_pad = None if pre_pad is None else list(pre_pad)  # F.pad widths applied before the conv
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
         self.padding_mode, self._reversed_padding = padding_mode, reversed_padding
         self.out_channels = weight.shape[0]
@@ -233,9 +234,12 @@ class _QDQConvNd(_QDQBase):
     @classmethod
     def _from_float_kwargs(cls, m: nn.Module) -> dict:
         return dict(stride=m.stride, padding=m.padding, dilation=m.dilation, groups=m.groups,
-                    padding_mode=m.padding_mode, reversed_padding=list(m._reversed_padding_repeated_twice))
+                    padding_mode=m.padding_mode, reversed_padding=list(m._reversed_padding_repeated_twice),
+                    pre_pad=static_padding_of(m))
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.pre_pad is not None:  # TensorFlow-style "SAME" convs (EfficientNet ports): zeros are on the grid
+            x = F.pad(x, self.pre_pad)
         if self.padding_mode != "zeros":  # as nn.ConvNd: pad explicitly (reflect/replicate/circular), then no padding
             x = F.pad(x, self._reversed_padding, mode=self.padding_mode)
         if torch.onnx.is_in_onnx_export():
@@ -278,6 +282,28 @@ class QDQConv2d(_QDQConvNd):
 
 
 QDQ_MODULES = {"Linear": QDQLinear, "Conv1d": QDQConv1d, "Conv2d": QDQConv2d, "Conv1D": QDQConv1D}
+
+
+def static_padding_of(module: nn.Module) -> Optional[list]:
+    """Zero padding a conv subclass applies in its own forward() through a ``static_padding`` child (the
+    ``Conv2dStaticSamePadding`` of EfficientNet ports), as F.pad widths; None when there is none."""
+    pad = getattr(module, "static_padding", None)
+    if isinstance(pad, nn.ZeroPad2d) or (isinstance(pad, nn.ConstantPad2d) and pad.value == 0):
+        return list(pad.padding)
+    return None
+
+
+def quantizable_forward(module: nn.Module) -> Optional[str]:
+    """None if the QDQ module computes what ``module.forward`` does; else why not (a subclass with its own
+    forward() that slimtorch does not know)."""
+    base = next((b for b in (nn.Linear, nn.Conv1d, nn.Conv2d) if isinstance(module, b)), None)
+    if base is None or type(module).forward is base.forward:
+        return None
+    pad = getattr(module, "static_padding", None)
+    if pad is not None and (static_padding_of(module) is not None or type(pad).__name__ == "Identity"):
+        return None  # forward() = static_padding then the plain conv: reproduced with pre_pad
+    return (f"{type(module).__name__} overrides {base.__name__}.forward(), so a QDQ copy could compute something "
+            "else; exclude it or quantize its parent's layers")
 
 
 def qdq_class_for(module: nn.Module):
