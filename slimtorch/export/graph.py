@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Dict, Tuple
 
 
-_MERGEABLE = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear")
+_MERGEABLE = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "Mul")
 
 
 def share_identical_qdq(model) -> int:

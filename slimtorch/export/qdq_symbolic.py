@@ -85,14 +85,16 @@ class _LinearQDQ(torch.autograd.Function):
     """x @ W^T-as-[in, out] (+ bias); the weight arrives already as [in, out] int8 with channels on axis 1."""
 
     @staticmethod
-    def forward(ctx, x, w_in_out, w_scale, bias, mode, act_dtype, symmetric, scale, zero_point):  # noqa: D102
+    def forward(ctx, x, w_in_out, w_scale, bias, smooth, mode, act_dtype, symmetric, scale, zero_point):  # noqa
+        x = x if smooth is None else x * smooth
         y = torch.matmul(_eager_input(x, mode, act_dtype, symmetric, scale, zero_point),
                          _eager_weight(w_in_out, w_scale, 1, x.dtype))
         return y if bias is None else y + bias
 
     @staticmethod
-    def symbolic(g, x, w_in_out, w_scale, bias, mode, act_dtype, symmetric, scale, zero_point):
+    def symbolic(g, x, w_in_out, w_scale, bias, smooth, mode, act_dtype, symmetric, scale, zero_point):
         spec = (mode, act_dtype, symmetric, scale, zero_point)
+        x = x if _is_none(smooth) else g.op("Mul", x, smooth)
         w = _dq_weight(g, w_in_out, w_scale, _static_len(w_scale), 1)
         y = g.op("MatMul", _qdq_input(g, x, spec), w)
         return y if _is_none(bias) else g.op("Add", y, bias)
@@ -146,7 +148,7 @@ def _spec(module) -> Tuple:
 def export_linear(module, x: Tensor) -> Tensor:
     """Linear or transformers Conv1D: the int8 weight as [in, out] (what MatMul takes), channels on axis 1."""
     w_in_out = module.weight_int8 if module.weight_axis == 1 else module.weight_int8.t()  # folded to an initializer
-    return _LinearQDQ.apply(x, w_in_out, module.weight_scale, module.bias, *_spec(module))
+    return _LinearQDQ.apply(x, w_in_out, module.weight_scale, module.bias, module.input_smooth, *_spec(module))
 
 
 def export_conv(module, x: Tensor, attrs) -> Tensor:

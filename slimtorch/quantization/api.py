@@ -65,12 +65,17 @@ def quantize(model: nn.Module, config: Any, mpu: Any = None, calib_dataloader: O
     report.left_float.extend(left)
 
     act = section.activation
+    smooth_inverse, smooth_hooks = {}, []
     if static:
-        if section.smoothquant.enabled:
-            report.smoothquant = _smoothquant(q, loader, section, targets)
-        observers = calibrate(
-            q, loader, num_batches=section.num_calibration_batches, module_filter=list(targets),
-            observer_factory=lambda n, m: _make_observer(act), progress=progress)
+        try:
+            if section.smoothquant.enabled:
+                report.smoothquant, smooth_inverse, smooth_hooks = _smoothquant(q, loader, section, targets)
+            observers = calibrate(
+                q, loader, num_batches=section.num_calibration_batches, module_filter=list(targets),
+                observer_factory=lambda n, m: _make_observer(act), progress=progress)
+        finally:
+            for h in smooth_hooks:
+                h.remove()
         report.calibration_batches = loader.batches_seen
         for name in list(targets):
             if observers[name].min_val is None:  # e.g. MultiheadAttention.out_proj: weight read, forward not called
@@ -84,6 +89,8 @@ def quantize(model: nn.Module, config: Any, mpu: Any = None, calib_dataloader: O
             float_module, weight_granularity=section.weight.granularity, act_dtype=act.dtype,
             act_symmetric=act.symmetric, act_qparams=qparams, dynamic=not static,
             act_granularity="tensor" if static or act.granularity == "per_tensor" else "token")
+        if name in smooth_inverse:
+            qdq.input_smooth = smooth_inverse[name].to(qdq.weight_int8.device)
         _replace(q, modules, name, qdq)
         report.quantized.append(QuantizedLayer(
             name, kind, tuple(float_module.weight.shape), _scheme_text(section, static),
@@ -184,9 +191,15 @@ def _smoothquant(model: nn.Module, loader: "_ReplayableLoader", section: StaticQ
     from .smoothquant import smooth
 
     linears = [n for n, m in targets.items() if op_type(m) in ("Linear", "Conv1D")]
-    sq = section.smoothquant
-    return smooth(model, loader, linear_names=linears, alpha=sq.alpha, num_batches=section.num_calibration_batches,
-                  act_dtype=section.activation.dtype, act_symmetric=section.activation.symmetric, folding=sq.folding)
+    sq, act = section.smoothquant, section.activation
+    kw = dict(linear_names=linears, alpha=sq.alpha, num_batches=section.num_calibration_batches,
+              act_dtype=act.dtype, act_symmetric=act.symmetric)
+    if sq.folding:
+        return smooth(model, loader, **kw), {}, []
+    from .smooth_explicit import smooth_explicit
+
+    inverse, hooks, report = smooth_explicit(model, loader, **kw)
+    return report, inverse, hooks
 
 
 class _ReplayableLoader:

@@ -28,7 +28,7 @@ from .primitives import DTYPES, SYMMETRIC_INT8_QMAX, choose_qparams, dequantize,
 
 WEIGHT_GRANULARITIES = ("per_channel", "per_tensor")
 ACT_GRANULARITIES = ("tensor", "token")
-_FP32_BUFFERS = ("weight_scale", "input_scale")
+_FP32_BUFFERS = ("weight_scale", "input_scale", "input_smooth")
 
 
 def _is_hf_conv1d(module: nn.Module) -> bool:
@@ -100,6 +100,7 @@ class _QDQBase(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         # the activation scheme as a small tensor, so a state_dict (or safetensors file) alone rebuilds the layer
         self.register_buffer("qdq_spec", encode_spec(act_dtype, act_symmetric, dynamic, act_granularity))
+        self.register_buffer("input_smooth", None)  # SmoothQuant without folding: 1/s per input channel
         if not dynamic:
             if act_qparams is None:
                 raise CalibrationError(f"static {type(self).__name__} needs act_qparams=(scale, zero_point) from "
@@ -125,6 +126,8 @@ class _QDQBase(nn.Module):
     # -- activation quantization -------------------------------------------------------------------------------
     def quantize_input(self, x: Tensor) -> Tensor:
         """QuantizeLinear -> DequantizeLinear of ``x`` with static or run-time qparams (saturating, like ONNX)."""
+        if self.input_smooth is not None:
+            x = x * self.input_smooth.to(x.dtype)
         if not self.dynamic:
             return fake_quantize(x, self.input_scale, self.input_zero_point, dtype=self.act_dtype)
         return fake_quantize_dynamic(x, self.act_dtype, self.act_symmetric, self.act_granularity)
@@ -148,6 +151,9 @@ class _QDQBase(nn.Module):
             t, own = state_dict.get(prefix + n), self._buffers.get(n)
             if t is not None and own is not None and t.shape != own.shape:
                 self._buffers[n] = torch.empty(t.shape, dtype=own.dtype, device=own.device)
+        smooth = state_dict.get(prefix + "input_smooth")
+        if smooth is not None and self._buffers.get("input_smooth") is None:
+            self._buffers["input_smooth"] = torch.empty(smooth.shape, dtype=torch.float32, device=self.weight_int8.device)
         spec = state_dict.get(prefix + "qdq_spec")
         if spec is not None:
             stored = decode_spec(spec)

@@ -233,3 +233,50 @@ def test_quantizing_twice_and_other_api_misuse():
     with pytest.raises(ConfigError, match="was not returned by slimtorch.quantize"):
         st.quantization_report(mlp())
     assert math.isfinite(float(q(batches(1)[0]).sum()))
+
+
+class PostLN(nn.Module):
+    """A post-LN block (the LayerNorm output is also the residual), with planted outlier channels."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.norm = nn.LayerNorm(32)
+        self.q, self.k = nn.Linear(32, 32), nn.Linear(32, 32)
+        self.out = nn.Linear(32, 8)
+        with torch.no_grad():
+            self.norm.weight[:3] = 40.0
+
+    def forward(self, x):
+        h = self.norm(x)
+        h = h + self.q(h) * torch.sigmoid(self.k(h))
+        return self.out(h)
+
+
+@pytest.mark.parametrize("alpha", [0.5, "auto"])
+def test_smoothquant_without_folding_smooths_what_folding_cannot(tmp_path, alpha):
+    model = PostLN().eval()
+    data = batches(4, (16, 32))
+    x = batches(1, (16, 32), seed=7)[0]
+    sq = static(smoothquant={"enabled": True, "alpha": alpha, "folding": False}, activation={"dtype": "int8"})
+    plain = st.quantize(model, static(activation={"dtype": "int8"}), calib_dataloader=data, progress=False)
+    folded = st.quantize(model, static(smoothquant={"enabled": True, "alpha": alpha}, activation={"dtype": "int8"}),
+                         calib_dataloader=data, progress=False)
+    smoothed = st.quantize(model, sq, calib_dataloader=data, progress=False)
+    assert st.quantization_report(folded).smoothquant.groups == []  # the LayerNorm also feeds the residual
+    groups = st.quantization_report(smoothed).smoothquant.groups
+    assert [g.linears for g in groups] == [["q", "k"], ["out"]]  # q and k read one tensor: one scale, one Mul
+    assert torch.equal(smoothed.q.input_smooth, smoothed.k.input_smooth)
+    with torch.no_grad():
+        ref = model(x)
+        err = {name: float((m(x) - ref).norm() / ref.norm()) for name, m in
+               (("plain", plain), ("smoothed", smoothed))}
+    assert err["smoothed"] * 2 < err["plain"], err
+    restored = st.load_quantized(model, smoothed.state_dict())
+    with torch.no_grad():
+        assert torch.equal(restored(x), smoothed(x))
+    onnx = pytest.importorskip("onnx")
+    path = st.export_onnx(smoothed, x, tmp_path / "sq.onnx")
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert ops.count("Mul") == 3 and ops.count("QuantizeLinear") == 2  # q/k share a Mul and a QuantizeLinear;
+    # the third Mul is the model's own gate
