@@ -89,12 +89,19 @@ def quantize(model: nn.Module, config: Any, mpu: Any = None, calib_dataloader: O
             float_module, weight_granularity=section.weight.granularity, act_dtype=act.dtype,
             act_symmetric=act.symmetric, act_qparams=qparams, dynamic=not static,
             act_granularity="tensor" if static or act.granularity == "per_tensor" else "token")
+        if section.weight.observer == "mse":
+            from .weight_tuning import mse_weight_scale, set_weight_scale
+
+            axis = qdq.weight_axis if section.weight.granularity == "per_channel" else None
+            set_weight_scale(qdq, float_module.weight, mse_weight_scale(float_module.weight, axis))
         if name in smooth_inverse:
             qdq.input_smooth = smooth_inverse[name].to(qdq.weight_int8.device)
         _replace(q, modules, name, qdq)
         report.quantized.append(QuantizedLayer(
             name, kind, tuple(float_module.weight.shape), _scheme_text(section, static),
             None if qparams is None else float(qparams[0]), None if qparams is None else int(qparams[1])))
+    if static and section.bias_correction:
+        report.bias_corrected = _correct_bias(q, loader, section, targets)
     report.seconds = time.perf_counter() - started
     setattr(q, REPORT_ATTR, report)
     return q
@@ -200,6 +207,18 @@ def _smoothquant(model: nn.Module, loader: "_ReplayableLoader", section: StaticQ
 
     inverse, hooks, report = smooth_explicit(model, loader, **kw)
     return report, inverse, hooks
+
+
+def _correct_bias(model: nn.Module, loader: "_ReplayableLoader", section: StaticQuantization,
+                  targets: Dict[str, nn.Module]) -> List[str]:
+    from .weight_tuning import correct_bias
+
+    convs_only = section.bias_correction == "auto"
+    # the float weights the int8 ones were made from (targets still holds the float modules after the swap)
+    weights = {n: m.weight for n, m in targets.items() if not convs_only or op_type(m) in ("Conv1d", "Conv2d")}
+    if weights:
+        correct_bias(model, weights, loader, num_batches=section.num_calibration_batches)
+    return sorted(weights)
 
 
 class _ReplayableLoader:

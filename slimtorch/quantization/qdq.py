@@ -151,9 +151,10 @@ class _QDQBase(nn.Module):
             t, own = state_dict.get(prefix + n), self._buffers.get(n)
             if t is not None and own is not None and t.shape != own.shape:
                 self._buffers[n] = torch.empty(t.shape, dtype=own.dtype, device=own.device)
-        smooth = state_dict.get(prefix + "input_smooth")
-        if smooth is not None and self._buffers.get("input_smooth") is None:
-            self._buffers["input_smooth"] = torch.empty(smooth.shape, dtype=torch.float32, device=self.weight_int8.device)
+        for n in ("input_smooth", "bias"):  # optional tensors a checkpoint may add (SmoothQuant, bias correction)
+            t = state_dict.get(prefix + n)
+            if t is not None and self._buffers.get(n) is None:
+                self._buffers[n] = torch.empty(t.shape, dtype=t.dtype, device=self.weight_int8.device)
         spec = state_dict.get(prefix + "qdq_spec")
         if spec is not None:
             stored = decode_spec(spec)

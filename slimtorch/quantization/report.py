@@ -36,6 +36,7 @@ class QuantizationReport:
     folded_batchnorm: List[tuple] = field(default_factory=list)
     smoothquant: Any = None                     # SmoothQuantReport when SmoothQuant ran
     calibration_batches: int = 0
+    bias_corrected: List[str] = field(default_factory=list)  # layers whose bias absorbed E[(W - W_q) x]
     seconds: float = 0.0
 
     def __str__(self) -> str:
@@ -51,6 +52,8 @@ class QuantizationReport:
         lines = [head] + ["  " + "  ".join(c.ljust(w) for c, w in zip(r[:3], widths)) + "  " + r[3] for r in rows]
         if self.folded_batchnorm:
             lines.append(f"  BatchNorm folded into the preceding conv: {len(self.folded_batchnorm)}")
+        if self.bias_corrected:
+            lines.append(f"  bias correction: {len(self.bias_corrected)} layers")
         if self.smoothquant is not None:
             lines.append(str(self.smoothquant))
         return "\n".join(lines)

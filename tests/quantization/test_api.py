@@ -138,6 +138,10 @@ def test_save_and_load_without_calibration_data(tmp_path, fmt):
         assert torch.equal(restored(x[1]), q(x[1]))
     d = st.quantize(mlp(), DYNAMIC)
     assert same_state(st.load_quantized(mlp(), d.state_dict()), d)
+    no_bias = nn.Sequential(nn.Conv2d(1, 4, 3, bias=False), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3)).eval()
+    qb = st.quantize(no_bias, STATIC, calib_dataloader=x, progress=False)
+    assert qb[0].bias is not None and st.quantization_report(qb).bias_corrected == ["0"]  # created by the correction
+    assert same_state(st.load_quantized(no_bias, qb.state_dict()), qb)
 
 
 def test_load_quantized_errors():

@@ -31,13 +31,13 @@ def lite0():
     return load_efficientnet_lite0()
 
 
-# The float model is unsure on many crops of two photos (median top-1 probability 0.27; 20% of the 256 crops have
-# top-1 and top-2 within 0.05), and any int8 rounding flips such near-ties. Measured top-1 agreement on all 256
-# crops: 0.89-0.91 for per-channel int8 weights with minmax/percentile/mse activations (int8 or uint8), and
-# 0.88-0.90 for ONNX Runtime's own quantize_static (QDQ, per channel, MinMax/Percentile/Entropy) on the same model
-# and crops; so 0.98 over all crops is out of reach of post-training quantization. Where the float top-1 leads by
-# >= 0.15 (112 crops) every variant agreed on every crop, and the float top-1 was always in the int8 top-5.
-MIN_AGREEMENT_ALL = 0.85
+# The issue asks for >= 98% top-1 agreement on all crops; post-training int8 does not reach it here (see
+# BENCHMARKS.md). The float model is unsure on many crops of two photos (median top-1 probability 0.27; 20% of the
+# 256 crops have top-1 and top-2 within 0.05), and int8 rounding flips such near-ties. Top-1 agreement on all 256
+# crops: 0.89 with minmax weights (ONNX Runtime's own quantize_static: 0.88-0.90), 0.95 with bias correction (the
+# default for convolutions), 0.961 with bias correction and MSE weight scales (this config). Where the float top-1
+# leads by >= 0.15 every variant agrees on every crop, and the float top-1 is always in the int8 top-5.
+MIN_AGREEMENT_ALL = 0.95
 CONFIDENT_MARGIN, MIN_AGREEMENT_CONFIDENT = 0.15, 0.98
 MIN_TOP5_HIT = 0.99
 
@@ -47,7 +47,8 @@ def test_efficientnet_lite0_static_int8_top1_agreement(lite0):
     calib = image_crops(64, seed=1)
     evals = image_crops(256, seed=0)  # other crops than the calibration ones
     before = copy.deepcopy(lite0.state_dict())
-    cfg = slimtorch.load_config(STATIC)
+    cfg = slimtorch.load_config({"compression_inference": {"static_quantization": {
+        "enabled": True, "weight": {"observer": "mse"}}}})
     loader = DataLoader(TensorDataset(calib), batch_size=16)  # batches are [inputs]: the first element is fed
     q = slimtorch.quantize(lite0, cfg, calib_dataloader=loader, progress=False)
     assert_state_unchanged(lite0, before)
@@ -61,6 +62,7 @@ def test_efficientnet_lite0_static_int8_top1_agreement(lite0):
     summary = (f"top-1 agreement {agree.float().mean():.3f} on all {len(agree)} crops, "
                f"{agree[confident].float().mean():.3f} on the {int(confident.sum())} confident ones; "
                f"float top-1 in int8 top-5 {top5_hit.float().mean():.3f}")
+    print("\nEfficientNet-lite0 static int8:", summary)
     assert confident.sum() >= 64, summary  # enough confident crops for the second criterion to mean something
     assert agree.float().mean() >= MIN_AGREEMENT_ALL, summary
     assert agree[confident].float().mean() >= MIN_AGREEMENT_CONFIDENT, summary

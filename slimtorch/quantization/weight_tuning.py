@@ -1,0 +1,341 @@
+r"""Post-training weight tuning for int8 QDQ layers: MSE weight scales and bias correction.
+
+| function                 | what                                                                                  |
+|--------------------------|---------------------------------------------------------------------------------------|
+| mse_weight_scale         | per-channel symmetric int8 scale s_c = r_c * max\|W_c\| / 127, r_c in [min_ratio, 1]  |
+|                          | chosen to minimize sum_j w_j (W_cj - fq(W_cj))^2 (w_j = 1, or an input importance)    |
+| weight_quant_error       | W - dequantize(quantize(W)) for given per-channel (or per-tensor) scales              |
+| output_shift             | E[op(x, dW)] per output channel from the mean input (exact: the op is linear in x)    |
+| set_weight_scale         | re-quantize a QDQ layer's int8 weight with new scales (zero point stays 0)            |
+| correct_bias             | empirical bias correction of a QDQ model: b_c += E[op(x_q, W_float - W_int8)]_c       |
+
+Bias correction (Nagel et al. 2019, "Data-Free Quantization through Weight Equalization and Bias Correction",
+the empirical variant): rounding the weight shifts each output channel's mean by E[(W - W_q) x]; adding it back to
+the bias removes that shift. ``x`` is the layer's own (fake-quantized) input in the QDQ model, so the correction
+also sees what quantization upstream did to the input mean. Zero points stay 0, so a pruned weight stays exactly 0.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Any, Callable, Dict, Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import CalibrationError, ConfigError
+from .calibrate import describe, feed, model_device, to_device
+from .primitives import DEFAULT_EPS, SYMMETRIC_INT8_QMAX, quantize
+
+__all__ = ["mse_weight_scale", "weight_quant_error", "output_shift", "set_weight_scale", "correct_bias",
+           "input_importance"]
+
+
+def _channels_first(w: Tensor, axis: int) -> Tensor:
+    return w.movedim(axis, 0).reshape(w.shape[axis], -1)
+
+
+def mse_weight_scale(weight: Tensor, axis: Optional[int] = 0, *, num_steps: int = 50, min_ratio: float = 0.5,
+                     importance: Optional[Tensor] = None, qmax: int = SYMMETRIC_INT8_QMAX,
+                     chunk_elements: int = 1 << 24) -> Tensor:
+    """Symmetric int8 scale(s) minimizing the (importance-weighted) squared rounding + clipping error.
+
+    Searches ``s = r * amax / qmax`` for ``num_steps`` ratios ``r`` evenly spaced in ``[min_ratio, 1]`` (``r = 1``,
+    the minmax scale, is always a candidate, so the error is never larger than minmax's). ``axis``: the channel axis
+    (1-d result, one scale per channel) or None (0-d, one scale for the tensor). ``importance``: optional non-negative
+    weights broadcastable to ``weight`` (e.g. E[x^2] of the input feature each weight multiplies). Quantized values
+    are clamped to ``[-qmax, qmax]``, as the QDQ layers store them.
+    """
+    if not 0 < min_ratio <= 1 or num_steps < 1:
+        raise ConfigError(f"mse_weight_scale needs 0 < min_ratio <= 1 and num_steps >= 1, got {min_ratio}, {num_steps}")
+    w = weight.detach().to(torch.float32)
+    imp = None if importance is None else torch.broadcast_to(torch.as_tensor(importance, dtype=torch.float32,
+                                                                             device=w.device), w.shape)
+    if axis is None:
+        flat = w.reshape(1, -1)
+        imp_flat = None if imp is None else imp.reshape(1, -1)
+    else:
+        flat = _channels_first(w, axis)
+        imp_flat = None if imp is None else _channels_first(imp, axis)
+    if not torch.isfinite(flat).all():
+        raise CalibrationError("cannot choose a weight scale: the weight contains NaN or inf")
+    amax = flat.abs().amax(1)
+    ratios = torch.linspace(1.0, min_ratio, num_steps, device=w.device) if num_steps > 1 else \
+        torch.ones(1, device=w.device)
+    best_err = torch.full_like(amax, float("inf"))
+    best = torch.clamp(amax / qmax, min=DEFAULT_EPS)
+    per_ratio = max(1, chunk_elements // max(1, flat.numel()))  # bound the [ratios, C, K] temporary
+    for start in range(0, len(ratios), per_ratio):
+        r = ratios[start:start + per_ratio]
+        s = torch.clamp(r[:, None] * amax[None, :] / qmax, min=DEFAULT_EPS)  # [R, C]
+        q = torch.clamp(torch.round(flat[None] / s[..., None]), -qmax, qmax) * s[..., None]
+        d = (q - flat[None]) ** 2
+        err = (d if imp_flat is None else d * imp_flat[None]).sum(-1)  # [R, C]
+        e_min, idx = err.min(0)
+        better = e_min < best_err  # strict: ties keep the larger (earlier) ratio, minmax first
+        best_err = torch.where(better, e_min, best_err)
+        best = torch.where(better, s.gather(0, idx[None])[0], best)
+    return best if axis is not None else best.reshape(())
+
+
+def _broadcast_scale(scale: Tensor, w: Tensor, axis: Optional[int]) -> Tensor:
+    if scale.dim() == 0 or axis is None:
+        return scale.reshape(())
+    shape = [1] * w.dim()
+    shape[axis] = -1
+    return scale.reshape(shape)
+
+
+def weight_quant_error(weight: Tensor, scale: Tensor, axis: Optional[int] = 0,
+                       qmax: int = SYMMETRIC_INT8_QMAX) -> Tensor:
+    """``W - dequantize(quantize(W))`` for symmetric int8 with ``scale`` (0-d, or 1-d along ``axis``), in float32."""
+    w = weight.detach().to(torch.float32)
+    s = _broadcast_scale(scale.to(torch.float32), w, axis)
+    return w - torch.clamp(torch.round(w / s), -qmax, qmax) * s
+
+
+def output_shift(kind: str, mean_input: Tensor, weight_delta: Tensor, **conv) -> Tensor:
+    """Per-output-channel mean of ``op(x, weight_delta)`` (no bias), from the mean input alone (the op is linear).
+
+    ``kind``: "Linear" (``mean_input`` [in], delta [out, in]), "Conv1D" (transformers', delta [in, out]),
+    "Conv1d"/"Conv2d" (``mean_input`` [C, *spatial] = the batch mean of the padded input, delta the conv weight;
+    ``conv``: stride, dilation, groups; the result is the mean over the output positions).
+    """
+    d = weight_delta.to(torch.float32)
+    x = mean_input.to(torch.float32)
+    if kind == "Linear":
+        return F.linear(x, d)
+    if kind == "Conv1D":
+        return x @ d
+    if kind in ("Conv1d", "Conv2d"):
+        op = F.conv1d if kind == "Conv1d" else F.conv2d
+        y = op(x[None], d, None, conv.get("stride", 1), 0, conv.get("dilation", 1), conv.get("groups", 1))
+        return y[0].reshape(y.shape[1], -1).mean(1)
+    raise ConfigError(f"output_shift: unknown op kind {kind!r}")
+
+
+def set_weight_scale(qdq: nn.Module, weight: Tensor, scale: Tensor) -> None:
+    """Re-quantize ``qdq``'s int8 weight from the float ``weight`` with ``scale`` (per channel on the layer's weight
+    axis, or 0-d), zero point 0, range [-127, 127]: what ``_QDQBase`` stores, with another scale."""
+    w = weight.detach().to(torch.float32).to(qdq.weight_int8.device)
+    if tuple(w.shape) != tuple(qdq.weight_int8.shape):
+        raise ConfigError(f"set_weight_scale: weight {tuple(w.shape)} does not match the layer's "
+                          f"{tuple(qdq.weight_int8.shape)}")
+    scale = scale.detach().to(torch.float32).to(w.device)
+    axis = qdq.weight_axis if scale.dim() == 1 else None
+    zp = torch.zeros_like(scale, dtype=torch.int32)
+    qdq.weight_int8 = quantize(w, scale, zp, dtype="int8", axis=axis, quant_min=-SYMMETRIC_INT8_QMAX)
+    qdq.weight_scale = scale
+
+
+def _kind(qdq: nn.Module) -> str:
+    from .qdq import QDQ_MODULES
+
+    for k, cls in QDQ_MODULES.items():
+        if type(qdq) is cls or isinstance(qdq, cls):
+            return k
+    raise ConfigError(f"{type(qdq).__name__} is not a slimtorch QDQ layer")
+
+
+def _op_input(qdq: nn.Module, x: Tensor) -> Tensor:
+    """What the layer's weight op sees: the fake-quantized input, padded as the layer's forward() pads it."""
+    xq = qdq.quantize_input(x.detach()).to(torch.float32)
+    if getattr(qdq, "pre_pad", None) is not None:
+        xq = F.pad(xq, qdq.pre_pad)
+    if hasattr(qdq, "padding_mode"):
+        if qdq.padding_mode != "zeros":
+            xq = F.pad(xq, qdq._reversed_padding, mode=qdq.padding_mode)
+        else:
+            pad = qdq.padding
+            if pad == "same":
+                k = qdq.weight_int8.shape[2:]
+                total = [d * (kk - 1) for d, kk in zip(qdq.dilation, k)]
+                widths = []
+                for t in reversed(total):
+                    widths += [t // 2, t - t // 2]
+                xq = F.pad(xq, widths)
+            elif pad != "valid":
+                p = [pad] * (xq.dim() - 2) if isinstance(pad, int) else list(pad)
+                widths = []
+                for pp in reversed(p):
+                    widths += [pp, pp]
+                xq = F.pad(xq, widths)
+    return xq
+
+
+class _MeanInput:
+    """Running mean of a layer's op input: over the batch for convs (keeping positions), over all rows otherwise.
+    Conv inputs of changing spatial size are reduced to their output shift batch by batch instead."""
+
+    def __init__(self):
+        self.sum: Optional[Tensor] = None
+        self.count = 0
+        self.shift_sum: Optional[Tensor] = None  # sum of per-batch shifts (variable spatial sizes)
+        self.shift_count = 0
+
+
+def correct_bias(model: nn.Module, float_weights: Dict[str, Tensor], loader: Iterable, *, num_batches: int = 100,
+                 input_fn: Optional[Callable[[Any], Any]] = None) -> Dict[str, float]:
+    """Empirical bias correction, in place, of the QDQ layers named in ``float_weights`` (``{name: float weight}``).
+
+    One pass over up to ``num_batches`` batches of ``loader`` (fed as calibration feeds them) records the mean
+    fake-quantized input of every named layer; then ``bias_c += E[op(x_q, W - W_q)]_c`` (a float32 bias is created
+    where the layer had none). The float weights must be the ones the layers were quantized from (after BN folding
+    and SmoothQuant), in the layers' own layout. One pass, not layer by layer: the correction of a layer changes the
+    mean input of the next ones only through ``(W - W_q) * shift``, second order. Layers never called keep their
+    bias. Returns ``{name: max |correction|}`` of the corrected layers.
+    """
+    if num_batches < 1:
+        raise ConfigError(f"correct_bias: num_batches must be >= 1, got {num_batches}")
+    named = dict(model.named_modules())
+    missing = [n for n in float_weights if n not in named]
+    if missing:
+        raise ConfigError(f"correct_bias: no module named {missing[:5]} in {type(model).__name__}")
+    layers = {n: named[n] for n in float_weights}
+    kinds = {n: _kind(m) for n, m in layers.items()}
+    stats = {n: _MeanInput() for n in layers}
+
+    def make_hook(name):
+        qdq, st = layers[name], stats[name]
+
+        def hook(module, args, kwargs):
+            x = next((v for v in list(args) + list(kwargs.values()) if isinstance(v, Tensor)), None)
+            if x is None:
+                return None
+            xq = _op_input(qdq, x)
+            if kinds[name] in ("Conv1d", "Conv2d"):
+                m = xq.sum(0) if xq.dim() == qdq.weight_int8.dim() else xq  # unbatched conv input
+                n = xq.shape[0] if xq.dim() == qdq.weight_int8.dim() else 1
+                if st.sum is not None and st.sum.shape != m.shape:  # spatial size changed: reduce what we have
+                    _flush(name)
+                st.sum = m if st.sum is None else st.sum + m
+                st.count += n
+            else:
+                rows = xq.reshape(-1, xq.shape[-1])
+                s = rows.sum(0)
+                st.sum = s if st.sum is None else st.sum + s
+                st.count += rows.shape[0]
+            return None
+        return hook
+
+    deltas = {n: weight_quant_delta(layers[n], float_weights[n]) for n in layers}
+
+    def shift_of(name, mean):
+        q = layers[name]
+        conv = dict(stride=q.stride, dilation=q.dilation, groups=q.groups) if hasattr(q, "groups") else {}
+        return output_shift(kinds[name], mean, deltas[name], **conv)
+
+    def _flush(name):
+        st = stats[name]
+        if st.sum is None:
+            return
+        shift = shift_of(name, st.sum / st.count) * st.count
+        st.shift_sum = shift if st.shift_sum is None else st.shift_sum + shift
+        st.shift_count += st.count
+        st.sum, st.count = None, 0
+
+    modes = {m: m.training for m in model.modules()}
+    handles = [m.register_forward_pre_hook(make_hook(n), with_kwargs=True) for n, m in layers.items()]
+    device = model_device(model)
+    seen = 0
+    try:
+        model.eval()
+        with torch.no_grad():
+            for i, batch in enumerate(itertools.islice(loader, num_batches)):
+                inputs = input_fn(batch) if input_fn is not None else batch
+                try:
+                    feed(model, to_device(inputs, device))
+                except Exception as e:
+                    raise CalibrationError(f"bias correction batch {i} ({describe(inputs)}) could not be fed to "
+                                           f"{type(model).__name__}: {type(e).__name__}: {e}") from e
+                seen += 1
+    finally:
+        for h in handles:
+            h.remove()
+        for m, training in modes.items():
+            m.training = training
+    if seen == 0:
+        raise CalibrationError("bias correction: the loader yielded no batches")
+    report = {}
+    with torch.no_grad():
+        for name, q in layers.items():
+            _flush(name)
+            st = stats[name]
+            if st.shift_sum is None:  # never called: leave the layer as it is
+                continue
+            shift = st.shift_sum / st.shift_count
+            bias = torch.zeros_like(shift) if q.bias is None else q.bias.detach().to(torch.float32)
+            new_bias = (bias + shift).to(device=q.weight_int8.device,
+                                         dtype=torch.float32 if q.bias is None else q.bias.dtype)
+            q.bias = new_bias
+            report[name] = float(shift.abs().max())
+    return report
+
+
+def weight_quant_delta(qdq: nn.Module, float_weight: Tensor) -> Tensor:
+    """``W_float - W_int8 * scale`` of a QDQ layer, in its stored layout."""
+    w = float_weight.detach().to(torch.float32).to(qdq.weight_int8.device)
+    if tuple(w.shape) != tuple(qdq.weight_int8.shape):
+        raise ConfigError(f"float weight {tuple(w.shape)} does not match the QDQ layer's "
+                          f"{tuple(qdq.weight_int8.shape)}")
+    return w - qdq.dequantized_weight(torch.float32)
+
+
+@torch.no_grad()
+def input_importance(model: nn.Module, names: Iterable[str], loader: Iterable, *, num_batches: int = 100,
+                     input_fn: Optional[Callable[[Any], Any]] = None) -> Dict[str, Tensor]:
+    """E[x^2] per input feature of each named Linear/Conv (``x`` the module's input; for convs per input channel,
+    over positions), shaped to broadcast against the module's weight: importance weights for
+    :func:`mse_weight_scale`."""
+    named = dict(model.named_modules())
+    names = list(names)
+    sums: Dict[str, Tensor] = {}
+    counts: Dict[str, int] = {n: 0 for n in names}
+
+    def make_hook(name):
+        def hook(module, args, kwargs):
+            x = next((v for v in list(args) + list(kwargs.values()) if isinstance(v, Tensor)), None)
+            if x is None:
+                return None
+            x = x.detach().to(torch.float32)
+            if isinstance(module, (nn.Conv1d, nn.Conv2d)) or hasattr(module, "groups"):
+                c = x.movedim(1, 0).reshape(x.shape[1], -1)
+            else:
+                c = x.reshape(-1, x.shape[-1]).t()
+            s = (c * c).sum(1)
+            sums[name] = s if name not in sums else sums[name] + s
+            counts[name] += c.shape[1]
+            return None
+        return hook
+
+    handles = [named[n].register_forward_pre_hook(make_hook(n), with_kwargs=True) for n in names]
+    device = model_device(model)
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        for batch in itertools.islice(loader, num_batches):
+            feed(model, to_device(input_fn(batch) if input_fn is not None else batch, device))
+    finally:
+        for h in handles:
+            h.remove()
+        for m, training in modes.items():
+            m.training = training
+    out = {}
+    for n in names:
+        if n not in sums:
+            continue
+        m = named[n]
+        e = sums[n] / counts[n]
+        w = m.weight
+        if isinstance(m, (nn.Conv1d, nn.Conv2d)):
+            groups = m.groups
+            cin_g = w.shape[1]
+            # weight [out, in/groups, k...]: output channel o of group g reads inputs g*cin_g .. (g+1)*cin_g
+            g_of_out = torch.arange(w.shape[0], device=e.device) // (w.shape[0] // groups)
+            idx = g_of_out[:, None] * cin_g + torch.arange(cin_g, device=e.device)[None]
+            out[n] = e[idx].reshape(w.shape[0], cin_g, *([1] * (w.dim() - 2)))
+        elif type(m).__name__ == "Conv1D":
+            out[n] = e[:, None]  # weight [in, out]
+        else:
+            out[n] = e[None, :]  # weight [out, in]
+    return out
