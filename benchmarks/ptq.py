@@ -312,6 +312,13 @@ ORT_PEERS = ("static_default", "static_u8s8", "dynamic")
 
 def ort_peers(float_path: str, calib, tmp: str, which: Sequence[str] = ORT_PEERS
               ) -> List[Tuple[str, str, float, str]]:
+    # ONNX Runtime's quantizer writes uuid-named external-data files into the working directory: keep them in tmp
+    import contextlib
+    with contextlib.chdir(tmp):
+        return _ort_peers(float_path, calib, tmp, which)
+
+
+def _ort_peers(float_path: str, calib, tmp: str, which: Sequence[str]) -> List[Tuple[str, str, float, str]]:
     """Run ONNX Runtime's quantizers on the float ONNX file. -> [(label, path, wall_s, note)].
     which: any of "static_default" (QDQ, all op types, S8S8), "static_u8s8" (QDQ, MatMul only, U8S8, per-channel
     weights), "dynamic" (quantize_dynamic, int8 weights, defaults)."""
