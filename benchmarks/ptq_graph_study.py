@@ -58,6 +58,19 @@ ATTN_MM = re.compile(r"/attention/self/MatMul(_1)?$")   # Q.K^T and P.V
 # --------------------------------------------------------------------------------------------------------------------
 # graph inspection and calibration
 # --------------------------------------------------------------------------------------------------------------------
+
+def _session_exposing(m, tensor_names, path):
+    """An unoptimized ONNX Runtime session on ``m`` with ``tensor_names`` added as graph outputs."""
+    import onnxruntime as ort
+
+    for t in tensor_names:
+        m.graph.output.append(helper.make_tensor_value_info(t, TensorProto.FLOAT, None))
+    onnx.save(m, path)
+    so = P.session_options()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    return sess, [o.name for o in sess.get_outputs()]
+
 def matmuls(model: onnx.ModelProto) -> Tuple[List[onnx.NodeProto], List[onnx.NodeProto]]:
     """-> (weight MatMuls [x @ W initializer], attention MatMuls [activation @ activation]) of the encoder."""
     inits = {i.name for i in model.graph.initializer}
@@ -75,22 +88,12 @@ def matmuls(model: onnx.ModelProto) -> Tuple[List[onnx.NodeProto], List[onnx.Nod
 def calibrate(float_path: str, calib: Sequence[Dict[str, torch.Tensor]], tmp: str):
     """Per-tensor min/max of every encoder MatMul input, and per-channel (last axis) absmax / min / max of the weight
     MatMuls' inputs, over the calibration batches (run in ONNX Runtime, optimizations off so every tensor exists)."""
-    import onnxruntime as ort
-
     m = onnx.load(float_path)
     wm, am = matmuls(m)
     names = sorted({n.input[0] for n in wm} | {i for n in am for i in n.input})
     per_channel = {n.input[0] for n in wm}
     existing = {o.name for o in m.graph.output}
-    for t in names:
-        if t not in existing:
-            m.graph.output.append(helper.make_tensor_value_info(t, TensorProto.FLOAT, None))
-    path = os.path.join(tmp, "calib_aug.onnx")
-    onnx.save(m, path)
-    so = P.session_options()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-    out_names = [o.name for o in sess.get_outputs()]
+    sess, out_names = _session_exposing(m, [t for t in names if t not in existing], os.path.join(tmp, "calib_aug.onnx"))
     stats: Dict[str, Dict[str, np.ndarray]] = {}
     for b in calib:
         res = dict(zip(out_names, sess.run(None, P.feed_for(sess, b))))
@@ -449,19 +452,10 @@ def build(float_model: onnx.ModelProto, stats, *, act: str = "u8", per_channel: 
 
 def output_stats(float_path: str, calib, tmp: str):
     """Per-tensor min/max of the weight MatMuls' outputs (for the requantized variant)."""
-    import onnxruntime as ort
-
     m = onnx.load(float_path)
     wm, _ = matmuls(m)
     names = [n.output[0] for n in wm]
-    for t in names:
-        m.graph.output.append(helper.make_tensor_value_info(t, TensorProto.FLOAT, None))
-    path = os.path.join(tmp, "calib_out.onnx")
-    onnx.save(m, path)
-    so = P.session_options()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-    out_names = [o.name for o in sess.get_outputs()]
+    sess, out_names = _session_exposing(m, names, os.path.join(tmp, "calib_out.onnx"))
     stats = {t: {"min": np.inf, "max": -np.inf} for t in names}
     for b in calib:
         res = dict(zip(out_names, sess.run(None, P.feed_for(sess, b))))

@@ -4,7 +4,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional
 
-import torch
 from torch import nn
 
 from ..config.patterns import NMPattern

@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 from torch import nn
 
 from ..config import load_config
-from ..config.quant_schema import DynamicQuantization, StaticQuantization
+from ..config.quant_schema import StaticQuantization
 from ..errors import CalibrationError, ConfigError
 from .calibrate import calibrate, describe, feed, model_device, to_device
 from .observers import OBSERVERS
