@@ -41,7 +41,7 @@ def run_quantize(args) -> int:
     try:
         model, tokenizer = _load_model(args.model)
         batches = _load_calibration(args.calib, tokenizer, args.batch_size, args.max_length)
-        example = batches[0] if batches else _default_example(tokenizer, model)
+        example = batches[0] if batches else _default_example(tokenizer)
         started = time.perf_counter()
         q = quantize(model, args.config, calib_dataloader=batches if args.calib else None)
         seconds = time.perf_counter() - started
@@ -115,7 +115,7 @@ def _import_callable(spec: str, flag: str):
         raise SlimError(f"{flag} {spec!r}: cannot import: {e}") from e
 
 
-def _default_example(tokenizer, model):
+def _default_example(tokenizer):
     if tokenizer is not None:
         return dict(tokenizer(["slimtorch exports this example sentence."], return_tensors="pt"))
     raise SlimError("without --calib there is no example input to trace the export with; pass --calib")

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from ..errors import ExportError
 from ..quantization.calibrate import describe, model_device
+from ..quantization.qdq import _QDQBase
 
 # How closely ONNX Runtime must reproduce PyTorch. A float model: relative L2 error 1e-4 (round-off). A QDQ model's
 # activations sit on an int8 grid: where round-off (another summation order in ONNX Runtime's kernels) lands a value
@@ -72,14 +73,15 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
     finally:
         for m, training in modes.items():
             m.training = training
-    if any(hasattr(m, "weight_int8") for m in model.modules()):
+    quantized = any(isinstance(m, _QDQBase) for m in model.modules())
+    if quantized:
         _share_identical_qdq(onnx, path)
     if verify:
-        verify_onnx(path, model, args, kwargs, names, expected, onnx=onnx, ort=ort)
+        verify_onnx(path, quantized, args, kwargs, names, expected, onnx=onnx, ort=ort)
     return path
 
 
-def verify_onnx(path: str, model: nn.Module, args, kwargs, names, expected, *, onnx, ort) -> None:
+def verify_onnx(path: str, quantized: bool, args, kwargs, names, expected, *, onnx, ort) -> None:
     """onnx.checker, then ONNX Runtime on the example inputs, compared with PyTorch's outputs."""
     try:
         onnx.checker.check_model(path, full_check=True)
@@ -96,7 +98,6 @@ def verify_onnx(path: str, model: nn.Module, args, kwargs, names, expected, *, o
     want = _flatten(expected)
     if len(got) != len(want):
         raise ExportError(f"{path}: ONNX Runtime returned {len(got)} outputs, PyTorch {len(want)}")
-    quantized = any(hasattr(m, "weight_int8") for m in model.modules())
     for i, (g, w) in enumerate(zip(got, want)):
         w = w.detach().float().cpu()
         g = torch.as_tensor(g).float()

@@ -77,8 +77,10 @@ def _eager_input(x: Tensor, mode: str, act_dtype: str, symmetric: bool, scale: f
 
 
 def _eager_weight(w_int8: Tensor, w_scale: Tensor, axis: int, dtype: torch.dtype) -> Tensor:
-    scale = w_scale if w_scale.dim() == 0 else w_scale.reshape([-1 if d == axis else 1 for d in range(w_int8.dim())])
-    return (w_int8.to(torch.float32) * scale).to(dtype)
+    from ..quantization.primitives import dequantize
+
+    zero = torch.zeros_like(w_scale, dtype=torch.int32)
+    return dequantize(w_int8, w_scale, zero, axis=axis if w_scale.dim() == 1 else None).to(dtype)
 
 
 class _LinearQDQ(torch.autograd.Function):

@@ -254,19 +254,19 @@ class _QDQConvNd(_QDQBase):
             return export_conv(self, x, self._onnx_conv_attrs(x))
         return self._conv_after_padding(x)
 
-    def _padding_for(self, x: Tensor):
+    def _padding_after_pre_pad(self):
         return 0 if self.padding_mode != "zeros" else self.padding
 
     def _conv_after_padding(self, x: Tensor) -> Tensor:
         w = self.dequantized_weight(x.dtype)
-        return type(self)._conv(self.quantize_input(x), w, self.bias, self.stride, self._padding_for(x),
+        return type(self)._conv(self.quantize_input(x), w, self.bias, self.stride, self._padding_after_pre_pad(),
                                 self.dilation, self.groups)
 
     def _onnx_conv_attrs(self, x: Tensor):
         """(strides, pads, dilations, group, kernel_shape) as ONNX Conv attributes."""
         kernel = list(self.weight_int8.shape[2:])
         nd = len(kernel)
-        padding = self._padding_for(x)
+        padding = self._padding_after_pre_pad()
         if padding == "valid":
             padding = 0
         if padding == "same":  # nn.ConvNd: total d*(k-1), the extra one on the right
