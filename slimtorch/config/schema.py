@@ -16,10 +16,15 @@ from .quant_schema import CompressionInference
 
 Method = Literal["magnitude", "gradient", "snip", "snip_momentum"]
 DecayType = Literal["exp", "cos", "linear", "cube"]
+Scope = Literal["local", "global"]
 
 #: dense_ratio used when neither the group nor shared_parameters sets one and the pattern is a block pattern
 #: (DeepSpeed's default). For "N:M" the default is N/M.
 DEFAULT_BLOCK_DENSE_RATIO = 0.1
+
+#: max_sparsity_per_layer used by scope "global" with a block pattern when the config sets none: a layer pruned
+#: to 100% passes nothing on (its output is its bias), which a global ranking by magnitude can otherwise reach.
+DEFAULT_BLOCK_MAX_SPARSITY_PER_LAYER = 0.98
 
 
 def _check_pattern(text: Optional[str]) -> Optional[str]:
@@ -39,6 +44,9 @@ class GroupParams(_Strict):
     end_step: Optional[int] = Field(default=None, ge=0)
     frequency: Optional[int] = Field(default=None, ge=1)
     beta: Optional[float] = Field(default=None, ge=0.0, lt=1.0)
+    scope: Optional[Scope] = None
+    min_sparsity_per_layer: Optional[float] = Field(default=None, ge=0.0, le=1.0)
+    max_sparsity_per_layer: Optional[float] = Field(default=None, ge=0.0, le=1.0)
 
     @field_validator("pattern")
     @classmethod
@@ -56,6 +64,7 @@ class SharedPruningParams(GroupParams):
     start_step: int = Field(default=0, ge=0)
     frequency: int = Field(default=1, ge=1)
     beta: float = Field(default=0.9, ge=0.0, lt=1.0)
+    scope: Scope = "local"
     gradient_accumulation_steps: int = Field(default=1, ge=1)
     modules: Optional[List[str]] = None
     excluded_modules: List[str] = Field(default_factory=list)
@@ -91,10 +100,18 @@ class PruningSettings:
     end_step: int
     frequency: int
     beta: float
+    scope: str = "local"
+    #: per-layer bounds of a "global" group (final sparsity of each layer); (0, 1) for "local"
+    min_sparsity: float = 0.0
+    max_sparsity: float = 1.0
 
     @property
     def target_sparsity(self) -> float:
         return 1.0 - self.dense_ratio
+
+    @property
+    def is_global(self) -> bool:
+        return self.scope == "global"
 
 
 class SparsePruningConfig(_Strict):
@@ -145,6 +162,8 @@ class SparsePruningConfig(_Strict):
                 f"end_step {end}{origin('end_step')} is before start_step {start}{origin('start_step')}; the schedule runs from start_step to end_step "
                 "(equal values prune once)",
             )
+        scope = pick("scope")
+        low, high = self._bounds(scope, pattern, 1.0 - float(dense_ratio), group, where, pick, origin)
         return PruningSettings(
             method=pick("method"),
             pattern=pattern,
@@ -154,7 +173,49 @@ class SparsePruningConfig(_Strict):
             end_step=end,
             frequency=pick("frequency"),
             beta=float(pick("beta")),
+            scope=scope,
+            min_sparsity=low,
+            max_sparsity=high,
         )
+
+    def _bounds(self, scope, pattern, target, group, where, pick, origin):
+        """(min, max) per-layer sparsity of a group, checked against its target and pattern."""
+        own = self.different_groups[group].params if group is not None else self.shared_parameters
+        if scope == "local":
+            for key in ("min_sparsity_per_layer", "max_sparsity_per_layer"):
+                if getattr(own, key) is not None:
+                    raise PathValueError(
+                        f"{where}.{key}",
+                        f"{key} bounds the per-layer sparsity that scope 'global' allocates; with scope 'local'"
+                        f"{origin('scope')} every layer gets exactly the target. Set scope to 'global' or remove {key}")
+            return 0.0, 1.0
+        cap = 1.0 - pattern.min_dense_ratio if isinstance(pattern, NMPattern) else 1.0
+        low, high = pick("min_sparsity_per_layer"), pick("max_sparsity_per_layer")
+        low = 0.0 if low is None else float(low)
+        if high is None:
+            high = cap if isinstance(pattern, NMPattern) else DEFAULT_BLOCK_MAX_SPARSITY_PER_LAYER
+            note = " (the default)"
+        else:
+            high, note = float(high), origin("max_sparsity_per_layer")
+        if high > cap + 1e-12:
+            raise PathValueError(
+                f"{where}.max_sparsity_per_layer",
+                f"max_sparsity_per_layer {high:g}{note} is above what pattern '{pattern}' can prune in one layer "
+                f"({cap:g}: it keeps {pattern.n} of every {pattern.m}); set it to at most {cap:g}")
+        if low > high:
+            raise PathValueError(
+                f"{where}.min_sparsity_per_layer",
+                f"min_sparsity_per_layer {low:g}{origin('min_sparsity_per_layer')} is above max_sparsity_per_layer "
+                f"{high:g}{note}; no layer can satisfy both")
+        if not low - 1e-12 <= target <= high + 1e-12:
+            side, key, value = ("below", "min_sparsity_per_layer", low) if target < low else \
+                ("above", "max_sparsity_per_layer", high)
+            raise PathValueError(
+                f"{where}.{key}",
+                f"the target sparsity {target:g} (1 - dense_ratio {1 - target:g}) is {side} {key} {value:g}"
+                f"{note if key.startswith('max') else origin(key)}: if every layer keeps within the bounds, the "
+                f"group cannot reach its target. Move the bound past {target:g} or change dense_ratio")
+        return low, high
 
 
 class CompressionTraining(_Strict):

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ..config.patterns import BlockPattern
 from ..errors import StateDictError
-from . import criteria, masks
+from . import allocation, criteria, masks
 from .schedules import is_pruning_step, sparsity_at
 from .targets import TargetLayer
 
@@ -111,18 +111,26 @@ class Pruner:
         return is_pruning_step(step, s.start_step, s.end_step, s.frequency)
 
     def update_masks(self, step: int) -> List[Dict[str, Any]]:
-        """Recompute the masks of the layers whose schedule prunes at ``step``; returns what was done."""
+        """Recompute the masks of the layers whose schedule prunes at ``step``; returns what was done.
+
+        Layers of a "global" group share one ranking (:mod:`allocation`), which sets each one's sparsity; the mask
+        inside a layer is then computed exactly as for "local" layers.
+        """
         events = []
         with torch.no_grad():
-            for layer in self.layers:
-                if not self._due(layer, step):
-                    continue
+            due = [layer for layer in self.layers if self._due(layer, step)]
+            matrices = {id(layer): masks.to_matrix(criteria.score(layer.target.settings.method, layer.weight,
+                                                                  layer.state), layer.target.layout)
+                        for layer in due}
+            allocated: Dict[int, float] = {}
+            for members in _global_groups(due).values():
+                allocated.update(_allocate(members, matrices, step))
+            for layer in due:
                 s = layer.target.settings
-                target = sparsity_at(step, s.start_step, s.end_step, s.dense_ratio, s.decay)
+                group_target = sparsity_at(step, s.start_step, s.end_step, s.dense_ratio, s.decay)
+                target = allocated.get(id(layer), group_target)
                 weight = layer.weight
-                scores = criteria.score(s.method, weight, layer.state)
-                matrix = masks.to_matrix(scores, layer.target.layout)
-                keep = masks.compute_mask(matrix, s.pattern, target)
+                keep = masks.compute_mask(matrices.pop(id(layer)), s.pattern, target)
                 layer.mask = masks.from_matrix(keep, weight.shape, layer.target.layout)
                 layer._cast = None
                 if isinstance(s.pattern, BlockPattern) and s.pattern.prunes_rows:
@@ -130,7 +138,10 @@ class Pruner:
                 if step >= s.end_step:
                     layer.state = layer._spare = None  # the schedule is over: the mask is final
                 achieved = 1.0 - layer.mask.sum().item() / layer.mask.numel()
-                events.append({"step": step, "layer": layer.name, "target": target, "sparsity": achieved})
+                event = {"step": step, "layer": layer.name, "target": target, "sparsity": achieved}
+                if s.is_global:
+                    event["group_target"] = group_target
+                events.append(event)
         self.apply_masks()
         return events
 
@@ -190,3 +201,22 @@ class Pruner:
             layer.state = None if entry["state"] is None else entry["state"].to(device).clone()
             layer._cast = None
         self.apply_masks()
+
+
+def _global_groups(layers: List[LayerState]) -> Dict[Optional[str], List[LayerState]]:
+    """The due layers of each "global" group (``None``: the layers shared_parameters selects)."""
+    groups: Dict[Optional[str], List[LayerState]] = defaultdict(list)
+    for layer in layers:
+        if layer.target.settings.is_global:
+            groups[layer.target.group].append(layer)
+    return groups
+
+
+def _allocate(members: List[LayerState], matrices: Dict[int, Tensor], step: int) -> Dict[int, float]:
+    """Sparsity of each layer of one global group at ``step`` (by ``id`` of its LayerState)."""
+    s = members[0].target.settings  # one group: one pattern, schedule and bounds
+    target = sparsity_at(step, s.start_step, s.end_step, s.dense_ratio, s.decay)
+    low = allocation.scaled_low(s.min_sparsity, target, s.target_sparsity)
+    units = [allocation.layer_units(matrices[id(layer)], s.pattern) for layer in members]
+    counts = allocation.allocate(units, target, [low] * len(units), [s.max_sparsity] * len(units))
+    return {id(layer): u.sparsity(c) for layer, u, c in zip(members, units, counts)}

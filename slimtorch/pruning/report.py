@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Dict, List, Optional
 
 from torch import nn
@@ -21,6 +22,8 @@ class LayerReport:
     sparsity: float                 # fraction of exact zeros in the weight
     pattern_valid: Optional[bool]   # None: no pattern to check
     note: str                       # group, or why the layer is left dense
+    scope: Optional[str] = None     # "local" / "global" for pruned layers
+    bounds: Optional[tuple] = None  # (min, max) per-layer sparsity of a global group
 
 
 class SparsityReport:
@@ -58,7 +61,8 @@ class SparsityReport:
         header = ("layer", "shape", "pattern", "target", "sparsity", "valid", "note")
         body = [
             (r.name, "x".join(map(str, r.shape)), r.pattern or "-",
-             "-" if r.target_sparsity is None else f"{r.target_sparsity:.1%}", f"{r.sparsity:.1%}",
+             "-" if r.target_sparsity is None else f"{r.target_sparsity:.1%}" + (" (group)" if r.bounds else ""),
+             f"{r.sparsity:.1%}",
              "-" if r.pattern_valid is None else ("yes" if r.pattern_valid else "NO"), r.note)
             for r in self.rows
         ]
@@ -71,6 +75,22 @@ class SparsityReport:
         return "\n".join(lines)
 
     __repr__ = __str__
+
+    def save_plot(self, path) -> "Path":
+        """Write an SVG bar chart of each layer's sparsity (target and per-layer bounds marked); returns the path."""
+        from .. import plot
+
+        colors = {"global": "#4C78A8", "local": "#72B7B2", None: "#BBBBBB"}
+        bars = [plot.Bar(r.name, r.sparsity, colors[r.scope],
+                         "" if r.bounds is None else f"bounds {r.bounds[0]:.0%}-{r.bounds[1]:.0%}")
+                for r in self.rows]
+        targets = sorted({r.target_sparsity for r in self.pruned if r.target_sparsity is not None})
+        markers = [plot.Marker(t, f"target {t:.1%}") for t in targets[:3]]
+        scopes = sorted({r.scope for r in self.pruned})
+        subtitle = (f"overall {self.overall_sparsity():.1%} of the pruned layers' weights; scope "
+                    f"{'/'.join(scopes) or '-'}; grey: not pruned")
+        return plot.write(path, plot.bar_chart_svg("slimtorch sparsity per layer", bars, x_max=1.0,
+                                                   markers=markers, subtitle=subtitle))
 
 
 def _numel(shape) -> int:
@@ -106,7 +126,8 @@ def sparsity_report(model: nn.Module) -> SparsityReport:
         if mask is None and plan_is_active:
             rows.append(LayerReport(name, tuple(weight.shape), str(target.settings.pattern),
                                     target.settings.target_sparsity, sparsity, None,
-                                    f"not pruned yet (schedule starts at step {target.settings.start_step})"))
+                                    f"not pruned yet (schedule starts at step {target.settings.start_step})",
+                                    target.settings.scope, _bounds(target.settings)))
             continue
         kept = (weight != 0) if mask is None else mask.to(weight.device)
         settings = target.settings
@@ -115,6 +136,18 @@ def sparsity_report(model: nn.Module) -> SparsityReport:
         if mask is not None:  # the live mask must also be what the weights show
             valid = valid and not bool((weight[~kept] != 0).any())
         rows.append(LayerReport(name, tuple(weight.shape), str(target.settings.pattern),
-                                target.settings.target_sparsity, sparsity, valid,
-                                f"group {target.group}" if target.group else "shared_parameters"))
+                                target.settings.target_sparsity, sparsity, valid, _note(target),
+                                settings.scope, _bounds(settings)))
     return SparsityReport(rows)
+
+
+def _note(target) -> str:
+    where = f"group {target.group}" if target.group else "shared_parameters"
+    s = target.settings
+    if not s.is_global:
+        return where
+    return f"{where}, global (layer bounds {s.min_sparsity:.0%}-{s.max_sparsity:.0%})"
+
+
+def _bounds(settings) -> Optional[tuple]:
+    return (settings.min_sparsity, settings.max_sparsity) if settings.is_global else None
