@@ -38,9 +38,12 @@ def _check(path: str) -> int:
     rows = [("shared_parameters", sp.settings_for(None), sp.shared_parameters.modules)]
     rows += [(f"different_groups.{name}", sp.settings_for(name), g.modules) for name, g in sp.different_groups.items()]
     for where, s, modules in rows:
-        scope = "default targets" if modules is None else ", ".join(map(repr, modules)) or "(none)"
-        print(f"  {where}: {s.method} {s.pattern} dense_ratio {s.dense_ratio:g} (sparsity {s.target_sparsity:.1%}), "
-              f"{s.decay} decay, steps {s.start_step}..{s.end_step} every {s.frequency}; modules: {scope}")
+        selected = "default targets" if modules is None else ", ".join(map(repr, modules)) or "(none)"
+        allocation = (f"global: layers between {s.min_sparsity:.0%} and {s.max_sparsity:.0%}" if s.is_global
+                      else "local: every layer")
+        print(f"  {where}: {s.method} {s.pattern} dense_ratio {s.dense_ratio:g} (sparsity {s.target_sparsity:.1%}; "
+              f"{allocation}), {s.decay} decay, steps {s.start_step}..{s.end_step} every {s.frequency}; "
+              f"modules: {selected}")
     if sp.shared_parameters.excluded_modules:
         print(f"  excluded_modules: {', '.join(map(repr, sp.shared_parameters.excluded_modules))}")
     return 0

@@ -22,7 +22,7 @@ def test_example_configs_are_valid(name, capsys):
 def test_request_config_resolves_groups(capsys):
     main(["check", str(EXAMPLES / "request_4x1.json")])
     out = capsys.readouterr().out
-    assert "snip_momentum 4x1 dense_ratio 0.1 (sparsity 90.0%)" in out
+    assert "snip_momentum 4x1 dense_ratio 0.1 (sparsity 90.0%; local: every layer)" in out
     assert "different_groups.sp1: snip_momentum 4x1 dense_ratio 0.5" in out and "'attention.self'" in out
 
 

@@ -9,7 +9,8 @@ PAGES = ["quickstart.md", "config.md", "quantization.md"]
 
 
 @pytest.mark.parametrize("page", PAGES)
-def test_python_blocks_run(page, capsys):
+def test_python_blocks_run(page, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # examples may write files (plots, exports)
     blocks = re.findall(r"```python\n(.*?)```", (DOCS / page).read_text(), flags=re.S)
     assert blocks, f"{page} has no python block"
     namespace = {}
