@@ -31,3 +31,7 @@ class CalibrationError(SlimError, ValueError):
 
 class ExportError(SlimError, RuntimeError):
     """A model that cannot be exported to ONNX, or an exported file that fails onnx.checker or ONNX Runtime."""
+
+
+class EvaluationError(SlimError, RuntimeError):
+    """``eval_fn`` raised, or returned something other than one finite number, during accuracy-aware quantization."""

@@ -77,7 +77,13 @@ class SmoothQuantConfig(_Strict):
 
 
 class AccuracyCriterion(_Strict):
-    """Accepted so the schema is complete; accuracy-aware fallback itself is not implemented yet."""
+    """How much of ``eval_fn``'s metric quantization may cost; layers go back to float until it holds.
+
+    Met when ``metric >= baseline - allowed`` (``higher_is_better``; else ``metric <= baseline + allowed``), with
+    ``allowed = tolerable_loss * |baseline|`` if ``relative`` else ``tolerable_loss``. ``max_trials`` bounds the
+    ``eval_fn`` calls on candidate models (the float baseline is not a trial); ``timeout`` bounds the search's wall
+    time in seconds, counted from the first candidate evaluation (0 = no limit). See docs/quantization.md.
+    """
 
     tolerable_loss: float = Field(default=0.01, ge=0.0)
     relative: bool = True

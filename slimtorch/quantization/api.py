@@ -4,7 +4,8 @@ Order of work on the copy (the caller's model is never touched):
 1. fold BatchNorm into the preceding conv (eval statistics), so the int8 conv weight already holds the BN scale;
 2. SmoothQuant (static, optional): migrate activation outliers into the weights, folded into the previous op;
 3. calibrate: one observer on the input of every target layer over ``num_calibration_batches`` batches;
-4. swap every target layer for its QDQ module (int8 weight buffer + activation QuantizeLinear/DequantizeLinear).
+4. swap every target layer for its QDQ module (int8 weight buffer + activation QuantizeLinear/DequantizeLinear);
+5. with ``eval_fn``: put the most sensitive layers back in float until the accuracy criterion holds (accuracy.py).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from torch import nn
 from ..config import load_config
 from ..config.quant_schema import StaticQuantization
 from ..errors import CalibrationError, ConfigError
+from .accuracy import evaluate_baseline, resolve_criterion, search_accuracy
 from .calibrate import calibrate, describe, feed, model_device, to_device
 from .observers import OBSERVERS
 from .qdq import QDQ_MODULES, _QDQBase, op_type, quantizable_forward
@@ -34,8 +36,17 @@ def quantize(model: nn.Module, config: Any, mpu: Any = None, calib_dataloader: O
 
     ``config``: anything :func:`slimtorch.load_config` takes, with ``compression_inference.static_quantization``
     or ``dynamic_quantization`` enabled. Static quantization needs ``calib_dataloader`` (batches fed as
-    CONVENTIONS.md says; ``calib_input_fn(batch)`` converts a batch first). ``progress`` prints calibration progress
-    to stderr. :func:`slimtorch.quantization_report` on the result lists what was quantized and what stayed float.
+    CONVENTIONS.md says; ``calib_input_fn(batch)`` converts a batch first). ``progress`` prints calibration (and
+    accuracy search) progress to stderr. :func:`slimtorch.quantization_report` on the result lists what was
+    quantized and what stayed float.
+
+    ``eval_fn(model) -> number`` turns on accuracy-aware quantization: the section's ``accuracy_criterion`` (its
+    defaults when absent: at most 1% relative loss, higher is better) is checked against ``eval_fn`` of the float
+    model; while the fully quantized model misses it, the layers whose quantization changes the outputs most (ranked
+    on the first calibration batches, so a loader is needed, for dynamic quantization too) go back to float, within
+    ``max_trials`` eval_fn calls and ``timeout`` seconds. ``quantization_report(q).accuracy`` records the search;
+    a criterion that is not met is a warning, and the best candidate found is returned. eval_fn raising, or not
+    returning one finite number, is an :class:`~slimtorch.EvaluationError`.
     """
     started = time.perf_counter()
     cfg = load_config(config)
@@ -46,7 +57,8 @@ def quantize(model: nn.Module, config: Any, mpu: Any = None, calib_dataloader: O
                           "(or dynamic_quantization) to the config")
     static = isinstance(section, StaticQuantization)
     where = f"{SECTION_PATH}.{'static' if static else 'dynamic'}_quantization"
-    _check_unsupported(section, where, mpu, eval_fn)
+    _check_unsupported(section, where, mpu)
+    criterion = resolve_criterion(section, where, eval_fn, calib_dataloader)
     if not isinstance(model, nn.Module):
         raise ConfigError(f"quantize() takes a torch.nn.Module, got {type(model).__name__}")
     if any(isinstance(m, _QDQBase) for m in model.modules()):
@@ -58,6 +70,8 @@ def quantize(model: nn.Module, config: Any, mpu: Any = None, calib_dataloader: O
 
     loader = None if calib_dataloader is None else _ReplayableLoader(calib_dataloader, calib_input_fn)
     q = copy.deepcopy(model)
+    if criterion is not None:  # before calibration: a broken eval_fn fails in seconds, on the untouched float copy
+        baseline, baseline_seconds = evaluate_baseline(q, eval_fn)
     report = QuantizationReport(mode="static" if static else "dynamic")
     if section.fold_batchnorm and loader is not None and _has_batchnorm(q):
         report.folded_batchnorm = _fold_batchnorm(q, loader)
@@ -65,10 +79,12 @@ def quantize(model: nn.Module, config: Any, mpu: Any = None, calib_dataloader: O
     report.left_float.extend(left)
 
     act = section.activation
-    smooth_inverse, smooth_hooks = {}, []
+    smooth_inverse, smooth_hooks, unsmoothed = {}, [], {}
     if static:
         try:
             if section.smoothquant.enabled:
+                if criterion is not None and not section.smoothquant.folding:  # it scales these weights in place;
+                    unsmoothed = {n: copy.deepcopy(m) for n, m in targets.items()}  # a fallback needs them as were
                 report.smoothquant, smooth_inverse, smooth_hooks = _smoothquant(q, loader, section, targets)
             observers = calibrate(
                 q, loader, num_batches=section.num_calibration_batches, module_filter=list(targets),
@@ -102,6 +118,9 @@ def quantize(model: nn.Module, config: Any, mpu: Any = None, calib_dataloader: O
             None if qparams is None else float(qparams[0]), None if qparams is None else int(qparams[1])))
     if static and section.bias_correction:
         report.bias_corrected = _correct_bias(q, loader, section, targets)
+    if criterion is not None:
+        search_accuracy(q, report, {n: unsmoothed.get(n, m) for n, m in targets.items()}, loader, eval_fn,
+                        criterion, baseline, baseline_seconds, where, progress)
     report.seconds = time.perf_counter() - started
     setattr(q, REPORT_ATTR, report)
     return q
@@ -151,11 +170,7 @@ def _excluded_by(patterns: List[str], name: str) -> Optional[int]:
     return None
 
 
-def _check_unsupported(section, where: str, mpu: Any, eval_fn: Any) -> None:
-    if section.accuracy_criterion is not None or eval_fn is not None:
-        raise ConfigError(f"{where}.accuracy_criterion / eval_fn: accuracy-aware quantization (automatic float "
-                          "fallback) is not available in this slimtorch version; remove accuracy_criterion and "
-                          "eval_fn, and leave sensitive layers in float with excluded_modules")
+def _check_unsupported(section, where: str, mpu: Any) -> None:
     if mpu is not None:
         raise ConfigError("quantize(mpu=...): distributed calibration is not available in this slimtorch version; "
                           "calibrate on one process (pass mpu=None) and load the quantized state_dict on the others")

@@ -51,6 +51,9 @@ def load_quantized(model: nn.Module, state_dict: Union[Mapping[str, Tensor], str
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and f"{name}.running_mean" not in sd:
             parent, _, child = name.rpartition(".")  # folded into its conv by quantize()
             setattr(modules[parent] if parent else q, child, nn.Identity())
+        elif (name not in layers and qdq_class_for(module) is not None and getattr(module, "bias", 0) is None
+              and f"{name}.bias" in sd):  # a float (accuracy fallback) conv that BN folding gave a bias
+            module.bias = nn.Parameter(torch.empty_like(sd[f"{name}.bias"]), requires_grad=module.weight.requires_grad)
     try:
         q.load_state_dict(sd, strict=True)
     except RuntimeError as e:

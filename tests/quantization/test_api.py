@@ -196,8 +196,9 @@ MISTAKES = [
      ["nothing to quantize in Sequential"]),
     ("no_section", lambda: (mlp(), {"compression_training": {}}, batches()), ConfigError,
      ["no quantization section is enabled"]),
-    ("accuracy_criterion", lambda: (mlp(), static(accuracy_criterion={"tolerable_loss": 0.01}), batches()),
-     ConfigError, ["accuracy-aware quantization", "not available"]),
+    ("accuracy_criterion_without_eval_fn", lambda: (mlp(), static(accuracy_criterion={"tolerable_loss": 0.01}),
+                                                    batches()),
+     ConfigError, ["static_quantization.accuracy_criterion is set, but quantize() got no eval_fn", "eval_fn="]),
     ("attention_matmuls", lambda: (mlp(), static(quantize_attention_matmuls=True), batches()), ConfigError,
      ["quantize_attention_matmuls", "not available"]),
 ]
@@ -232,8 +233,8 @@ def test_quantizing_twice_and_other_api_misuse():
         st.quantize(q, STATIC, calib_dataloader=batches(), progress=False)
     with pytest.raises(ConfigError, match="distributed calibration is not available"):
         st.quantize(mlp(), STATIC, mpu=object(), calib_dataloader=batches(), progress=False)
-    with pytest.raises(ConfigError, match="accuracy-aware"):
-        st.quantize(mlp(), STATIC, calib_dataloader=batches(), eval_fn=lambda m: 1.0, progress=False)
+    with pytest.raises(ConfigError, match="eval_fn must be a function model -> number, got str"):
+        st.quantize(mlp(), STATIC, calib_dataloader=batches(), eval_fn="accuracy", progress=False)
     with pytest.raises(ConfigError, match="was not returned by slimtorch.quantize"):
         st.quantization_report(mlp())
     assert math.isfinite(float(q(batches(1)[0]).sum()))
