@@ -27,6 +27,8 @@ def add_quantize_parser(sub) -> None:
     p.add_argument("--calib", help="calibration data: a .txt file, a torch.save'd list of batches, or "
                                    "package.module:function (static quantization needs it)")
     p.add_argument("--output", required=True, help="path of the ONNX file to write")
+    p.add_argument("--eval", help="package.module:function taking the candidate model and returning a number: turns "
+                                  "on accuracy-aware fallback (the config's accuracy_criterion, or its defaults)")
     p.add_argument("--batch-size", type=int, default=8, help="texts per calibration batch (text files)")
     p.add_argument("--max-length", type=int, default=128, help="tokens per text (text files)")
     p.add_argument("--save-state-dict", help="also save the quantized model's state_dict here (.pt)")
@@ -36,14 +38,20 @@ def add_quantize_parser(sub) -> None:
 def run_quantize(args) -> int:
     import torch
 
-    from . import export_onnx, quantization_report, quantize
+    from . import export_onnx, load_config, quantization_report, quantize
 
     try:
         model, tokenizer = _load_model(args.model)
         batches = _load_calibration(args.calib, tokenizer, args.batch_size, args.max_length)
         example = batches[0] if batches else _default_example(tokenizer)
         started = time.perf_counter()
-        q = quantize(model, args.config, calib_dataloader=batches if args.calib else None)
+        eval_fn = _import_callable(args.eval, "--eval") if args.eval else None
+        section = load_config(args.config).quantization
+        if eval_fn is None and section is not None and section.accuracy_criterion is not None:
+            raise SlimError("the config sets accuracy_criterion, which needs an evaluation function: pass "
+                            "--eval package.module:function (it takes the candidate model and returns a number), "
+                            "or remove accuracy_criterion")
+        q = quantize(model, args.config, calib_dataloader=batches if args.calib else None, eval_fn=eval_fn)
         seconds = time.perf_counter() - started
         path = export_onnx(q, example, args.output, opset=args.opset)
         if args.save_state_dict:
@@ -58,6 +66,8 @@ def run_quantize(args) -> int:
         print(f"  float: {f.name} ({f.op_type}): {f.reason}")
     if report.smoothquant is not None:
         print(str(report.smoothquant))
+    if report.accuracy is not None:
+        print(report.accuracy.summary())
     size = os.path.getsize(path) / 2**20
     print(f"wrote {path} ({size:.1f} MiB), checked with onnx.checker and ONNX Runtime")
     return 0

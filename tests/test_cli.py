@@ -57,3 +57,44 @@ def test_quantize_command_errors_exit_2(tmp_path, capsys):
     code = main(["quantize", str(EXAMPLES / "ptq_static.json"), "--model", "no_such_pkg:make",
                  "--output", str(tmp_path / "x.onnx")])
     assert code == 2 and "cannot import" in capsys.readouterr().err
+
+
+TINY_MODULE = '''
+import torch
+from torch import nn
+
+torch.manual_seed(0)
+MODEL = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+X = torch.randn(64, 16)
+REFERENCE = MODEL(X).detach()
+
+
+def model():
+    return MODEL
+
+
+def calib():
+    return [X[i:i + 16] for i in range(0, 64, 16)]
+
+
+def fidelity(m):
+    with torch.no_grad():
+        return -float((m(X) - REFERENCE).pow(2).mean() / REFERENCE.pow(2).mean())
+'''
+
+
+def test_quantize_command_with_eval_falls_back_until_the_criterion_holds(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    (tmp_path / "tiny_cli_model.py").write_text(TINY_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = tmp_path / "acc.json"
+    config.write_text(json.dumps({"compression_inference": {"static_quantization": {
+        "enabled": True, "accuracy_criterion": {"tolerable_loss": 0.0, "relative": False, "max_trials": 3}}}}))
+    args = ["quantize", str(config), "--model", "tiny_cli_model:model", "--calib", "tiny_cli_model:calib",
+            "--output", str(tmp_path / "tiny.onnx")]
+    assert main(args) == 2
+    assert "pass --eval package.module:function" in capsys.readouterr().err
+    with pytest.warns(UserWarning, match="max_trials"):
+        assert main(args + ["--eval", "tiny_cli_model:fidelity"]) == 0
+    out = capsys.readouterr().out
+    assert "accuracy" in out and "accuracy fallback" in out and (tmp_path / "tiny.onnx").exists()
