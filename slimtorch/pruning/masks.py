@@ -94,7 +94,7 @@ def block_mask(scores: Tensor, pattern: BlockPattern, sparsity: float) -> Tensor
     return keep.repeat_interleave(rows, dim=0).repeat_interleave(cols, dim=1)
 
 
-def nm_mask(scores: Tensor, pattern: NMPattern, sparsity: float) -> Tensor:
+def nm_mask(scores: Tensor, pattern: NMPattern, sparsity: float, choose: str = "clearest") -> Tensor:
     """Keep-mask with at most N non-zeros in each group of M consecutive inputs (the N best-scoring weights).
 
     A fully N:M layer has sparsity ``(M - N) / M``; a lower ``sparsity`` (along a progressive schedule, or a final
@@ -111,18 +111,21 @@ def nm_mask(scores: Tensor, pattern: NMPattern, sparsity: float) -> Tensor:
     n_sparse = pruned_count(min(sparsity / ((m - n) / m), 1.0), groups.shape[0])
     if n_sparse == 0:
         return torch.ones_like(scores, dtype=torch.bool)
-    # ambiguity of a group's N:M choice: best dropped score / worst kept score (0 = clear, 1 = a tie)
-    ambiguity = top_values[:, n] / top_values[:, n - 1].clamp_min(torch.finfo(torch.float32).tiny)
-    chosen = lowest_k(ambiguity, n_sparse)
+    if choose == "cheapest":  # the groups whose dropped weights score least (the global ranking's units)
+        cost = groups.sum(dim=1) - top_values[:, :n].sum(dim=1)
+        chosen = lowest_k(cost, n_sparse)
+    else:  # ambiguity of a group's N:M choice: best dropped score / worst kept score (0 = clear, 1 = a tie)
+        ambiguity = top_values[:, n] / top_values[:, n - 1].clamp_min(torch.finfo(torch.float32).tiny)
+        chosen = lowest_k(ambiguity, n_sparse)
     nm_kept = torch.zeros_like(groups, dtype=torch.bool).scatter_(1, top_index[:, :n], True)
     keep = torch.where(chosen.unsqueeze(1), nm_kept, torch.ones_like(nm_kept))
     return keep.reshape(out, red)
 
 
-def compute_mask(scores: Tensor, pattern: Pattern, sparsity: float) -> Tensor:
+def compute_mask(scores: Tensor, pattern: Pattern, sparsity: float, nm_choose: str = "clearest") -> Tensor:
     """Dispatch on the pattern's type; ``scores`` is a ``[out, reduction]`` matrix."""
     if isinstance(pattern, NMPattern):
-        return nm_mask(scores, pattern, sparsity)
+        return nm_mask(scores, pattern, sparsity, nm_choose)
     return block_mask(scores, pattern, sparsity)
 
 

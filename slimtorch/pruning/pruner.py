@@ -130,7 +130,9 @@ class Pruner:
                 group_target = sparsity_at(step, s.start_step, s.end_step, s.dense_ratio, s.decay)
                 target = allocated.get(id(layer), group_target)
                 weight = layer.weight
-                keep = masks.compute_mask(matrices.pop(id(layer)), s.pattern, target)
+                # a global group's N:M units were counted cheapest-first, so the layer drops those same groups
+                keep = masks.compute_mask(matrices.pop(id(layer)), s.pattern, target,
+                                          "cheapest" if s.is_global else "clearest")
                 layer.mask = masks.from_matrix(keep, weight.shape, layer.target.layout)
                 layer._cast = None
                 if isinstance(s.pattern, BlockPattern) and s.pattern.prunes_rows:

@@ -69,6 +69,16 @@ def test_nm_mask_sparsifies_the_clearest_groups_first():
     assert masks.nm_mask(scores, NMPattern(2, 4), 0.5).sum() == 4
 
 
+def test_nm_mask_cheapest_takes_the_groups_whose_dropped_weights_score_least():
+    # group A is the less clear one (0.2 / 0.3), but by cost it goes first (0.3 dropped against B's 2.0), as a
+    # global ranking counts the groups
+    scores = torch.tensor([[0.1, 0.3, 0.2, 0.4, 10.0, 1.0, 10.0, 1.0]])
+    keep = masks.nm_mask(scores, NMPattern(2, 4), 0.25, choose="cheapest")
+    assert keep.tolist() == [[False, True, False, True] + [True] * 4]
+    assert masks.nm_mask(scores, NMPattern(2, 4), 0.25).tolist() == [[True] * 4 + [True, False, True, False]]
+    assert masks.compute_mask(scores, NMPattern(2, 4), 0.25, nm_choose="cheapest").tolist() == keep.tolist()
+
+
 def test_ties_are_deterministic():
     scores = torch.ones(64, 64)
     a = masks.block_mask(scores, BlockPattern(4, 1), 0.5)
