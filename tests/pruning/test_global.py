@@ -242,3 +242,14 @@ def test_report_table_and_plot(tmp_path):
     with pytest.raises(st.ConfigError, match="ending in .svg"):
         st.sparsity_report(model).save_plot(tmp_path / "sparsity.png")
     cb.finalize()
+
+
+def test_contradictory_bounds_fail_at_prepare_and_leave_the_model_alone():
+    model = mlp()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(st.ConfigError, match=r"shared_parameters\.min_sparsity_per_layer.*cannot reach its target"):
+        st.prepare_pruning(model, cfg("4x1", 0.5, min_sparsity_per_layer=0.6), optimizer=opt)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert not opt._optimizer_step_pre_hooks  # nothing was attached
+    st.prepare_pruning(model, cfg("4x1", 0.5), optimizer=opt).finalize()  # and the model can still be prepared
