@@ -80,7 +80,9 @@ def allocate(layers: Sequence[Units], target: float, low: Sequence[float], high:
         if most == fewest:
             continue
         # units ranked fewest..most-1 in the layer: the layer's lowest `most` minus its lowest `fewest`
-        free = masks.lowest_k(u.scores, most) & ~masks.lowest_k(u.scores, fewest)
+        free = masks.lowest_k(u.scores, most)
+        if fewest:
+            free &= ~masks.lowest_k(u.scores, fewest)
         candidates.append(u.scores[free])  # boolean indexing keeps unit order: ties still go to the earlier unit
         owner.append(torch.full((most - fewest,), i, dtype=torch.long))
     if need <= 0 or not candidates:
