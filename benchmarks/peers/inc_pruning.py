@@ -33,6 +33,10 @@ INC behaviour worth knowing when reading the JSON:
   1 - (0.5 ** (1/K)) ** K = 0.4999999999999998, and ``int(n_groups * target * M / N)`` then leaves ONE group of 4
   dense in every layer (36 of 2,654,208 groups; ``pattern_valid`` false, ``pattern_violations`` 36). Reported as it
   is, not patched; its effect on quality is nil.
+* A 2:4 target below 0.5 (e.g. 0.4) makes INC prune only a share of the groups 2:4 and leave the rest dense;
+  ``pattern_violations`` then counts those dense groups too. ``partial_pattern_violations`` (and each layer's
+  ``partial_nm_violations``) counts only groups that are neither 2:4 nor wholly dense; ``zeros`` / ``weights`` per
+  layer are exact counts (``sparsity`` is rounded).
 """
 
 from __future__ import annotations
@@ -123,6 +127,20 @@ def pattern_violations(weight: torch.Tensor, pattern: str) -> int:
     return 0
 
 
+def partial_nm_violations(weight: torch.Tensor, pattern: str):
+    """For "N:M" (N pruned of M): groups of M along the input dimension that are neither pruned to at most M-N
+    non-zeros nor left wholly dense (the valid states when the target is below N/M and only a share of the groups
+    becomes N:M); None for other patterns. Used by benchmarks/adaptive.py (2:4 at a target of 0.4)."""
+    if ":" not in pattern:
+        return None
+    n, m = (int(x) for x in pattern.split(":"))
+    w = weight.detach().reshape(weight.shape[0], -1)
+    if w.shape[1] % m:
+        return -1
+    kept = (w.reshape(-1, m) != 0).sum(-1)
+    return int(((kept > m - n) & (kept < m)).sum())
+
+
 def pattern_group_count(mods, pattern: str) -> int:
     """How many groups (N:M) or blocks (NxM) the targeted weights hold in all."""
     if ":" in pattern:
@@ -206,6 +224,10 @@ def main(argv=None):
     bad = {n: pattern_violations(targeted_mods[n].weight, args.pattern) for n in targeted}
     for n in targeted:
         layers[n]["pattern_violations"] = bad[n]
+        w = targeted_mods[n].weight
+        layers[n]["zeros"] = int((w == 0).sum())
+        layers[n]["weights"] = w.numel()
+        layers[n]["partial_nm_violations"] = partial_nm_violations(w, args.pattern)
     pattern_groups = pattern_group_count(targeted_mods, args.pattern)
     attn = [n for n in targeted if re.search(ATTN_SELF, n)]
     rest = [n for n in targeted if n not in attn]
@@ -256,6 +278,8 @@ def main(argv=None):
         "pattern_violations": sum(bad.values()),
         "pattern_groups": pattern_groups,
         "layers_with_violations": sum(v != 0 for v in bad.values()),
+        "partial_pattern_violations": (None if ":" not in args.pattern else
+                                       sum(layers[n]["partial_nm_violations"] for n in targeted)),
         "sparsity_trajectory": trajectory,
         "inc_sparsity_trajectory": inc_trajectory,
         "loss_first": losses[0],
