@@ -44,7 +44,7 @@ import re
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -310,6 +310,26 @@ def distill_update(
     if step_end is not None:
         step_end()
     return float(loss.detach())
+
+
+class Run(NamedTuple):
+    teacher: torch.nn.Module
+    student: torch.nn.Module
+    tokenizer: object
+    heldout: List[str]
+    batches: List[Batch]
+    teacher_emb: torch.Tensor
+    optimizer: torch.optim.Optimizer
+
+
+def prepare_run(seed: int) -> Run:
+    """Everything one seed's run starts from: models, the seed's batches, held-out texts and their teacher embeddings,
+    and the student's optimizer (``torch.manual_seed(seed)`` first, as every benchmark does)."""
+    torch.manual_seed(seed)
+    teacher, student, tok = load_teacher_and_student()
+    train, heldout = paragraphs()
+    batches = make_batches(tok, train, seed)
+    return Run(teacher, student, tok, heldout, batches, embed(teacher, tok, heldout), make_optimizer(student))
 
 
 def warmup(student: torch.nn.Module, teacher: torch.nn.Module, batch: Batch, n: int = 2) -> None:

@@ -214,12 +214,7 @@ def run_minilm_slimtorch(seed, pattern, dense_ratio, scope, criterion) -> dict:
     import _distill as D
 
     t0 = time.perf_counter()
-    torch.manual_seed(seed)
-    teacher, student, tok = D.load_teacher_and_student()
-    train, heldout = D.paragraphs()
-    batches = D.make_batches(tok, train, seed)
-    teacher_emb = D.embed(teacher, tok, heldout)
-    opt = D.make_optimizer(student)
+    teacher, student, tok, heldout, batches, teacher_emb, opt = D.prepare_run(seed)
     D.warmup(student, teacher, batches[0])
     cb, left_out = slimtorch_prepare(student, opt, "minilm", pattern, dense_ratio, scope, criterion)
     hist = D.run_distillation(student, teacher, batches, opt, time_updates=False)

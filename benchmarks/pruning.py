@@ -47,12 +47,7 @@ def slimtorch_config(pattern: str, dense_ratio: float, attn_dense_ratio: float |
 
 
 def run_slimtorch(seed: int, pattern: str, dense_ratio: float, attn_dense_ratio: float | None, timed: bool) -> dict:
-    torch.manual_seed(seed)
-    teacher, student, tok = D.load_teacher_and_student()
-    train, heldout = D.paragraphs()
-    batches = D.make_batches(tok, train, seed)
-    teacher_emb = D.embed(teacher, tok, heldout)
-    opt = D.make_optimizer(student)
+    teacher, student, tok, heldout, batches, teacher_emb, opt = D.prepare_run(seed)
     dense = dense_opt = None
     if timed:
         _, dense, _ = D.load_teacher_and_student()

@@ -21,6 +21,7 @@ from slimtorch.quantization.qdq import QDQConv2d, QDQLinear, _QDQBase
 
 from .cnn_data import batches as tuple_batches
 from .cnn_data import digits_data, torch_threads, train_digits_cnn
+from .test_api import PostLN  # a post-LN block with planted outlier channels
 
 
 @pytest.fixture(autouse=True)
@@ -385,21 +386,6 @@ def test_partially_quantized_cnn_round_trips_and_exports(tmp_path):
     assert [n.op_type for n in graph.node].count("QuantizeLinear") == 2  # conv 0 reads float input, no QDQ pair
     float_w = [i for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT and list(i.dims) == [16, 1, 3, 3]]
     assert len(float_w) == 1
-
-
-class PostLN(nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.norm = nn.LayerNorm(32)
-        self.q, self.k = nn.Linear(32, 32), nn.Linear(32, 32)
-        self.out = nn.Linear(32, 8)
-        with torch.no_grad():
-            self.norm.weight[:3] = 40.0
-
-    def forward(self, x):
-        h = self.norm(x)
-        return self.out(h + self.q(h) * torch.sigmoid(self.k(h)))
 
 
 def test_fallback_after_explicit_smoothquant_is_the_unsmoothed_float_layer():
