@@ -1,7 +1,7 @@
 """slimtorch: device-agnostic model compression for PyTorch, configured by DeepSpeed-style JSON."""
 from .config import CompressionConfig, load_config
-from .errors import (CalibrationError, ConfigError, EvaluationError, ExportError, LifecycleError, PatternShapeError,
-                     SlimError, StateDictError)
+from .errors import (CalibrationError, ConfigError, DistributedError, EvaluationError, ExportError, LifecycleError,
+                     PatternShapeError, SlimError, StateDictError, UnsupportedModelError)
 from .export import export_onnx
 from .pruning import PruningCallbacks, SparsityReport, prepare_pruning, sparsity_report
 from .quantization import QuantizationReport, load_quantized, quantization_report, quantize
@@ -13,6 +13,6 @@ __all__ = [
     "prepare_pruning", "PruningCallbacks", "sparsity_report", "SparsityReport",
     "quantize", "load_quantized", "quantization_report", "QuantizationReport", "export_onnx",
     "SlimError", "ConfigError", "PatternShapeError", "LifecycleError", "StateDictError", "CalibrationError",
-    "ExportError", "EvaluationError",
+    "ExportError", "EvaluationError", "DistributedError", "UnsupportedModelError",
     "__version__",
 ]

@@ -35,3 +35,11 @@ class ExportError(SlimError, RuntimeError):
 
 class EvaluationError(SlimError, RuntimeError):
     """``eval_fn`` raised, or returned something other than one finite number, during accuracy-aware quantization."""
+
+
+class DistributedError(SlimError, RuntimeError):
+    """Ranks that would prune differently: another layer plan on one rank, or masks that drifted apart."""
+
+
+class UnsupportedModelError(SlimError, TypeError):
+    """A model wrapper slimtorch cannot prune correctly yet (e.g. FSDP's sharded parameters)."""

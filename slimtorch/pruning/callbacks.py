@@ -24,7 +24,8 @@ from torch import nn
 
 from ..config import CompressionConfig, load_config
 from ..config.loader import ConfigSource
-from ..errors import ConfigError, LifecycleError, StateDictError
+from ..errors import ConfigError, LifecycleError, SlimError, StateDictError
+from .distributed import active_world, check_same_masks, check_same_plan, mask_fingerprint, refuse_sharded, unwrap
 from .pruner import Pruner
 from .targets import TargetPlan, plan_targets
 
@@ -45,18 +46,27 @@ def prepare_pruning(model: nn.Module, config: ConfigSource,
         raise ConfigError(f"prepare_pruning: model must be a torch.nn.Module, got {type(model).__name__}")
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
         raise ConfigError(f"prepare_pruning: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    model = unwrap(model)  # a torch.compile'd model shares its parameters with the original module
+    refuse_sharded(model)
     cfg = load_config(config)
     if cfg.sparse_pruning is None:
         raise ConfigError("compression_training.sparse_pruning: the config has no sparse_pruning section to prepare")
     if model in _ACTIVE:
         raise LifecycleError("prepare_pruning: this model already has active pruning callbacks; call finalize() on "
                              "them before preparing again")
-    if cfg.pruning_enabled:
-        plan = plan_targets(model, cfg.sparse_pruning)
-    else:
-        warnings.warn("slimtorch: compression_training.sparse_pruning.shared_parameters.enabled is false; the "
-                      "model will not be pruned", stacklevel=2)
-        plan = TargetPlan([], [])
+    failure: Optional[SlimError] = None
+    try:
+        if cfg.pruning_enabled:
+            plan = plan_targets(model, cfg.sparse_pruning)
+        else:
+            warnings.warn("slimtorch: compression_training.sparse_pruning.shared_parameters.enabled is false; the "
+                          "model will not be pruned", stacklevel=2)
+            plan = TargetPlan([], [])
+    except SlimError as e:  # under torch.distributed the other ranks must hear of it, not wait for this one
+        failure, plan = e, TargetPlan([], [])
+    check_same_plan(plan.layers, failure)  # under torch.distributed: every rank must prune the same layers alike
+    if failure is not None:
+        raise failure
     callbacks = PruningCallbacks(model, cfg, plan, optimizer)
     _ACTIVE[model] = callbacks
     return callbacks
@@ -149,7 +159,12 @@ class PruningCallbacks:
             self._update_masks()
 
     def _update_masks(self) -> None:
-        self.history.extend(self.pruner.update_masks(self.step))
+        events = self.pruner.update_masks(self.step)
+        self.history.extend(events)
+        if events and active_world() is not None:
+            updated = {e["layer"] for e in events}
+            layers = [l for l in self.pruner.layers if l.name in updated]
+            check_same_masks([l.name for l in layers], [mask_fingerprint(l.mask) for l in layers], self.step)
         # the recent recomputations are for inspection; a long schedule must not grow checkpoints without bound
         limit = HISTORY_EVENTS_PER_LAYER * max(1, len(self.pruner.layers))
         if len(self.history) > limit:
@@ -215,18 +230,19 @@ _FINALIZED: "weakref.WeakKeyDictionary[nn.Module, TargetPlan]" = weakref.WeakKey
 
 def plan_of(model: nn.Module) -> Optional[TargetPlan]:
     """The target plan of ``model``'s active or finalized callbacks, if any."""
+    model = unwrap(model)
     active = _ACTIVE.get(model)
     return active.plan if active is not None else _FINALIZED.get(model)
 
 
 def is_active(model: nn.Module) -> bool:
     """Whether ``model`` has callbacks that have not been finalized."""
-    return model in _ACTIVE
+    return unwrap(model) in _ACTIVE
 
 
 def masks_of(model: nn.Module) -> Dict[str, torch.Tensor]:
     """Current keep-masks of ``model``'s active callbacks by layer name (empty when none)."""
-    active = _ACTIVE.get(model)
+    active = _ACTIVE.get(unwrap(model))
     if active is None:
         return {}
     return {l.name: l.mask for l in active.pruner.layers if l.mask is not None}

@@ -10,6 +10,7 @@ from torch import nn
 from ..config.patterns import NMPattern
 from . import masks
 from .callbacks import is_active, masks_of, plan_of
+from .distributed import unwrap
 from .targets import layer_layout, supported_layers
 
 
@@ -107,6 +108,7 @@ def sparsity_report(model: nn.Module) -> SparsityReport:
     whether the pattern holds: on the live mask while callbacks are active, else on the weights' zeros (a kept
     block then must hold no exact zero). Layers left dense say why.
     """
+    model = unwrap(model)
     plan = plan_of(model)
     targets = {t.name: t for t in plan.layers} if plan else {}
     left_out = {lo.name: lo.reason for lo in plan.left_out} if plan else {}

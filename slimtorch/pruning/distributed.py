@@ -1,0 +1,123 @@
+"""Pruning under torch.distributed: every rank must hold the same plan and compute the same masks.
+
+With DDP (and DeepSpeed ZeRO 1/2) the gradients are all-reduced before the optimizer steps, so the scores and the
+masks computed from them are the same on every rank by construction. What can still go wrong is caught here, on
+every rank at once, so that no rank waits forever in a collective the others never reach:
+
+* at ``prepare_pruning``: a rank whose model differs (a missing module, another shape, another config) would prune
+  other layers; the plans are gathered and compared;
+* after every mask update: a fingerprint of the masks (kept weights per layer) is reduced with MIN and MAX; any
+  difference means the replicas drifted (e.g. scores built from unsynchronised gradients) and is an error.
+
+Sharded parameters (FSDP, ZeRO-3) would give each rank its own shard's masks; they are refused at prepare time.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from ..errors import DistributedError, UnsupportedModelError
+
+
+def active_world() -> Optional[int]:
+    """The world size when torch.distributed is initialized with more than one rank, else None."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return None
+    world = torch.distributed.get_world_size()
+    return world if world > 1 else None
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module whose parameters are pruned, under the wrappers that share them: a ``torch.compile``d model's
+    original module and DistributedDataParallel's ``.module`` (so layer names, reports and checkpoints of the
+    callbacks are the same as in a single-process run, and masks applied in place reach the wrapper too)."""
+    while True:
+        if type(model).__name__ == "OptimizedModule" and hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
+def refuse_sharded(model: nn.Module) -> None:
+    """FSDP and DTensor-sharded parameters hold one shard per rank: masks computed there would differ per rank."""
+    for name, module in model.named_modules():
+        if type(module).__name__ in ("FullyShardedDataParallel", "FSDPModule") or \
+                any(type(m).__name__.startswith("FSDP") for m in type(module).__mro__):
+            raise UnsupportedModelError(
+                f"prepare_pruning: module {name or type(model).__name__!r} is wrapped by FSDP, whose parameters are "
+                "sharded across ranks; slimtorch would compute each rank's masks from its own shard. FSDP (and "
+                "DeepSpeed ZeRO-3) are not supported yet: prune with DDP or ZeRO stage 0-2, or gather the full "
+                "weights first")
+    for name, param in model.named_parameters():
+        if type(param.data).__name__ == "DTensor" or type(param).__name__ == "DTensor":
+            raise UnsupportedModelError(
+                f"prepare_pruning: parameter {name!r} is a DTensor (sharded across ranks); masks would be computed "
+                "per shard. Sharded parameters are not supported yet: prune with DDP or gather the full weights")
+
+
+def plan_signature(layers) -> List[Tuple[str, Tuple[int, ...], str]]:
+    """What must agree across ranks: each pruned layer's name, weight shape and resolved settings."""
+    return [(t.name, tuple(t.module.weight.shape), repr(t.settings)) for t in layers]
+
+
+def check_same_plan(layers, failure: Optional[BaseException] = None) -> None:
+    """Gather every rank's plan (or its planning error) and raise on every rank if any differs from rank 0's.
+
+    A rank whose planning failed takes part too, so the others learn of it instead of waiting in the collective;
+    that rank then raises its own error (the caller re-raises ``failure``).
+    """
+    world = active_world()
+    if world is None:
+        return
+    mine = ("error", f"{type(failure).__name__}: {failure}") if failure is not None else plan_signature(layers)
+    gathered: List[object] = [None] * world
+    torch.distributed.all_gather_object(gathered, mine)
+    failed = [(rank, g[1]) for rank, g in enumerate(gathered) if isinstance(g, tuple) and g[:1] == ("error",)]
+    if failed:
+        if failure is not None:
+            return  # this rank's own error is the clearer one
+        rank, message = failed[0]
+        raise DistributedError(f"prepare_pruning failed on rank {rank}: {message}")
+    reference = gathered[0]
+    for rank, theirs in enumerate(gathered):
+        if theirs == reference:
+            continue
+        ours_names, their_names = [s[0] for s in reference], [s[0] for s in theirs]
+        missing = [n for n in ours_names if n not in their_names]
+        extra = [n for n in their_names if n not in ours_names]
+        changed = [a[0] for a, b in zip(reference, theirs) if a[0] == b[0] and a != b]
+        raise DistributedError(
+            f"prepare_pruning: rank {rank} would prune other layers than rank 0 ({len(theirs)} layers against "
+            f"{len(reference)}; missing on rank {rank}: {missing[:5]}, only on rank {rank}: {extra[:5]}, other shape "
+            f"or settings: {changed[:5]}). Every rank must build the same model and load the same config before "
+            "prepare_pruning, or the replicas would drift apart")
+
+
+def mask_fingerprint(mask: torch.Tensor) -> Tuple[float, float]:
+    """(kept weights, sum of their flat positions): equal masks give equal pairs; different ones almost never do.
+    Both are exact in float64 (positions below 2**26 in layers of up to 2**26 weights stay under 2**53)."""
+    positions = mask.flatten().nonzero().flatten()
+    return float(positions.numel()), float(positions.sum().item())
+
+
+def check_same_masks(names: Sequence[str], fingerprints: Sequence[Tuple[float, float]], step: int) -> None:
+    """Raise on every rank when the ranks' masks differ (fingerprints compared by a MIN and a MAX all-reduce)."""
+    if active_world() is None or not fingerprints:
+        return
+    backend = torch.distributed.get_backend()
+    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    counts = torch.tensor(list(fingerprints), dtype=torch.float64, device=device)
+    low, high = counts.clone(), counts.clone()
+    torch.distributed.all_reduce(low, op=torch.distributed.ReduceOp.MIN)
+    torch.distributed.all_reduce(high, op=torch.distributed.ReduceOp.MAX)
+    differ = (low != high).any(dim=1).nonzero().flatten().tolist()
+    if differ:
+        layers = [names[i] for i in differ[:5]]
+        raise DistributedError(
+            f"mask update at step {step}: the ranks' masks differ on {len(differ)} layers ({layers}): their scores "
+            "were not the same. Under torch.distributed the gradients must be all-reduced before optimizer.step() "
+            "(wrap the model in DistributedDataParallel, or use DeepSpeed ZeRO 0-2) so every rank prunes alike")
