@@ -33,6 +33,14 @@ def mlp(with_middle: bool = True) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+def digits_cnn() -> nn.Sequential:
+    """Conv-ReLU twice, Linear-ReLU, head; 2:4 fits conv 2 (16 inputs) and Linear 5 (512), not the 1-channel stem."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Unflatten(1, (1, 8, 8)), nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(16, 32, 3, padding=1, stride=2), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(32 * 4 * 4, 64), nn.ReLU(), nn.Linear(64, 10))
+
+
 def config(**extra):
     shared = {"enabled": True, "method": "snip_momentum", "pattern": "2:4", "start_step": 0, "end_step": 6,
               "frequency": 2, **extra}
@@ -69,7 +77,7 @@ def ddp_pruning(rank: int, world: int, init_file: str, out_dir: str) -> None:
     _init(rank, world, init_file)
     try:
         x, y = digits_tensors()
-        model = mlp()
+        model = digits_cnn()
         ddp = nn.parallel.DistributedDataParallel(model)
         opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
         cb = st.prepare_pruning(ddp, config(), optimizer=opt)
