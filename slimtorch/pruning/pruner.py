@@ -119,9 +119,9 @@ class Pruner:
         events = []
         with torch.no_grad():
             due = [layer for layer in self.layers if self._due(layer, step)]
-            matrices = {id(layer): masks.to_matrix(criteria.score(layer.target.settings.method, layer.weight,
-                                                                  layer.state), layer.target.layout)
-                        for layer in due}
+            # scores of global layers are needed together (one ranking); local ones one at a time, so a large
+            # model never holds every layer's score matrix at once
+            matrices = {id(layer): _score_matrix(layer) for layer in due if layer.target.settings.is_global}
             allocated: Dict[int, float] = {}
             for members in _global_groups(due).values():
                 allocated.update(_allocate(members, matrices, step))
@@ -131,7 +131,8 @@ class Pruner:
                 target = allocated.get(id(layer), group_target)
                 weight = layer.weight
                 # a global group's N:M units were counted cheapest-first, so the layer drops those same groups
-                keep = masks.compute_mask(matrices.pop(id(layer)), s.pattern, target,
+                scores = matrices.pop(id(layer)) if id(layer) in matrices else _score_matrix(layer)
+                keep = masks.compute_mask(scores, s.pattern, target,
                                           "cheapest" if s.is_global else "clearest")
                 layer.mask = masks.from_matrix(keep, weight.shape, layer.target.layout)
                 layer._cast = None
@@ -203,6 +204,11 @@ class Pruner:
             layer.state = None if entry["state"] is None else entry["state"].to(device).clone()
             layer._cast = None
         self.apply_masks()
+
+
+def _score_matrix(layer: LayerState) -> Tensor:
+    """The layer's element scores in the ``[out, reduction]`` matrix view."""
+    return masks.to_matrix(criteria.score(layer.target.settings.method, layer.weight, layer.state), layer.target.layout)
 
 
 def _global_groups(layers: List[LayerState]) -> Dict[Optional[str], List[LayerState]]:
