@@ -1,0 +1,1 @@
+"""Glue to the training frameworks users already run: DeepSpeed (``deepspeed``), Hugging Face (``hf``)."""
