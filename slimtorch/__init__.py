@@ -1,4 +1,5 @@
 """slimtorch: device-agnostic model compression for PyTorch, configured by DeepSpeed-style JSON."""
+from . import deepspeed
 from .config import CompressionConfig, load_config
 from .errors import (CalibrationError, ConfigError, DistributedError, EvaluationError, ExportError, LifecycleError,
                      PatternShapeError, SlimError, StateDictError, UnsupportedModelError)
@@ -14,5 +15,5 @@ __all__ = [
     "quantize", "load_quantized", "quantization_report", "QuantizationReport", "export_onnx",
     "SlimError", "ConfigError", "PatternShapeError", "LifecycleError", "StateDictError", "CalibrationError",
     "ExportError", "EvaluationError", "DistributedError", "UnsupportedModelError",
-    "__version__",
+    "deepspeed", "__version__",
 ]

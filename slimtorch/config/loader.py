@@ -55,6 +55,11 @@ def load_config(source: ConfigSource) -> CompressionConfig:
         raise ConfigError(_format_errors(exc, renamed)) from None
 
 
+def read_document(source: Union[Dict[str, Any], str, os.PathLike]) -> Dict[str, Any]:
+    """The raw JSON document of a config source (path, dict or JSON text), unvalidated; a dict is returned as is."""
+    return _read(source)
+
+
 def _read(source: Any) -> Dict[str, Any]:
     if isinstance(source, dict):
         _check_keys(source, ())

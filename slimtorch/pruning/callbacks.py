@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -26,6 +26,7 @@ from ..config import CompressionConfig, load_config
 from ..config.loader import ConfigSource
 from ..errors import ConfigError, LifecycleError, SlimError, StateDictError
 from .distributed import active_world, check_same_masks, check_same_plan, mask_fingerprint, refuse_sharded, unwrap
+from .access import ParamAccess
 from .pruner import Pruner
 from .targets import TargetPlan, plan_targets
 
@@ -46,6 +47,17 @@ def prepare_pruning(model: nn.Module, config: ConfigSource,
         raise ConfigError(f"prepare_pruning: model must be a torch.nn.Module, got {type(model).__name__}")
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
         raise ConfigError(f"prepare_pruning: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    return prepare_for_engine(model, config, optimizer=optimizer)
+
+
+def prepare_for_engine(model: nn.Module, config: ConfigSource, *, optimizer: Optional[torch.optim.Optimizer] = None,
+                       access: Optional[ParamAccess] = None, accumulate: Optional[int] = None,
+                       driver: Tuple[str, str] = ("optimizer.step()", "prepare without optimizer="),
+                       hands_free: bool = False) -> "PruningCallbacks":
+    """:func:`prepare_pruning` for engine integrations: ``access`` says where gradients and weight copies live,
+    ``accumulate`` overrides the config's gradient_accumulation_steps (the engine knows its own), and ``driver``
+    names what drives the callbacks in hands-free mode and how to drive them yourself instead (for errors);
+    ``hands_free`` marks callbacks that the engine drives, so the explicit hooks refuse to be called as well."""
     model = unwrap(model)  # a torch.compile'd model shares its parameters with the original module
     refuse_sharded(model)
     cfg = load_config(config)
@@ -67,7 +79,9 @@ def prepare_pruning(model: nn.Module, config: ConfigSource,
     check_same_plan(plan.layers, failure)  # under torch.distributed: every rank must prune the same layers alike
     if failure is not None:
         raise failure
-    callbacks = PruningCallbacks(model, cfg, plan, optimizer)
+    callbacks = PruningCallbacks(model, cfg, plan, optimizer, access=access, accumulate=accumulate)
+    callbacks._driver = driver
+    callbacks._hands_free = callbacks._hands_free or hands_free
     _ACTIVE[model] = callbacks
     return callbacks
 
@@ -76,18 +90,22 @@ class PruningCallbacks:
     """Training-loop hooks that prune progressively; see the module docstring for what each one does."""
 
     def __init__(self, model: nn.Module, config: CompressionConfig, plan: TargetPlan,
-                 optimizer: Optional[torch.optim.Optimizer] = None):
+                 optimizer: Optional[torch.optim.Optimizer] = None, *, access: Optional[ParamAccess] = None,
+                 accumulate: Optional[int] = None):
         self.config = config
         self.plan = plan
-        self.pruner = Pruner(plan.layers)
+        self.pruner = Pruner(plan.layers, access)
         self.step = 0          # applied updates so far
         self.history: List[Dict[str, Any]] = []  # recent mask recomputations: step, layer, target, sparsity
         self._micro = 0        # on_after_optimizer_step calls so far (micro-batches when accumulating)
         self._masks_for = -1   # the pruning step whose masks were last computed
-        self._accumulate = config.sparse_pruning.shared_parameters.gradient_accumulation_steps
+        self._accumulate = accumulate or config.sparse_pruning.shared_parameters.gradient_accumulation_steps
+        # what drives the hooks in hands-free mode, and how to drive them yourself instead (named in errors)
+        self._driver = ("optimizer.step()", "prepare without optimizer=")
         self._model_ref = weakref.ref(model)
         self._finalized = False
         self._handles = []
+        self._hands_free = optimizer is not None
         if optimizer is not None:
             self._handles = [
                 optimizer.register_step_pre_hook(lambda opt, args, kwargs: self._before_update()),
@@ -97,7 +115,7 @@ class PruningCallbacks:
     # ------------------------------------------------------------ properties
     @property
     def hands_free(self) -> bool:
-        return bool(self._handles)
+        return self._hands_free
 
     @property
     def layers(self) -> List[str]:
@@ -121,17 +139,21 @@ class PruningCallbacks:
         if self._at_boundary():
             self._before_update()
 
-    def on_after_optimizer_step(self, applied: bool = True) -> None:
-        """Call after ``optimizer.step()``; pass ``applied=False`` when the update was skipped (AMP overflow)."""
+    def on_after_optimizer_step(self, applied: Optional[bool] = None) -> None:
+        """Call after ``optimizer.step()``; pass ``applied=False`` when the update was skipped (AMP overflow).
+
+        Left out, ``applied`` is True, or what the training engine reports (DeepSpeed's ``was_step_applied()``).
+        """
         self._check_explicit("on_after_optimizer_step")
         boundary = self._at_boundary()
         self._micro += 1
         if boundary:
-            if applied:
+            if applied is None:
+                applied = self.pruner.access.update_applied()
+            if applied is None or applied:
                 self._after_update()
-            else:  # the gradients it saw were not applied (inf/NaN under AMP): forget them too
-                self.pruner.forget_last_observation()
-                self.pruner.apply_masks()
+            else:
+                self._skipped_update()
 
     def on_step_end(self) -> None:
         self._check_alive("on_step_end")
@@ -157,6 +179,11 @@ class PruningCallbacks:
         if self.pruner.due(self.step):
             # prune now, before the next forward, so that update's gradient already sees the pruned network
             self._update_masks()
+
+    def _skipped_update(self) -> None:
+        # the gradients the criteria saw were not applied (inf/NaN under AMP): forget them too
+        self.pruner.forget_last_observation()
+        self.pruner.apply_masks()
 
     def _update_masks(self) -> None:
         events = self.pruner.update_masks(self.step)
@@ -197,6 +224,7 @@ class PruningCallbacks:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        self._hands_free = False
         self._finalized = True
         model = self._model_ref()
         if model is not None:
@@ -219,8 +247,8 @@ class PruningCallbacks:
         self._check_alive(what)
         if self.hands_free:
             raise LifecycleError(
-                f"{what}: the callbacks were prepared hands-free (optimizer=...), so optimizer.step() already "
-                "drives pruning; don't call it as well, or prepare without optimizer= to drive it yourself"
+                f"{what}: the callbacks were prepared hands-free, so {self._driver[0]} already drives pruning; don't "
+                f"call it as well, or {self._driver[1]} to drive it yourself"
             )
 
 

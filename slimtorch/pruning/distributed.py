@@ -36,10 +36,16 @@ def unwrap(model: nn.Module) -> nn.Module:
     while True:
         if type(model).__name__ == "OptimizedModule" and hasattr(model, "_orig_mod"):
             model = model._orig_mod
-        elif isinstance(model, nn.parallel.DistributedDataParallel):
+        elif isinstance(model, nn.parallel.DistributedDataParallel) or _is_deepspeed_engine(model):
             model = model.module
         else:
             return model
+
+
+def _is_deepspeed_engine(model: nn.Module) -> bool:
+    # by class name, so slimtorch never imports deepspeed unless the user does
+    return any(c.__name__ == "DeepSpeedEngine" for c in type(model).__mro__) and isinstance(
+        getattr(model, "module", None), nn.Module)
 
 
 def refuse_sharded(model: nn.Module) -> None:
@@ -53,6 +59,11 @@ def refuse_sharded(model: nn.Module) -> None:
                 "DeepSpeed ZeRO-3) are not supported yet: prune with DDP or ZeRO stage 0-2, or gather the full "
                 "weights first")
     for name, param in model.named_parameters():
+        if hasattr(param, "ds_id"):  # deepspeed.zero.Init / ZeRO stage 3 partitions every parameter
+            raise UnsupportedModelError(
+                f"prepare_pruning: parameter {name!r} is partitioned by DeepSpeed ZeRO stage 3; masks would be "
+                "computed from each rank's partition. ZeRO-3 is not supported yet: use zero_optimization.stage 0, "
+                "1 or 2 (gradients and optimizer states are still partitioned at stage 2)")
         if type(param.data).__name__ == "DTensor" or type(param).__name__ == "DTensor":
             raise UnsupportedModelError(
                 f"prepare_pruning: parameter {name!r} is a DTensor (sharded across ranks); masks would be computed "

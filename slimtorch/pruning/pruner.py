@@ -16,6 +16,7 @@ from torch import Tensor
 from ..config.patterns import BlockPattern
 from ..errors import StateDictError
 from . import allocation, criteria, masks
+from .access import ParamAccess
 from .schedules import is_pruning_step, sparsity_at
 from .targets import TargetLayer
 
@@ -65,8 +66,9 @@ class LayerState:
 class Pruner:
     """Applies the masks of ``layers`` and recomputes them along their schedules."""
 
-    def __init__(self, layers: List[TargetLayer]):
+    def __init__(self, layers: List[TargetLayer], access: Optional[ParamAccess] = None):
         self.layers = [LayerState(t) for t in layers]
+        self.access = access or ParamAccess()  # where gradients come from and masked weights go to
         self._last_observed: List[LayerState] = []
 
     # ------------------------------------------------------------ per update
@@ -77,7 +79,7 @@ class Pruner:
             for layer in self.layers:
                 if not layer.observes_at(step):
                     continue
-                grad = layer.weight.grad
+                grad = self.access.grad(layer.weight)
                 if grad is None:
                     if not layer._warned_no_grad:
                         warnings.warn(f"slimtorch: layer {layer.name!r} has no gradient at step {step}; its "
@@ -166,6 +168,10 @@ class Pruner:
                     bias.mul_(layer.bias_mask.to(device=bias.device, dtype=bias.dtype))
             for weights, ms in by_dtype.values():
                 torch._foreach_mul_(weights, ms)
+        changed = [l.weight for l in active]
+        changed += [l.target.module.bias for l in active
+                    if l.bias_mask is not None and getattr(l.target.module, "bias", None) is not None]
+        self.access.masks_applied(changed)
 
     # ------------------------------------------------------------ checkpoints
     def state_dict(self) -> Dict[str, Any]:

@@ -1,0 +1,241 @@
+"""``slimtorch.deepspeed.initialize``: DeepSpeed's own engine, with slimtorch's pruning driven by ``engine.step()``.
+
+The real ``deepspeed.initialize`` builds the engine from the user's DeepSpeed config minus the compression sections
+(slimtorch reads those; DeepSpeed never sees them). The pruning callbacks then read gradients and write masked
+weights where the engine keeps them:
+
+| ZeRO stage | gradient the scores see                          | weights the masks are applied to              |
+|------------|--------------------------------------------------|-----------------------------------------------|
+| 0          | ``param.grad`` after the engine's all-reduce     | the parameters (+ fp16 optimizer's fp32 master)|
+| 1, 2       | ``safe_get_full_grad``: the reduced partitions, | the parameters and their fp32 master fragment |
+|            | gathered (a collective every rank makes alike)   | (``safe_set_full_fp32_param``)                |
+| 3          | refused: parameters are partitioned              |                                               |
+
+Gradients are read at the accumulation boundary, after ``engine.backward`` reduced them and before ``engine.step``
+unscales, clips and applies them; under fp16 they are divided by the loss scale here so that snip_momentum's
+running score does not jump with the dynamic scale. The masked weights are written to the fp32 master copy too:
+otherwise the optimizer would copy the pruned values back into the model at the next step, and a ZeRO checkpoint
+(or ``zero_to_fp32``) would hold the dense weights.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+import weakref
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from ..config import load_config
+from ..config.loader import SECTIONS, read_document
+from ..errors import ConfigError, UnsupportedModelError
+from ..pruning.access import ParamAccess
+from ..pruning.callbacks import PruningCallbacks, prepare_for_engine
+from ..pruning.distributed import refuse_sharded
+
+#: key of the pruning state inside the ``client_state`` of DeepSpeed checkpoints
+CLIENT_STATE_KEY = "slimtorch_pruning"
+
+
+def initialize(args: Any = None, model: Optional[nn.Module] = None, optimizer: Any = None,
+               model_parameters: Any = None, training_data: Any = None, lr_scheduler: Any = None, mpu: Any = None,
+               dist_init_required: Optional[bool] = None, collate_fn: Optional[Callable] = None,
+               config: Any = None, config_params: Any = None, *, hands_free: bool = True,
+               **deepspeed_kwargs: Any) -> Tuple[Any, Any, Any, Any, Optional[PruningCallbacks]]:
+    """``deepspeed.initialize`` plus pruning -> ``(engine, optimizer, dataloader, lr_scheduler, callbacks)``.
+
+    Takes DeepSpeed's arguments (the config as ``config``, ``config_params`` or ``args.deepspeed_config``: a path
+    or a dict holding DeepSpeed's keys and slimtorch's ``compression_training`` section). With ``hands_free`` (the
+    default) every ``engine.step()`` drives pruning, and ``engine.save_checkpoint`` / ``load_checkpoint`` carry
+    the pruning state in the checkpoint's ``client_state``; with ``hands_free=False`` call the callbacks' hooks
+    around ``engine.step()`` yourself (once per micro-batch, like the engine). ``callbacks`` is None when the
+    config has no ``sparse_pruning`` section.
+    """
+    deepspeed = _import_deepspeed()
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"slimtorch.deepspeed.initialize: model must be a torch.nn.Module, got "
+                          f"{type(model).__name__}")
+    source, args = _config_source(args, config, config_params)
+    document = read_document(source)
+    compression = load_config(document)  # a bad compression section fails before DeepSpeed builds anything
+    deepspeed_config = {k: v for k, v in document.items() if k not in SECTIONS}
+    pruning = compression.sparse_pruning is not None
+    if pruning:
+        _check_supported(deepspeed_config, model)
+    engine, ds_optimizer, dataloader, scheduler = deepspeed.initialize(
+        args=args, model=model, optimizer=optimizer, model_parameters=model_parameters, training_data=training_data,
+        lr_scheduler=lr_scheduler, mpu=mpu, dist_init_required=dist_init_required, collate_fn=collate_fn,
+        config=deepspeed_config, **deepspeed_kwargs)
+    if not pruning:
+        return engine, ds_optimizer, dataloader, scheduler, None
+    accumulate = _accumulation_steps(engine, compression.sparse_pruning.shared_parameters.gradient_accumulation_steps)
+    callbacks = prepare_for_engine(
+        engine.module, compression, access=DeepSpeedAccess(engine), accumulate=accumulate,
+        driver=("engine.step()", "pass hands_free=False to slimtorch.deepspeed.initialize"), hands_free=hands_free)
+    if hands_free:
+        _drive_from_engine_step(engine, callbacks)
+        _keep_in_checkpoints(engine, callbacks)
+    return engine, ds_optimizer, dataloader, scheduler, callbacks
+
+
+class DeepSpeedAccess(ParamAccess):
+    """Gradients and fp32 master weights of a DeepSpeed engine (ZeRO 0-2, fp32 / fp16 / bf16)."""
+
+    collective = True  # safe_get_full_grad all-reduces each ZeRO 1/2 gradient
+
+    def __init__(self, engine: Any):
+        from deepspeed.utils import safe_get_full_grad, safe_set_full_fp32_param
+        self._get_grad, self._set_master = safe_get_full_grad, safe_set_full_fp32_param
+        self._engine = weakref.ref(engine)  # the engine holds the callbacks through its step: no cycle
+        self._flat_masters: Optional[Dict[int, Tensor]] = None
+
+    def grad(self, weight: Tensor) -> Optional[Tensor]:
+        try:
+            grad = self._get_grad(weight)
+        except ValueError as exc:  # DeepSpeed's "only available immediately after backward and before step"
+            raise ConfigError(
+                "slimtorch.deepspeed: gradients were read outside the engine's accumulation boundary "
+                f"({exc}); with hands_free=False call callbacks.on_before_optimizer_step() after engine.backward() "
+                "and before engine.step(), once per micro-batch") from None
+        engine = self._engine()
+        if grad is not None and engine is not None and engine.fp16_enabled():
+            scale = engine._get_optimizer_loss_scale()
+            if scale and scale != 1.0:
+                grad = grad.float() / scale  # the scores must not move with the dynamic loss scale
+        return grad
+
+    def update_applied(self) -> Optional[bool]:
+        engine = self._engine()
+        return None if engine is None else bool(engine.was_step_applied())
+
+    def masks_applied(self, params: List[Tensor]) -> None:
+        with torch.no_grad():
+            for param in params:
+                if getattr(param, "_hp_mapping", None) is not None:  # ZeRO 1/2, bf16 optimizer
+                    self._set_master(param, param.detach().float())
+                else:
+                    master = self._fp16_masters().get(id(param))  # ZeRO 0 fp16 optimizer
+                    if master is not None:
+                        master.copy_(param.detach().reshape(master.shape))
+
+    def _fp16_masters(self) -> Dict[int, Tensor]:
+        """id(fp16 parameter) -> its view in the fp32 master of DeepSpeed's (ZeRO 0) FP16 optimizers."""
+        if self._flat_masters is None:
+            self._flat_masters = {}
+            engine = self._engine()
+            optimizer = getattr(engine, "optimizer", None)
+            groups = getattr(optimizer, "fp16_groups", None)
+            if groups is not None and hasattr(optimizer, "fp32_groups_flat"):   # fused: one flat tensor per group
+                for params, flat in zip(groups, optimizer.fp32_groups_flat):
+                    offset = 0
+                    for p in params:
+                        self._flat_masters[id(p)] = flat.data.narrow(0, offset, p.numel()).view(p.shape)
+                        offset += p.numel()
+            elif groups is not None and hasattr(optimizer, "fp32_groups"):    # unfused: one fp32 copy per param
+                for params, masters in zip(groups, optimizer.fp32_groups):
+                    for p, m in zip(params, masters):
+                        self._flat_masters[id(p)] = m.data
+        return self._flat_masters
+
+
+def _drive_from_engine_step(engine: Any, callbacks: PruningCallbacks) -> None:
+    """Wrap this engine instance's ``step`` so that every update drives the callbacks (hands-free mode)."""
+    engine_step = engine.step
+
+    def step(*args: Any, **kwargs: Any) -> Any:
+        if callbacks._finalized:
+            return engine_step(*args, **kwargs)
+        boundary = engine.is_gradient_accumulation_boundary()  # asked before step() counts the micro-batch
+        if boundary:
+            callbacks._before_update()
+        result = engine_step(*args, **kwargs)
+        callbacks._micro += 1
+        if boundary:
+            if engine.was_step_applied():
+                callbacks._after_update()
+            else:
+                callbacks._skipped_update()
+        return result
+
+    step.__doc__ = engine_step.__doc__
+    engine.step = step
+
+
+def _keep_in_checkpoints(engine: Any, callbacks: PruningCallbacks) -> None:
+    """Carry the pruning state in every DeepSpeed checkpoint's ``client_state``, and restore it on load."""
+    save, load = engine.save_checkpoint, engine.load_checkpoint
+
+    def save_checkpoint(save_dir: str, tag: Any = None, client_state: Optional[Dict[str, Any]] = None,
+                        *args: Any, **kwargs: Any) -> Any:
+        state = dict(client_state or {})
+        if not callbacks._finalized:
+            state[CLIENT_STATE_KEY] = callbacks.state_dict()
+        return save(save_dir, tag, state, *args, **kwargs)
+
+    def load_checkpoint(load_dir: str, tag: Any = None, *args: Any, **kwargs: Any) -> Any:
+        path, client_state = load(load_dir, tag, *args, **kwargs)
+        if path is None or callbacks._finalized:
+            return path, client_state
+        state = (client_state or {}).pop(CLIENT_STATE_KEY, None)
+        if state is None:
+            warnings.warn(f"slimtorch: the DeepSpeed checkpoint {path} holds no pruning state (saved without "
+                          "slimtorch?); the pruning schedule starts again at step 0", stacklevel=2)
+        else:
+            callbacks.load_state_dict(state)
+        return path, client_state
+
+    save_checkpoint.__doc__, load_checkpoint.__doc__ = save.__doc__, load.__doc__
+    engine.save_checkpoint, engine.load_checkpoint = save_checkpoint, load_checkpoint
+
+
+def _import_deepspeed() -> Any:
+    try:
+        import deepspeed
+    except ImportError as exc:
+        raise ConfigError(
+            "slimtorch.deepspeed needs DeepSpeed: pip install 'slimtorch[deepspeed]' (DS_BUILD_OPS=0 installs it "
+            f"without building CUDA ops) ({exc})") from None
+    return deepspeed
+
+
+def _config_source(args: Any, config: Any, config_params: Any) -> Tuple[Any, Any]:
+    """The one DeepSpeed config among ``config``, ``config_params`` and ``args.deepspeed_config``, and ``args``
+    with its ``deepspeed_config`` cleared (the filtered dict is passed as ``config`` instead)."""
+    given = [(name, value) for name, value in (("config", config), ("config_params", config_params),
+                                               ("args.deepspeed_config", getattr(args, "deepspeed_config", None)))
+             if value is not None]
+    if not given:
+        raise ConfigError("slimtorch.deepspeed.initialize: no DeepSpeed config; pass config= (a path or a dict), "
+                          "or args with deepspeed_config")
+    if len(given) > 1:
+        raise ConfigError(f"slimtorch.deepspeed.initialize: the DeepSpeed config was given twice "
+                          f"({' and '.join(n for n, _ in given)}); pass it once")
+    if getattr(args, "deepspeed_config", None) is not None:
+        args = copy.copy(args)
+        args.deepspeed_config = None
+    return given[0][1], args
+
+
+def _check_supported(deepspeed_config: Dict[str, Any], model: nn.Module) -> None:
+    zero = deepspeed_config.get("zero_optimization") or {}
+    stage = zero.get("stage", 0) if isinstance(zero, dict) else 0
+    if stage == 3:
+        raise UnsupportedModelError(
+            "zero_optimization.stage: 3 partitions the parameters across ranks, so slimtorch would compute each "
+            "rank's masks from its own partition; ZeRO-3 is not supported with pruning yet. Use stage 0, 1 or 2")
+    if deepspeed_config.get("managed_gradient_accumulation", True) is False:
+        raise UnsupportedModelError(
+            "managed_gradient_accumulation: false makes engine.step() reduce the gradients, after the point where "
+            "slimtorch reads them; pruning needs the engine-managed accumulation (the default)")
+    refuse_sharded(model)
+
+
+def _accumulation_steps(engine: Any, configured: int) -> int:
+    engine_steps = int(engine.gradient_accumulation_steps())
+    if configured not in (1, engine_steps):
+        raise ConfigError(
+            f"compression_training.sparse_pruning.shared_parameters.gradient_accumulation_steps is {configured} but "
+            f"the DeepSpeed engine accumulates {engine_steps} micro-batches per update; under DeepSpeed the engine's "
+            "gradient_accumulation_steps governs: remove the key or set it to the same value")
+    return engine_steps

@@ -1,0 +1,31 @@
+"""Where the pruner reads a weight's gradient and where masked weights must also be written.
+
+In plain PyTorch (and DDP) the gradient is ``weight.grad`` and the parameter is the only copy of the weight. A
+training engine may keep them elsewhere: DeepSpeed ZeRO 1/2 holds the reduced gradients in flat partitions and an
+fp32 master copy of every weight that its optimizer steps and copies back. An engine integration passes its own
+:class:`ParamAccess` so the same pruner works unchanged on top of it.
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+from torch import Tensor
+
+
+class ParamAccess:
+    """Plain PyTorch: ``weight.grad``, and nothing to do after the pruner zeroed weights in place."""
+
+    #: True when :meth:`grad` is a collective call that every rank must make for the same layers in the same order
+    collective = False
+
+    def grad(self, weight: Tensor) -> Optional[Tensor]:
+        """The gradient of the update about to be applied (already reduced across data-parallel ranks)."""
+        return weight.grad
+
+    def update_applied(self) -> Optional[bool]:
+        """Whether the last optimizer step changed the weights (False: skipped on overflow); None: unknown."""
+        return None
+
+    def masks_applied(self, params: List[Tensor]) -> None:
+        """Called after pruned entries of ``params`` (weights, biases of pruned rows) were zeroed in place: write
+        them to any other copy of those parameters."""

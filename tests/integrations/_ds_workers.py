@@ -1,0 +1,105 @@
+"""Process bodies for the DeepSpeed tests: 2 CPU ranks (gloo) training the digits CNN through
+``slimtorch.deepspeed.initialize`` (importable by spawned children)."""
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+import slimtorch as st
+from tests.distributed import _workers as W
+
+MICRO_BATCH = 16  # per rank and micro-batch: 2 ranks x 16 = the 32 of the single-process run
+
+
+def ds_config(stage: int, accumulate: int = 1, **pruning):
+    return {"train_micro_batch_size_per_gpu": MICRO_BATCH // accumulate, "gradient_accumulation_steps": accumulate,
+            "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
+            "steps_per_print": 10 ** 6, "wall_clock_breakdown": False,
+            **W.config(**pruning)}
+
+
+def _init(rank: int, world: int, init_file: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
+    W._init(rank, world, init_file)  # torch.distributed (gloo) first: DeepSpeed's comm then uses it
+
+
+def _engine(stage: int, accumulate: int = 1, hands_free: bool = True, **pruning):
+    model = W.digits_cnn()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)  # elementwise: ZeRO's partitions step alike
+    return model, st.deepspeed.initialize(model=model, optimizer=opt, config=ds_config(stage, accumulate, **pruning),
+                                          dist_init_required=False, hands_free=hands_free)
+
+
+def _snapshot(model, cb):
+    return {"masks": {l.name: l.mask.clone() for l in cb.pruner.layers if l.mask is not None},
+            "weights": {k: v.detach().clone() for k, v in model.state_dict().items()},
+            "step": cb.step}
+
+
+def _micro_batches(rank, world, accumulate, update, x, y):
+    """This rank's micro-batches of update ``update``: its share of the same global batch of 32."""
+    lo = update * W.GLOBAL_BATCH
+    share = W.GLOBAL_BATCH // world
+    xb, yb = x[lo + rank * share: lo + (rank + 1) * share], y[lo + rank * share: lo + (rank + 1) * share]
+    size = share // accumulate
+    return [(xb[i * size:(i + 1) * size], yb[i * size:(i + 1) * size]) for i in range(accumulate)]
+
+
+def train(rank: int, world: int, init_file: str, out_dir: str, stage: int, accumulate: int = 1,
+          hands_free: bool = True, resume_at: int = -1) -> None:
+    """Train UPDATES updates; save every update's masks and weights. With ``resume_at`` >= 0 the run saves a
+    DeepSpeed checkpoint after that many updates, builds a fresh engine, loads it and goes on."""
+    _init(rank, world, init_file)
+    try:
+        x, y = W.digits_tensors()
+        model, (engine, _, _, _, cb) = _engine(stage, accumulate, hands_free)
+        steps = []
+        for update in range(W.UPDATES):
+            if update == resume_at:
+                engine.save_checkpoint(f"{out_dir}/ckpt", tag="mid", client_state={"epoch": 3})
+                model, (engine, _, _, _, cb) = _engine(stage, accumulate, hands_free)
+                _, client = engine.load_checkpoint(f"{out_dir}/ckpt", tag="mid")
+                assert client["epoch"] == 3 and st.deepspeed.CLIENT_STATE_KEY not in client
+            for xb, yb in _micro_batches(rank, world, accumulate, update, x, y):
+                loss = nn.functional.cross_entropy(engine(xb), yb)
+                engine.backward(loss)
+                if not hands_free:
+                    cb.on_before_optimizer_step()
+                engine.step()
+                if not hands_free:
+                    cb.on_after_optimizer_step()
+            steps.append(_snapshot(model, cb))
+        report = st.sparsity_report(engine)
+        steps.append({"report": [(r.name, r.pattern, r.sparsity, r.pattern_valid) for r in report],
+                      "master": _master_weights(engine, model)})
+        torch.save(steps, f"{out_dir}/rank{rank}.pt")
+    finally:
+        W._close()
+
+
+def _master_weights(engine, model):
+    """The fp32 master copy DeepSpeed would save and step (ZeRO 1/2), gathered; empty at stage 0 (fp32)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    out = {}
+    for name, p in model.named_parameters():
+        full = safe_get_full_fp32_param(p)
+        if full is not None:
+            out[name] = full.clone()
+    return out
+
+
+def gradient_accumulation_mismatch(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    _init(rank, world, init_file)
+    try:
+        try:
+            _engine(1, accumulate=2, gradient_accumulation_steps=4)
+            outcome = "no error"
+        except st.ConfigError as e:
+            outcome = f"ConfigError: {e}"
+        with open(f"{out_dir}/rank{rank}.txt", "w") as f:
+            f.write(outcome)
+    finally:
+        W._close()

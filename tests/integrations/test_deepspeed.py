@@ -1,0 +1,156 @@
+"""``slimtorch.deepspeed.initialize`` on DeepSpeed's real engine: 2 CPU ranks (gloo), ZeRO stages 0, 1 and 2.
+
+Each run trains the digits CNN with snip_momentum 2:4 (the DDP test's model, data and schedule) and must give
+bitwise-identical masks and weights on both ranks after every update, the single-process run's masks at every
+update and its final weights within float tolerance, and pruned zeros in DeepSpeed's fp32 master copy too.
+"""
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+
+import slimtorch as st
+from tests.distributed import _workers as W
+
+from . import _ds_workers as D
+
+pytest.importorskip("deepspeed")
+
+WORLD = 2
+PRUNED = ("3", "6")
+
+
+def launch(fn, tmp_path, *args, timeout=300):
+    ctx = mp.spawn(fn, args=(WORLD, str(tmp_path / "init"), str(tmp_path), *args), nprocs=WORLD, join=False)
+    while not ctx.join(timeout=timeout):
+        pass
+    return tmp_path
+
+
+def run(tmp_path_factory, name, *args):
+    tmp = launch(D.train, tmp_path_factory.mktemp(name), *args)
+    return [torch.load(tmp / f"rank{r}.pt") for r in range(WORLD)]
+
+
+@pytest.fixture(scope="module")
+def single_process():
+    """One process, plain PyTorch, the same global batch of 32: every update's masks and the final weights."""
+    x, y = W.digits_tensors()
+    model = W.digits_cnn()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    cb = st.prepare_pruning(model, W.config(), optimizer=opt)
+    masks = []
+    for _ in W.train(model, opt, x, y):
+        masks.append({l.name: l.mask.clone() for l in cb.pruner.layers if l.mask is not None})
+    cb.finalize()
+    return masks, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture(scope="module", params=[0, 1, 2], ids=lambda s: f"zero{s}")
+def zero_run(request, tmp_path_factory):
+    return request.param, run(tmp_path_factory, f"zero{request.param}", request.param)
+
+
+def assert_identical_ranks(rank0, rank1):
+    assert len(rank0) == len(rank1) == W.UPDATES + 1
+    for update, (a, b) in enumerate(zip(rank0[:-1], rank1[:-1])):
+        assert a["step"] == b["step"] == update + 1
+        assert a["masks"].keys() == b["masks"].keys()
+        for name in a["masks"]:
+            assert torch.equal(a["masks"][name], b["masks"][name]), (update, name)
+        for key in a["weights"]:
+            assert torch.equal(a["weights"][key], b["weights"][key]), (update, key)
+
+
+def assert_matches_single_process(ranks, single_process):
+    masks, weights = single_process
+    for update, snapshot in enumerate(ranks[0][:-1]):
+        assert snapshot["masks"].keys() == masks[update].keys() == set(PRUNED), update
+        for name, mask in masks[update].items():
+            assert torch.equal(snapshot["masks"][name], mask), (update, name)
+    for key, value in weights.items():
+        torch.testing.assert_close(ranks[0][-2]["weights"][key], value, rtol=1e-5, atol=1e-6)
+
+
+def assert_two_of_four(mask):
+    matrix = mask.movedim(1, -1).reshape(mask.shape[0], -1) if mask.dim() == 4 else mask
+    assert matrix.reshape(-1, 4).sum(dim=1).tolist() == [2] * (matrix.numel() // 4)
+
+
+def test_every_zero_stage_keeps_the_ranks_identical_and_matches_one_process(zero_run, single_process):
+    stage, ranks = zero_run
+    assert_identical_ranks(*ranks)
+    assert_matches_single_process(ranks, single_process)
+    final = ranks[0][-2]
+    for name in PRUNED:
+        assert_two_of_four(final["masks"][name])
+        assert final["weights"][f"{name}.weight"].eq(0).float().mean().item() == 0.5
+    # sparsity_report(engine) sees the model inside the engine
+    assert ranks[0][-1]["report"] == [("1", None, 0.0, None), ("3", "2:4", 0.5, True), ("6", "2:4", 0.5, True),
+                                      ("8", None, 0.0, None)]
+
+
+def test_zero_1_and_2_master_weights_hold_the_pruned_zeros(zero_run):
+    stage, ranks = zero_run
+    master, weights = ranks[0][-1]["master"], ranks[0][-2]["weights"]
+    if stage == 0:
+        assert master == {}  # fp32 at stage 0: the parameters are the only copy
+        return
+    assert master.keys() == {k for k in weights}
+    for key, value in master.items():  # what ZeRO checkpoints and zero_to_fp32 would hold
+        assert torch.equal(value, weights[key]), key
+
+
+def test_explicit_callbacks_with_gradient_accumulation_match_one_process(tmp_path_factory, single_process):
+    # 2 micro-batches of 8 per rank and update; the callbacks are called around every engine.step()
+    ranks = run(tmp_path_factory, "explicit", 2, 2, False)
+    assert_identical_ranks(*ranks)
+    assert_matches_single_process(ranks, single_process)
+
+
+def test_a_deepspeed_checkpoint_resumes_the_schedule_mid_way(tmp_path_factory, single_process):
+    # ZeRO 2: save_checkpoint after 3 updates (mid-schedule: pruning at 0, 2, 4, 6), a fresh engine loads it and
+    # trains on; the callbacks' state travels in the checkpoint's client_state, next to the user's own keys
+    ranks = run(tmp_path_factory, "resume", 2, 1, True, 3)
+    assert_identical_ranks(*ranks)  # step counts continue: 1..10 on both ranks
+    assert_matches_single_process(ranks, single_process)
+
+
+def test_conflicting_gradient_accumulation_is_an_error_on_every_rank(tmp_path):
+    launch(D.gradient_accumulation_mismatch, tmp_path, timeout=180)
+    for rank in range(WORLD):
+        text = (tmp_path / f"rank{rank}.txt").read_text()
+        assert text.startswith("ConfigError: compression_training.sparse_pruning.shared_parameters."
+                               "gradient_accumulation_steps is 4 but the DeepSpeed engine accumulates 2"), text
+
+
+def test_zero_3_is_refused_before_deepspeed_builds_anything():
+    model = W.digits_cnn()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = D.ds_config(3)
+    with pytest.raises(st.UnsupportedModelError, match=r"zero_optimization.stage: 3 .* Use stage 0, 1 or 2"):
+        st.deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_bad_arguments_are_config_errors():
+    model = W.digits_cnn()
+    with pytest.raises(st.ConfigError, match="given twice"):
+        st.deepspeed.initialize(model=model, config=D.ds_config(0), config_params=D.ds_config(0))
+    with pytest.raises(st.ConfigError, match="no DeepSpeed config"):
+        st.deepspeed.initialize(model=model)
+    with pytest.raises(st.ConfigError, match="model must be a torch.nn.Module"):
+        st.deepspeed.initialize(model=None, config=D.ds_config(0))
+    bad = D.ds_config(0)
+    bad["compression_training"]["sparse_pruning"]["shared_parameters"]["end_tep"] = 5
+    with pytest.raises(st.ConfigError, match="did you mean 'end_step'"):
+        st.deepspeed.initialize(model=model, config=bad)
+
+
+def test_importing_slimtorch_does_not_import_deepspeed():
+    import subprocess
+    import sys
+
+    code = "import sys, slimtorch; assert slimtorch.deepspeed.initialize; print('deepspeed' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
