@@ -58,9 +58,13 @@ class LayerState:
         window = self._window
         if window is None:
             return False
-        if window == 0:  # the update just before a pruning step, or the pruning step itself when it comes first
-            return any(is_pruning_step(t, s.start_step, s.end_step, s.frequency) for t in (step, step + 1))
-        return s.start_step - window <= step <= s.end_step
+        # update t's gradient feeds the masks computed after it (pruning steps > t); only at t == 0 does it also
+        # feed step t's own masks, which have no earlier gradient. After end_step nothing is observed, so the
+        # freed scores stay freed and an engine's collective gradient reads stop.
+        first = step == 0 and is_pruning_step(0, s.start_step, s.end_step, s.frequency)
+        if window == 0:  # only the update just before a pruning step
+            return first or is_pruning_step(step + 1, s.start_step, s.end_step, s.frequency)
+        return first or s.start_step - window <= step < s.end_step
 
 
 class Pruner:
