@@ -12,8 +12,8 @@ weights where the engine keeps them:
 | 3          | refused: parameters are partitioned              |                                               |
 
 Gradients are read at the accumulation boundary, after ``engine.backward`` reduced them and before ``engine.step``
-unscales, clips and applies them; under fp16 they are divided by the loss scale here so that snip_momentum's
-running score does not jump with the dynamic scale. The masked weights are written to the fp32 master copy too:
+unscales, clips and applies them; under fp16, gradients that carry the loss scale are divided by it here so that
+snip_momentum's running score does not jump with the dynamic scale. The masked weights are written to the fp32 master copy too:
 otherwise the optimizer would copy the pruned values back into the model at the next step, and a ZeRO checkpoint
 (or ``zero_to_fp32``) would hold the dense weights.
 """
@@ -99,7 +99,7 @@ class DeepSpeedAccess(ParamAccess):
                 f"({exc}); with hands_free=False call callbacks.on_before_optimizer_step() after engine.backward() "
                 "and before engine.step(), once per micro-batch") from None
         engine = self._engine()
-        if grad is not None and engine is not None and engine.fp16_enabled():
+        if grad is not None and engine is not None and _grads_are_loss_scaled(engine):
             scale = engine._get_optimizer_loss_scale()
             if scale and scale != 1.0:
                 grad = grad.float() / scale  # the scores must not move with the dynamic loss scale
@@ -137,6 +137,22 @@ class DeepSpeedAccess(ParamAccess):
                     for p, m in zip(params, masters):
                         self._flat_masters[id(p)] = m.data
         return self._flat_masters
+
+
+def _grads_are_loss_scaled(engine: Any) -> bool:
+    """Whether the gradients at the boundary still carry the fp16 loss scale.
+
+    ZeRO optimizers scale the loss in ``engine.backward``. DeepSpeed's stage-0 fp16 optimizers scaled it in their
+    own ``backward`` in older releases; since ``ZeROOptimizer.scale_if_loss`` exists (0.19.8 here) the engine
+    scales only through ZeRO optimizers, and the H100 run of benchmarks/deepspeed_pruning.py measured unscaled
+    stage-0 fp16 gradients (scores 1/4096 of the fp32 run's when divided by the scale).
+    """
+    if not engine.fp16_enabled():
+        return False
+    from deepspeed.runtime.base_optimizer import ZeROOptimizer
+    if isinstance(engine.optimizer, ZeROOptimizer):
+        return True
+    return not hasattr(ZeROOptimizer, "scale_if_loss")
 
 
 def _drive_from_engine_step(engine: Any, callbacks: PruningCallbacks) -> None:
