@@ -154,3 +154,16 @@ def test_importing_slimtorch_does_not_import_deepspeed():
     code = "import sys, slimtorch; assert slimtorch.deepspeed.initialize; print('deepspeed' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_the_deepspeed_example_runs_under_torchrun():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[2] / "examples" / "prune_deepspeed.py"
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(example)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "overall sparsity of pruned layers: 50.0% (2 of 3 layers pruned)" in done.stdout
+    assert "56 updates" in done.stdout and "weights identical on all 2 ranks: True" in done.stdout
