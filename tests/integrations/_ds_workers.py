@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import zlib
 
 import torch
 from torch import nn
@@ -21,7 +22,11 @@ def ds_config(stage: int, accumulate: int = 1, **pruning):
 
 
 def _init(rank: int, world: int, init_file: str) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
+    # DeepSpeed's CPU shared-memory comm names its segments after MASTER_ADDR/PORT: unique per run, so runs side by
+    # side (or a stale segment of a killed run) never meet
+    port = 20000 + zlib.crc32(init_file.encode()) % 20000
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
     W._init(rank, world, init_file)  # torch.distributed (gloo) first: DeepSpeed's comm then uses it
 
 
@@ -73,7 +78,8 @@ def train(rank: int, world: int, init_file: str, out_dir: str, stage: int, accum
             steps.append(_snapshot(model, cb))
         report = st.sparsity_report(engine)
         steps.append({"report": [(r.name, r.pattern, r.sparsity, r.pattern_valid) for r in report],
-                      "master": _master_weights(engine, model)})
+                      "master": _master_weights(engine, model),
+                      "deepspeed_keys": sorted(engine._config._param_dict)})
         torch.save(steps, f"{out_dir}/rank{rank}.pt")
     finally:
         W._close()
