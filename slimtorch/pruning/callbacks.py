@@ -108,14 +108,19 @@ class PruningCallbacks:
         self._hands_free = optimizer is not None
         if optimizer is not None:
             self._handles = [
-                optimizer.register_step_pre_hook(lambda opt, args, kwargs: self._before_update()),
-                optimizer.register_step_post_hook(lambda opt, args, kwargs: self._after_update()),
+                optimizer.register_step_pre_hook(lambda opt, args, kwargs: self._before_hooked_step(opt)),
+                optimizer.register_step_post_hook(lambda opt, args, kwargs: self._after_hooked_step(opt)),
             ]
 
     # ------------------------------------------------------------ properties
     @property
     def hands_free(self) -> bool:
         return self._hands_free
+
+    @property
+    def finalized(self) -> bool:
+        """True after :meth:`finalize`: the masks and scores are gone, the hooks detached."""
+        return self._finalized
 
     @property
     def layers(self) -> List[str]:
@@ -179,6 +184,16 @@ class PruningCallbacks:
         if self.pruner.due(self.step):
             # prune now, before the next forward, so that update's gradient already sees the pruned network
             self._update_masks()
+
+    def _before_hooked_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if not _skips_this_step(optimizer):
+            self._before_update()
+
+    def _after_hooked_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if _skips_this_step(optimizer):
+            self._skipped_update()
+        else:
+            self._after_update()
 
     def _skipped_update(self) -> None:
         # the gradients the criteria saw were not applied (inf/NaN under AMP): forget them too
@@ -250,6 +265,19 @@ class PruningCallbacks:
                 f"{what}: the callbacks were prepared hands-free, so {self._driver[0]} already drives pruning; don't "
                 f"call it as well, or {self._driver[1]} to drive it yourself"
             )
+
+
+def _skips_this_step(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether a GradScaler is stepping ``optimizer`` over inf/NaN gradients that the optimizer itself will skip.
+
+    For optimizers that unscale inside ``step()`` (fused or capturable Adam/AdamW/SGD) the GradScaler calls
+    ``step()`` even on an overflow, with ``optimizer.found_inf`` set for the duration of the call; the step hooks
+    fire, but no update is applied. (Other optimizers are simply not stepped on an overflow.)
+    """
+    found_inf = getattr(optimizer, "found_inf", None)
+    if found_inf is None:
+        return False
+    return bool(found_inf.item() > 0) if isinstance(found_inf, torch.Tensor) else bool(found_inf)
 
 
 # model -> plan of finalized callbacks: the report still knows each layer's pattern after finalize()

@@ -129,9 +129,14 @@ def test_gradient_accumulation_counts_updates_not_micro_batches():
     assert pruned_zeros_hold(cb)
 
 
-def test_grad_scaler_skipped_update_does_not_count():
+@pytest.mark.parametrize("make_optimizer", [
+    lambda params: torch.optim.SGD(params, lr=0.05),
+    # fused: the GradScaler calls step() on an overflow too (the optimizer skips inside), so the hooks fire
+    lambda params: torch.optim.AdamW(params, lr=1e-3, fused=True),
+], ids=["sgd", "adamw_fused"])
+def test_grad_scaler_skipped_update_does_not_count(make_optimizer):
     model = mlp()
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    opt = make_optimizer(model.parameters())
     cb = st.prepare_pruning(model, config(), optimizer=opt)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 4)
     for i, (x, y) in enumerate(batches(6)):
@@ -139,9 +144,16 @@ def test_grad_scaler_skipped_update_does_not_count():
         scaler.scale(nn.functional.mse_loss(model(x), y)).backward()
         if i == 3:
             model[0].weight.grad[0, 0] = float("inf")  # overflow: the scaler skips this update
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        scores = [None if l.state is None else l.state.clone() for l in cb.pruner.layers]
         scaler.step(opt)
         scaler.update()
+        if i == 3:  # nothing applied, nothing observed
+            assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+            assert all((a is None and l.state is None) or torch.equal(a, l.state)
+                       for a, l in zip(scores, cb.pruner.layers))
     assert cb.step == 5
+    assert pruned_zeros_hold(cb)
 
 
 def test_skipped_update_in_explicit_mode_leaves_no_trace():
