@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from ..config.quant_schema import AccuracyCriterion
 from ..errors import CalibrationError, ConfigError, EvaluationError
 from .calibrate import describe, feed, model_device, to_device
+from .distributed import LOCAL
 from .report import AccuracySearch, FloatLayer, LayerSensitivity, QuantizationReport, Trial
 
 RANKING_BATCHES = 4  # calibration batches the sensitivity ranking runs: enough to order layers, cheap per layer
@@ -192,15 +193,16 @@ class Trials:
 
     def __init__(self, metric_of: Callable[[FrozenSet[str]], float], c: AccuracyCriterion, limit: float,
                  order_key: Callable[[str], int], clock: Callable[[], float] = time.perf_counter,
-                 on_trial: Optional[Callable[[Trial], None]] = None):
+                 on_trial: Optional[Callable[[Trial], None]] = None, agree: Callable[[bool], bool] = bool):
         self.metric_of, self.c, self.limit, self.key, self.clock = metric_of, c, limit, order_key, clock
+        self.agree = agree  # distributed: the timeout holds when it has run out on any rank
         self.deadline = clock() + c.timeout if c.timeout > 0 else None
         self.cache: Dict[FrozenSet[str], float] = {}
         self.log: List[Trial] = []
         self.on_trial = on_trial
 
     def check_time(self) -> None:
-        if self.deadline is not None and self.clock() >= self.deadline:
+        if self.deadline is not None and self.agree(self.clock() >= self.deadline):
             raise Stop("timeout")
 
     def __call__(self, fallback: FrozenSet[str]) -> bool:
@@ -244,32 +246,40 @@ class Swapper:
                 setattr(owner, child, module)
 
 
-def call_eval_fn(eval_fn: EvalFn, model: nn.Module, candidate: str) -> float:
-    """``eval_fn(model)`` as a float; the train/eval mode of every submodule is restored afterwards."""
+def call_eval_fn(eval_fn: EvalFn, model: nn.Module, candidate: str, sync: Any = LOCAL) -> float:
+    """``eval_fn(model)`` as a float; the train/eval mode of every submodule is restored afterwards.
+
+    Distributed (``sync``): an error on any rank is raised on every rank, and every rank gets the same metric
+    (the mean of the ranks' values when they differ, with a warning)."""
     modes = [(m, m.training) for m in model.modules()]
-    try:
-        value = eval_fn(model)
-    except Exception as e:
-        raise EvaluationError(f"eval_fn raised while evaluating {candidate}: {type(e).__name__}: {e}") from e
-    finally:
-        for m, training in modes:
-            m.training = training
-    return as_metric(value, candidate)
+    with sync.guard(f"eval_fn on {candidate}"):
+        try:
+            value = eval_fn(model)
+        except Exception as e:
+            raise EvaluationError(f"eval_fn raised while evaluating {candidate}: {type(e).__name__}: {e}") from e
+        finally:
+            for m, training in modes:
+                m.training = training
+        metric = as_metric(value, candidate)
+    return sync.agreed_metric(metric, candidate)
 
 
-def evaluate_baseline(model: nn.Module, eval_fn: EvalFn) -> Tuple[float, float]:
+def evaluate_baseline(model: nn.Module, eval_fn: EvalFn, sync: Any = LOCAL) -> Tuple[float, float]:
     """``(eval_fn(float model), seconds)``."""
     started = time.perf_counter()
-    return call_eval_fn(eval_fn, model, "the float baseline (the model before quantization)"), \
+    return call_eval_fn(eval_fn, model, "the float baseline (the model before quantization)", sync), \
         time.perf_counter() - started
 
 
-def rank_layers(model: nn.Module, swap: Swapper, loader: Iterable, check_time: Callable[[], None]
-                ) -> Tuple[float, List[LayerSensitivity]]:
-    """``(error of the fully quantized model, sensitivities in model order)`` on the first calibration batches."""
-    batches = list(itertools.islice(loader, RANKING_BATCHES))
-    if not batches:
-        raise CalibrationError("the calibration loader yielded no batches; the accuracy search ranks layers on them")
+def rank_layers(model: nn.Module, swap: Swapper, loader: Iterable, check_time: Callable[[], None],
+                sync: Any = LOCAL) -> Tuple[float, List[LayerSensitivity]]:
+    """``(error of the fully quantized model, sensitivities in model order)`` on the first calibration batches
+    (distributed: on every rank's first batches, the squared errors summed over the ranks)."""
+    with sync.guard("the sensitivity ranking"):
+        batches = list(itertools.islice(loader, RANKING_BATCHES))
+        if not batches:
+            raise CalibrationError("the calibration loader yielded no batches; the accuracy search ranks layers on "
+                                   "them")
     device = model_device(model)
     modes = [(m, m.training) for m in model.modules()]
 
@@ -283,16 +293,19 @@ def rank_layers(model: nn.Module, swap: Swapper, loader: Iterable, check_time: C
     def error(fallback: Iterable[str]) -> float:
         swap.set(fallback)
         num = den = 0.0
-        for i, (b, ref) in enumerate(zip(batches, refs)):
-            a, d = squared_error(outputs(i, b), ref)
-            num, den = num + a, den + d
+        with sync.guard("the sensitivity ranking"):
+            for i, (b, ref) in enumerate(zip(batches, refs)):
+                a, d = squared_error(outputs(i, b), ref)
+                num, den = num + a, den + d
+        num, den = sync.sum_ordered(torch.tensor([num, den], dtype=torch.float64)).tolist()
         return num / max(den, 1e-30)
 
     try:
         model.eval()
         with torch.no_grad():
             swap.set(swap.names)
-            refs = [outputs(i, b) for i, b in enumerate(batches)]
+            with sync.guard("the sensitivity ranking"):
+                refs = [outputs(i, b) for i, b in enumerate(batches)]
             if not any(refs):
                 raise CalibrationError(f"{type(model).__name__} returns no floating-point tensor; the sensitivity "
                                        "ranking compares the model's float outputs with the quantized ones")
@@ -309,7 +322,7 @@ def rank_layers(model: nn.Module, swap: Swapper, loader: Iterable, check_time: C
 
 def search_accuracy(model: nn.Module, report: QuantizationReport, float_modules: Dict[str, nn.Module],
                     loader: Iterable, eval_fn: EvalFn, criterion: Tuple[AccuracyCriterion, str], baseline: float,
-                    baseline_seconds: float, where: str, progress: bool = False) -> None:
+                    baseline_seconds: float, where: str, progress: bool = False, sync: Any = LOCAL) -> None:
     """Run the search on the quantized ``model`` (in place) and record it in ``report``; warns when not met."""
     c, source = criterion
     started = time.perf_counter()
@@ -320,19 +333,19 @@ def search_accuracy(model: nn.Module, report: QuantizationReport, float_modules:
     def metric_of(fallback: FrozenSet[str]) -> float:
         names = sorted(fallback, key=position.__getitem__)
         swap.set(names)
-        return call_eval_fn(eval_fn, model, candidate_text(names))
+        return call_eval_fn(eval_fn, model, candidate_text(names), sync)
 
     def show(t: Trial) -> None:
         print(f"slimtorch accuracy search: trial {len(trials.log)}, {len(t.float_layers)} float layers: metric "
               f"{t.metric:.6g} ({'passes' if t.passed else 'fails'})", file=sys.stderr, flush=True)
 
-    trials = Trials(metric_of, c, limit, position.__getitem__, on_trial=show if progress else None)
+    trials = Trials(metric_of, c, limit, position.__getitem__, on_trial=show if progress else None, agree=sync.any)
     error_q, ranking, stopped, ranking_seconds = None, [], "criterion met", 0.0
     try:
         if not trials(frozenset()):
             t0 = time.perf_counter()
             try:
-                error_q, ranking = rank_layers(model, swap, loader, trials.check_time)
+                error_q, ranking = rank_layers(model, swap, loader, trials.check_time, sync)
             finally:
                 ranking_seconds = time.perf_counter() - t0
             order = [r.name for r in sorted(ranking, key=lambda r: r.rank)]

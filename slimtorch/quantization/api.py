@@ -6,6 +6,7 @@ Order of work on the copy (the caller's model is never touched):
 3. calibrate: one observer on the input of every target layer over ``num_calibration_batches`` batches;
 4. swap every target layer for its QDQ module (int8 weight buffer + activation QuantizeLinear/DequantizeLinear);
 5. with ``eval_fn``: put the most sensitive layers back in float until the accuracy criterion holds (accuracy.py).
+Under torch.distributed every statistic of steps 1-5 is reduced across the data-parallel ranks (distributed.py).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import time
 import warnings
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
+import torch
 from torch import nn
 
 from ..config import load_config
@@ -22,6 +24,8 @@ from ..config.quant_schema import StaticQuantization
 from ..errors import CalibrationError, ConfigError
 from .accuracy import evaluate_baseline, resolve_criterion, search_accuracy
 from .calibrate import calibrate, describe, feed, model_device, to_device
+from .distributed import Sync, check_same_model, check_same_plan, reduce_observers
+from .distributed import resolve as resolve_sync
 from .observers import OBSERVERS
 from .qdq import QDQ_MODULES, _QDQBase, op_type, quantizable_forward
 from .report import REPORT_ATTR, FloatLayer, QuantizationReport, QuantizedLayer
@@ -47,34 +51,28 @@ def quantize(model: nn.Module, config: Any, mpu: Any = None, calib_dataloader: O
     ``max_trials`` eval_fn calls and ``timeout`` seconds. ``quantization_report(q).accuracy`` records the search;
     a criterion that is not met is a warning, and the best candidate found is returned. eval_fn raising, or not
     returning one finite number, is an :class:`~slimtorch.EvaluationError`.
+
+    ``mpu``: distributed calibration (docs/quantization.md, "Distributed calibration"). None: when torch.distributed
+    is initialized with more than one rank, every calibration statistic is reduced over the default group, so each
+    rank, calibrating on its own shard, returns the same model; "local": no communication (quantize on one rank of a
+    distributed job); a ProcessGroup, or an mpu with ``get_data_parallel_group()``: reduce over that group. Every
+    rank of the group must call quantize() with the same model and config; the result is checked to be identical
+    (:class:`~slimtorch.DistributedError` on every rank otherwise).
     """
     started = time.perf_counter()
-    cfg = load_config(config)
-    section = cfg.quantization
-    if section is None:
-        raise ConfigError(f"{SECTION_PATH}: no quantization section is enabled; add "
-                          '{"compression_inference": {"static_quantization": {"enabled": true}}} '
-                          "(or dynamic_quantization) to the config")
-    static = isinstance(section, StaticQuantization)
-    where = f"{SECTION_PATH}.{'static' if static else 'dynamic'}_quantization"
-    _check_unsupported(section, where, mpu)
-    criterion = resolve_criterion(section, where, eval_fn, calib_dataloader)
-    if not isinstance(model, nn.Module):
-        raise ConfigError(f"quantize() takes a torch.nn.Module, got {type(model).__name__}")
-    if any(isinstance(m, _QDQBase) for m in model.modules()):
-        raise ConfigError(f"{type(model).__name__} already contains slimtorch QDQ layers; quantize the float model")
-    if static and calib_dataloader is None:
-        raise CalibrationError(f"{where}: static quantization needs calibration data: pass "
-                               "calib_dataloader=<an iterable of input batches> (a few hundred samples the model "
-                               "will see), or use dynamic_quantization, which needs none")
-
-    loader = None if calib_dataloader is None else _ReplayableLoader(calib_dataloader, calib_input_fn)
+    sync = resolve_sync(mpu)
+    with sync.guard("checking the arguments"):  # an error on one rank is raised on every rank
+        section, static, where, criterion = _checked_arguments(model, config, eval_fn, calib_dataloader)
+        loader = None if calib_dataloader is None else _ReplayableLoader(calib_dataloader, calib_input_fn)
+    check_same_plan(sync, model, section, {"static": static, "calib_dataloader": calib_dataloader is not None,
+                                           "eval_fn": eval_fn is not None})
+    progress = progress and sync.rank == 0  # one progress bar per job
     q = copy.deepcopy(model)
     if criterion is not None:  # before calibration: a broken eval_fn fails in seconds, on the untouched float copy
-        baseline, baseline_seconds = evaluate_baseline(q, eval_fn)
+        baseline, baseline_seconds = evaluate_baseline(q, eval_fn, sync)
     report = QuantizationReport(mode="static" if static else "dynamic")
     if section.fold_batchnorm and loader is not None and _has_batchnorm(q):
-        report.folded_batchnorm = _fold_batchnorm(q, loader)
+        report.folded_batchnorm = _fold_batchnorm(q, loader, sync)
     targets, left = select_targets(q, section, where)
     report.left_float.extend(left)
 
@@ -85,14 +83,16 @@ def quantize(model: nn.Module, config: Any, mpu: Any = None, calib_dataloader: O
             if section.smoothquant.enabled:
                 if criterion is not None and not section.smoothquant.folding:  # it scales these weights in place;
                     unsmoothed = {n: copy.deepcopy(m) for n, m in targets.items()}  # a fallback needs them as were
-                report.smoothquant, smooth_inverse, smooth_hooks = _smoothquant(q, loader, section, targets)
-            observers = calibrate(
-                q, loader, num_batches=section.num_calibration_batches, module_filter=list(targets),
-                observer_factory=lambda n, m: _make_observer(act), progress=progress)
+                report.smoothquant, smooth_inverse, smooth_hooks = _smoothquant(q, loader, section, targets, sync)
+            with sync.guard("calibration"):
+                observers = calibrate(
+                    q, loader, num_batches=section.num_calibration_batches, module_filter=list(targets),
+                    observer_factory=lambda n, m: _make_observer(act), progress=progress)
         finally:
             for h in smooth_hooks:
                 h.remove()
-        report.calibration_batches = loader.batches_seen
+        reduce_observers(observers, sync, model_device(q))  # distributed: the statistics of every rank's data
+        report.calibration_batches = int(sync.sum_exact(torch.tensor([loader.batches_seen])))
         for name in list(targets):
             if observers[name].min_val is None:  # e.g. MultiheadAttention.out_proj: weight read, forward not called
                 report.left_float.append(FloatLayer(name, op_type(targets.pop(name)),
@@ -117,10 +117,11 @@ def quantize(model: nn.Module, config: Any, mpu: Any = None, calib_dataloader: O
             name, kind, tuple(float_module.weight.shape), _scheme_text(section, static),
             None if qparams is None else float(qparams[0]), None if qparams is None else int(qparams[1])))
     if static and section.bias_correction:
-        report.bias_corrected = _correct_bias(q, loader, section, targets)
+        report.bias_corrected = _correct_bias(q, loader, section, targets, sync)
     if criterion is not None:
         search_accuracy(q, report, {n: unsmoothed.get(n, m) for n, m in targets.items()}, loader, eval_fn,
-                        criterion, baseline, baseline_seconds, where, progress)
+                        criterion, baseline, baseline_seconds, where, progress, sync)
+    check_same_model(q, sync)  # the safety net: never a silently different model per rank
     report.seconds = time.perf_counter() - started
     setattr(q, REPORT_ATTR, report)
     return q
@@ -170,10 +171,30 @@ def _excluded_by(patterns: List[str], name: str) -> Optional[int]:
     return None
 
 
-def _check_unsupported(section, where: str, mpu: Any) -> None:
-    if mpu is not None:
-        raise ConfigError("quantize(mpu=...): distributed calibration is not available in this slimtorch version; "
-                          "calibrate on one process (pass mpu=None) and load the quantized state_dict on the others")
+def _checked_arguments(model: Any, config: Any, eval_fn: Any, calib_dataloader: Any):
+    """``(section, static, where, criterion)``; every bad argument is an error here, before any work."""
+    cfg = load_config(config)
+    section = cfg.quantization
+    if section is None:
+        raise ConfigError(f"{SECTION_PATH}: no quantization section is enabled; add "
+                          '{"compression_inference": {"static_quantization": {"enabled": true}}} '
+                          "(or dynamic_quantization) to the config")
+    static = isinstance(section, StaticQuantization)
+    where = f"{SECTION_PATH}.{'static' if static else 'dynamic'}_quantization"
+    _check_unsupported(section, where)
+    criterion = resolve_criterion(section, where, eval_fn, calib_dataloader)
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"quantize() takes a torch.nn.Module, got {type(model).__name__}")
+    if any(isinstance(m, _QDQBase) for m in model.modules()):
+        raise ConfigError(f"{type(model).__name__} already contains slimtorch QDQ layers; quantize the float model")
+    if static and calib_dataloader is None:
+        raise CalibrationError(f"{where}: static quantization needs calibration data: pass "
+                               "calib_dataloader=<an iterable of input batches> (a few hundred samples the model "
+                               "will see), or use dynamic_quantization, which needs none")
+    return section, static, where, criterion
+
+
+def _check_unsupported(section, where: str) -> None:
     if section.quantize_attention_matmuls:
         raise ConfigError(f"{where}.quantize_attention_matmuls: quantizing the activation x activation matmuls of "
                           "attention is not available in this slimtorch version; set it to false")
@@ -200,22 +221,23 @@ def _has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
-def _fold_batchnorm(model: nn.Module, loader: "_ReplayableLoader") -> List[tuple]:
+def _fold_batchnorm(model: nn.Module, loader: "_ReplayableLoader", sync: Sync) -> List[tuple]:
     from .fold import fold_batchnorm
 
-    batch = loader.first()
+    with sync.guard("BatchNorm folding"):
+        batch = loader.first()
     device = model_device(model)
-    return fold_batchnorm(model, lambda m: feed(m, to_device(batch, device)))
+    return fold_batchnorm(model, lambda m: feed(m, to_device(batch, device)), sync=sync)
 
 
 def _smoothquant(model: nn.Module, loader: "_ReplayableLoader", section: StaticQuantization,
-                 targets: Dict[str, nn.Module]):
+                 targets: Dict[str, nn.Module], sync: Sync):
     from .smoothquant import smooth
 
     linears = [n for n, m in targets.items() if op_type(m) in ("Linear", "Conv1D")]
     sq, act = section.smoothquant, section.activation
     kw = dict(linear_names=linears, alpha=sq.alpha, num_batches=section.num_calibration_batches,
-              act_dtype=act.dtype, act_symmetric=act.symmetric)
+              act_dtype=act.dtype, act_symmetric=act.symmetric, sync=sync)
     if sq.folding:
         return smooth(model, loader, **kw), {}, []
     from .smooth_explicit import smooth_explicit
@@ -225,14 +247,14 @@ def _smoothquant(model: nn.Module, loader: "_ReplayableLoader", section: StaticQ
 
 
 def _correct_bias(model: nn.Module, loader: "_ReplayableLoader", section: StaticQuantization,
-                  targets: Dict[str, nn.Module]) -> List[str]:
+                  targets: Dict[str, nn.Module], sync: Sync) -> List[str]:
     from .weight_tuning import correct_bias
 
     convs_only = section.bias_correction == "auto"
     # the float weights the int8 ones were made from (targets still holds the float modules after the swap)
     weights = {n: m.weight for n, m in targets.items() if not convs_only or op_type(m) in ("Conv1d", "Conv2d")}
     if weights:
-        correct_bias(model, weights, loader, num_batches=section.num_calibration_batches)
+        correct_bias(model, weights, loader, num_batches=section.num_calibration_batches, sync=sync)
     return sorted(weights)
 
 

@@ -27,6 +27,7 @@ from torch.utils._pytree import tree_flatten
 
 from ..errors import ConfigError
 from .calibrate import model_device, to_device
+from .distributed import LOCAL
 
 FOLDABLE_CONVS = (nn.Conv1d, nn.Conv2d, nn.Linear)
 FOLDABLE_BNS = (nn.BatchNorm1d, nn.BatchNorm2d)
@@ -276,14 +277,16 @@ class _Fold:
             parent._modules[key] = self.bn
 
 
-def fold_batchnorm(model: nn.Module, inputs: Inputs, *, tol: Optional[float] = None) -> FoldResult:
+def fold_batchnorm(model: nn.Module, inputs: Inputs, *, tol: Optional[float] = None, sync: Any = None) -> FoldResult:
     """Fold every eval-mode BatchNorm1d/2d into the Conv1d/Conv2d/Linear feeding it, IN PLACE; the folded pairs.
 
     ``inputs``: example inputs for one forward (tensor, tuple of positional inputs, dict of keyword inputs; moved to
     the model's device) or a ``run_once(model)`` callable. Each folded BN is replaced by ``nn.Identity`` and its conv
     gets a bias if it had none. The output is checked against the unfolded model (max |diff| / max |ref| <= ``tol``,
     default 1e-4, 1e-2 for half precision); a fold that breaks it is reverted and listed in ``result.skipped``.
-    Train/eval modes are restored. Pass your own copy: the model is changed in place.
+    Train/eval modes are restored. Pass your own copy: the model is changed in place. ``sync`` (a
+    :class:`~slimtorch.quantization.distributed.Sync`): every rank folds the same pairs, each checked on the rank's
+    own inputs; a fold is kept only if it holds on every rank.
     """
     if not any(isinstance(m, FOLDABLE_BNS) for m in model.modules()):
         return FoldResult()  # nothing to fold: no forward needed
@@ -291,29 +294,37 @@ def fold_batchnorm(model: nn.Module, inputs: Inputs, *, tol: Optional[float] = N
     try:
         model.eval()  # eval statistics are what is folded; a train-mode forward would also update them
         with torch.no_grad():
-            return _fold_verified(model, _runner(model, inputs), tol)
+            return _fold_verified(model, _runner(model, inputs), tol, sync if sync is not None else LOCAL)
     finally:
         for m, training in modes.items():
             m.training = training
 
 
-def _fold_verified(model: nn.Module, run: Callable[[], Any], tol: Optional[float]) -> FoldResult:
-    try:
-        ref, pairs, skipped = _discover(model, run)
-    except (TypeError, RuntimeError, ValueError) as e:
-        raise ConfigError(f"fold_batchnorm: the example forward of {type(model).__name__} failed ({type(e).__name__}: "
-                          f"{e}); pass inputs it accepts, or a run_once(model) callable") from e
+def _fold_verified(model: nn.Module, run: Callable[[], Any], tol: Optional[float], sync) -> FoldResult:
+    with sync.guard("BatchNorm folding"):
+        try:
+            ref, pairs, skipped = _discover(model, run)
+        except (TypeError, RuntimeError, ValueError) as e:
+            raise ConfigError(f"fold_batchnorm: the example forward of {type(model).__name__} failed "
+                              f"({type(e).__name__}: {e}); pass inputs it accepts, or a run_once(model) callable") from e
+    if sync.active:  # fold only what every rank can fold, in rank 0's order
+        everyone = sync.gather(pairs)
+        common = [p for p in everyone[0] if all(p in theirs for theirs in everyone)]
+        skipped.update({b: "foldable on some data-parallel ranks only (their example forwards differ)"
+                        for c, b in pairs if (c, b) not in common})
+        pairs = common
     tol = _default_tol(ref) if tol is None else tol
+    err_of = lambda: sync.max_float(_output_error(run(), ref))  # noqa: E731 - the worst rank decides
     named = dict(model.named_modules())
     folds = [_Fold(model, named, c, b) for c, b in pairs]
     for f in folds:
         f.apply()
-    if not folds or _output_error(run(), ref) <= tol:
+    if not folds or err_of() <= tol:
         return FoldResult(pairs, skipped)
     # some fold changed the output (a consumer the trace could not see): redo them one at a time, keep the good ones
     for f in reversed(folds):
         f.revert()
-    err = _output_error(run(), ref)
+    err = err_of()
     if err > tol:
         raise ConfigError(f"fold_batchnorm cannot verify folds: two eval-mode forwards of the unfolded "
                           f"{type(model).__name__} differ (max relative difference {err:.2e}); make the forward "
@@ -321,7 +332,7 @@ def _fold_verified(model: nn.Module, run: Callable[[], Any], tol: Optional[float
     kept = []
     for f in folds:
         f.apply()
-        err = _output_error(run(), ref)
+        err = err_of()
         if err <= tol:
             kept.append(f.names)
         else:

@@ -11,14 +11,22 @@ Contract: ``observe(x)`` (any number of times), ``qparams() -> (scale, zero_poin
 | mse            | MSEObserver                 | clip range minimising the quantize-dequantize MSE     | no          |
 
 Histogram observers keep two fixed-size histograms (of x >= 0 and of -x for x < 0) on [0, R], so memory is bounded.
-R starts at the first batch's max |x|; when a batch exceeds R, R doubles and adjacent bin pairs merge, which is exact
-because the new edges are a subset of the old ones. The histogram thus equals that of the concatenated data, with a
-bin width at most twice the one the concatenation alone would get. Counts are int64 (exact, deterministic).
+R is always the power of two just above the largest |x| seen, R = 2**(floor(log2(amax)) + 1) > amax, and x goes to bin
+floor(|x| * (bins / R)). Multiplying by a power of two is exact in floating point and floor(floor(a) / 2) =
+floor(a / 2), so merging adjacent bin pairs of a histogram counted at R gives exactly the histogram counted at 2R: when
+a batch raises R, the counts are merged up to it. The histogram is therefore exactly the one of the concatenated data
+counted directly at its final R, whatever the batch order or split; ``merge`` combines two observers (other shards of
+the data, other ranks) with the same guarantee, which distributed calibration relies on. The bin width is at most
+twice the finest a histogram ending at amax could have. Counts are int64 (exact, deterministic). An input of only
+zeros leaves R = 0 (everything is in bin 0, whatever R becomes later).
 Asymmetric histogram observers clip [min, max] to [-t, t] with the |x| threshold t (percentile: per-side quantiles).
+``merge(other)`` is exact for minmax and the histogram observers; for moving_average it averages the two running
+ranges (a moving average has no order-free merge).
 """
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -26,6 +34,36 @@ from torch import Tensor
 
 from ..errors import CalibrationError
 from .primitives import DEFAULT_EPS, choose_qparams, fake_quantize
+
+
+def is_power_of_two(r: float) -> bool:
+    return r > 0.0 and math.frexp(r)[0] == 0.5
+
+
+def range_above(amax: float) -> float:
+    """The power of two strictly above ``amax`` >= 0: 2**(floor(log2(amax)) + 1); 0.0 for amax == 0.
+
+    Exact for every finite float (subnormals too): frexp gives amax = m * 2**e with 0.5 <= m < 1, so 2**e > amax.
+    """
+    if amax <= 0.0:
+        return 0.0
+    return math.ldexp(1.0, math.frexp(amax)[1])
+
+
+def rebin_counts(counts: Tensor, r_from: float, r_to: float) -> Tensor:
+    """A histogram counted on [0, r_from) as it would be counted on [0, r_to): r_to / r_from adjacent bins merge.
+
+    Both ranges are powers of two (or r_from = 0: only zeros, all in bin 0), r_to >= r_from. Exact: a value in bin
+    i at r_from is in bin floor(i / k) at r_to = k * r_from, since floor(floor(a) / k) = floor(a / k).
+    """
+    if r_to == r_from or r_from == 0.0:
+        return counts
+    if not (is_power_of_two(r_to) and is_power_of_two(r_from)) or r_to < r_from:
+        raise CalibrationError(f"histogram ranges must be powers of two and only grow, got {r_from} -> {r_to}")
+    bins = counts.numel()
+    group = min(int(r_to / r_from), bins)  # an exact power of two; from `bins` on, everything lands in bin 0
+    merged = counts.reshape(-1, group).sum(1)
+    return torch.cat([merged, merged.new_zeros(bins - merged.numel())])
 
 
 class Observer(ABC):
@@ -74,6 +112,28 @@ class Observer(ABC):
     def _range(self) -> Tuple[Tensor, Tensor]:
         return self.min_val, self.max_val
 
+    def merge(self, other: "Observer") -> None:
+        """Fold ``other``'s statistics (the same kind of observer, on other data) into this one, in place."""
+        if type(other) is not type(self) or other.axis != self.axis:
+            raise CalibrationError(f"cannot merge a {type(other).__name__} (axis {other.axis}) into a "
+                                   f"{type(self).__name__} (axis {self.axis})")
+        if other.min_val is None:
+            return
+        if self.min_val is not None and self.min_val.shape != other.min_val.shape:
+            raise CalibrationError(f"cannot merge observers of {other.min_val.numel()} and {self.min_val.numel()} "
+                                   "channels")
+        self._merge(other)
+
+    def _merge(self, other: "Observer") -> None:
+        lo, hi = other.min_val.to(self._device(other)), other.max_val.to(self._device(other))
+        if self.min_val is None:
+            self.min_val, self.max_val = lo.clone(), hi.clone()
+        else:
+            self.min_val, self.max_val = torch.minimum(self.min_val, lo), torch.maximum(self.max_val, hi)
+
+    def _device(self, other: "Observer") -> torch.device:
+        return (self.min_val if self.min_val is not None else other.min_val).device
+
     def qparams(self) -> Tuple[Tensor, Tensor]:
         if self.min_val is None:
             raise CalibrationError(f"{type(self).__name__}.qparams() called before any tensor was observed; run "
@@ -112,6 +172,14 @@ class MovingAverageMinMaxObserver(Observer):
             self.min_val = self.min_val + c * (lo - self.min_val)  # m <- m + c * (batch_min - m)
             self.max_val = self.max_val + c * (hi - self.max_val)
 
+    def _merge(self, other: "Observer") -> None:
+        if self.min_val is None:
+            super()._merge(other)
+            return
+        dev = self.min_val.device  # no order-free merge exists: the mean of the two running ranges
+        self.min_val = (self.min_val + other.min_val.to(dev)) / 2
+        self.max_val = (self.max_val + other.max_val.to(dev)) / 2
+
 
 class HistogramObserver(Observer):
     """Two-sided histogram on [0, R] with ``bins`` bins per side; subclasses turn it into a clipping range."""
@@ -127,7 +195,7 @@ class HistogramObserver(Observer):
 
     def reset(self) -> None:
         super().reset()
-        self.R: Optional[float] = None
+        self.R: Optional[float] = None  # a power of two > every |x| seen; 0.0 while only zeros were seen
         self.pos: Optional[Tensor] = None  # counts of x in [i*w, (i+1)*w), w = R / bins
         self.neg: Optional[Tensor] = None  # counts of -x in the same bins, for x < 0
 
@@ -135,32 +203,49 @@ class HistogramObserver(Observer):
     def bin_width(self) -> float:
         return self.R / self.bins
 
-    def _grow(self, amax: float) -> None:
-        while self.R < amax:  # double R: old bins (2k, 2k+1) become new bin k, the upper half starts empty
-            self.R *= 2.0
-            for name in ("pos", "neg"):
-                h = getattr(self, name)
-                merged = h.reshape(-1, 2).sum(1)
-                setattr(self, name, torch.cat([merged, torch.zeros_like(merged)]))
-
     def _counts(self, a: Tensor) -> Tensor:
-        idx = torch.clamp((a * (self.bins / self.R)).floor().long(), 0, self.bins - 1)  # bin = floor(a / w)
+        if self.R == 0.0:  # only zeros so far: bin 0 at any R
+            return torch.bincount(torch.zeros(a.numel(), dtype=torch.long, device=a.device), minlength=self.bins)
+        scale = self.bins / self.R  # a power of two: a * scale is exact wherever it is >= 1
+        if scale > 2.0 ** 120:  # R below ~2**-109: scale and the products are out of float32's range
+            a = a.double()
+        idx = torch.clamp((a * scale).floor().long(), 0, self.bins - 1)  # bin = floor(|x| * bins / R)
         return torch.bincount(idx, minlength=self.bins)
+
+    def rebin(self, R: float) -> None:
+        """Raise the range to ``R`` (a power of two >= the current one), merging the counts (exact)."""
+        if self.R is not None and R != self.R:
+            self.pos, self.neg = (rebin_counts(h, self.R, R) for h in (self.pos, self.neg))
+            self.R = R
 
     def _observe(self, x: Tensor) -> None:
         x = x.reshape(-1)
         lo, hi = x.amin(), x.amax()
-        amax = float(torch.maximum(-lo, hi))
+        R = range_above(float(torch.maximum(-lo, hi)))
         if self.R is None:
-            self.R = amax if amax > 0 else self.eps
+            self.R = R
             self.pos = torch.zeros(self.bins, dtype=torch.int64, device=x.device)
             self.neg = torch.zeros_like(self.pos)
             self.min_val, self.max_val = lo, hi
         else:
             self.min_val, self.max_val = torch.minimum(self.min_val, lo), torch.maximum(self.max_val, hi)
-        self._grow(amax)
+        self.rebin(max(self.R, R))
         self.pos += self._counts(x[x >= 0])
         self.neg += self._counts(-x[x < 0])
+
+    def _merge(self, other: "Observer") -> None:
+        if other.bins != self.bins:
+            raise CalibrationError(f"cannot merge histograms of {other.bins} and {self.bins} bins")
+        first = self.min_val is None
+        super()._merge(other)
+        dev = self.min_val.device
+        if first:
+            self.R, self.pos, self.neg = other.R, other.pos.to(dev).clone(), other.neg.to(dev).clone()
+            return
+        R = max(self.R, other.R)
+        self.rebin(R)
+        self.pos = self.pos + rebin_counts(other.pos, other.R, R).to(dev)
+        self.neg = self.neg + rebin_counts(other.neg, other.R, R).to(dev)
 
     def abs_hist(self) -> Tensor:
         """Histogram of |x| on [0, R], float64."""

@@ -13,16 +13,19 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import torch
 from torch import Tensor, nn
 
-from .calibrate import calibrate
+from ..errors import CalibrationError
+from .calibrate import calibrate, model_device
+from .distributed import LOCAL, reduce_channel_stats
 from .qdq import op_type
 from .smoothquant import (ChannelStats, GroupResult, SmoothQuantReport, _check_alpha, _scale_, _weight_absmax,
                           find_smoothing_groups, search_alpha, smoothing_scales)
 
 
 def input_groups(model: nn.Module, first_batch: Any, linear_names: Sequence[str],
-                 input_fn: Optional[Callable[[Any], Any]]) -> List[List[str]]:
+                 input_fn: Optional[Callable[[Any], Any]], sync: Any = LOCAL) -> List[List[str]]:
     """The Linears to smooth, grouped by the tensor they read (one scale per group, so one Mul in the graph)."""
-    found = find_smoothing_groups(model, first_batch, linear_names=linear_names, input_fn=input_fn, auto_pairs=False)
+    found = find_smoothing_groups(model, first_batch, linear_names=linear_names, input_fn=input_fn, auto_pairs=False,
+                                  sync=sync)
     wanted = set(linear_names)
     groups, seen = [], set()
     for g in found:
@@ -36,22 +39,24 @@ def input_groups(model: nn.Module, first_batch: Any, linear_names: Sequence[str]
 
 def smooth_explicit(model: nn.Module, loader: Iterable, *, linear_names: Sequence[str], alpha: Union[float, str],
                     num_batches: int, input_fn: Optional[Callable[[Any], Any]] = None, act_dtype: str = "int8",
-                    act_symmetric: bool = True, max_rows: int = 2048
+                    act_symmetric: bool = True, max_rows: int = 2048, sync: Any = LOCAL
                     ) -> Tuple[Dict[str, Tensor], List[Any], SmoothQuantReport]:
     """Scale the input columns of every Linear in ``linear_names`` by ``s`` (in place) and return
     ``({name: 1/s}, hook handles, report)``: the hooks divide each Linear's input by ``s`` so calibration sees
     what the QDQ layer will quantize; the caller removes them and gives each QDQ layer its ``1/s``."""
     if alpha != "auto":
         _check_alpha(alpha)
-    first = next(iter(loader), None)
-    if first is None:
-        from ..errors import CalibrationError
-        raise CalibrationError("the calibration loader yielded no batches; SmoothQuant needs representative inputs")
+    with sync.guard("SmoothQuant"):
+        first = next(iter(loader), None)
+        if first is None:
+            raise CalibrationError("the calibration loader yielded no batches; SmoothQuant needs representative inputs")
     modules = dict(model.named_modules())
-    groups = input_groups(model, first, linear_names, input_fn)
+    groups = input_groups(model, first, linear_names, input_fn, sync)
     rows = max_rows if alpha == "auto" else 0
-    stats = calibrate(model, loader, observer_factory=lambda n, m: ChannelStats(rows), num_batches=num_batches,
-                      input_fn=input_fn, module_filter=[g[0] for g in groups], progress=False)
+    with sync.guard("SmoothQuant calibration"):
+        stats = calibrate(model, loader, observer_factory=lambda n, m: ChannelStats(rows), num_batches=num_batches,
+                          input_fn=input_fn, module_filter=[g[0] for g in groups], progress=False)
+    reduce_channel_stats(stats, sync, model_device(model))
     report = SmoothQuantReport(alpha)
     inverse: Dict[str, Tensor] = {}
     handles = []
@@ -60,7 +65,7 @@ def smooth_explicit(model: nn.Module, loader: Iterable, *, linear_names: Sequenc
         if st.min is None:
             continue  # never called: quantize() leaves it in float anyway
         mods = [modules[n] for n in names]
-        a = search_alpha(st, mods, act_dtype, act_symmetric)[0] if alpha == "auto" else float(alpha)
+        a = search_alpha(st, mods, act_dtype, act_symmetric, sync.sum_ordered)[0] if alpha == "auto" else float(alpha)
         s = smoothing_scales(st.absmax, _weight_absmax(mods).to(st.absmax.device), a)  # s_j = max|X_j|^a / max|W_j|^(1-a)
         inv = (1.0 / s).to(torch.float32)
         for n, m in zip(names, mods):

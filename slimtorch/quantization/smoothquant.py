@@ -23,7 +23,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -31,6 +31,8 @@ from torch import Tensor, nn
 
 from ..errors import CalibrationError, ConfigError
 from .calibrate import calibrate, feed, model_device, to_device
+from .distributed import LOCAL, reduce_channel_stats
+from .smooth_report import GroupResult, SmoothQuantReport  # noqa: F401 - re-exported: part of this module's API
 from .primitives import SYMMETRIC_INT8_QMAX, choose_qparams, fake_quantize
 from .qdq import op_type
 
@@ -126,7 +128,8 @@ class _Probe:
     large batch would, at a fraction of the cost (the whole batch is used if the model rejects the cut one).
     """
 
-    def __init__(self, model: nn.Module, batch: Any, tol: Optional[float], samples: int):
+    def __init__(self, model: nn.Module, batch: Any, tol: Optional[float], samples: int, sync: Any = LOCAL):
+        self.sync = sync  # distributed: the worst rank's output change decides, so all ranks fold alike
         p = next(iter(model.parameters()), None)
         exact = p is None or p.dtype in (torch.float32, torch.float64)
         self.model, self.tol = model, tol if tol is not None else (1e-4 if exact else 2e-2)  # half rounds the fold
@@ -158,7 +161,7 @@ class _Probe:
             _fold(modules, prev, lins, s)
         d = max([float((a - b).abs().max()) / max(float(b.abs().max()), 1e-12)
                  for a, b in zip(self.run(), self.ref)] or [0.0])
-        d = d if d == d else float("inf")  # NaN means changed
+        d = self.sync.max_float(d if d == d else float("inf"))  # NaN means changed
         if d > self.tol or not keep:
             for t, v in saved:
                 t.data.copy_(v)
@@ -295,7 +298,7 @@ def _check(probe: _Probe, modules: Dict[str, nn.Module], g: SmoothGroup) -> None
 def find_smoothing_groups(model: nn.Module, batch: Any, *, linear_names: Optional[Sequence[str]] = None,
                           input_fn: Optional[Callable[[Any], Any]] = None, extra_pairs: Pairs = (),
                           auto_pairs: bool = True, tol: Optional[float] = None,
-                          probe_samples: int = 1) -> List[SmoothGroup]:
+                          probe_samples: int = 1, sync: Any = LOCAL) -> List[SmoothGroup]:
     """Smoothing groups for ``linear_names`` (default all Linears/Conv1Ds; other module types are ignored).
 
     A group is foldable (``skip_reason`` None) only if folding probe scales into it keeps the float output on the
@@ -313,13 +316,16 @@ def find_smoothing_groups(model: nn.Module, batch: Any, *, linear_names: Optiona
                           f"linear_names and extra_pairs take qualified names from model.named_modules()")
     wanted = {n for n in names if _is_linear(modules[n])}
     with _eval_mode(model):
-        batch = to_device(input_fn(batch) if input_fn is not None else batch, model_device(model))
-        probe = _Probe(model, batch, tol, probe_samples)
-        source, calls, order = _trace(model, probe.batch)  # the structure does not depend on the batch size
-        probe.check_finite()  # after the trace, which names the first module that sees a NaN
+        with sync.guard("SmoothQuant discovery"):
+            batch = to_device(input_fn(batch) if input_fn is not None else batch, model_device(model))
+            probe = _Probe(model, batch, tol, probe_samples, sync)
+            source, calls, order = _trace(model, probe.batch)  # the structure does not depend on the batch size
+            probe.check_finite()  # after the trace, which names the first module that sees a NaN
+            candidates = _candidates(modules, wanted, source, calls, order, extra_pairs, auto_pairs)
+        sync.check_same([(g.prev, g.linears, g.skip_reason) for g in candidates], "the SmoothQuant candidate groups")
         groups: List[SmoothGroup] = []
         tried: Dict[str, List[str]] = {}  # consumer -> previous Linears whose pair did not fold
-        for g in _candidates(modules, wanted, source, calls, order, extra_pairs, auto_pairs):
+        for g in candidates:
             if g.source == "pair" and any(g.linears[0] in h.linears for h in groups if h.skip_reason is None):
                 continue  # a nearer Linear already folds into this consumer
             _check(probe, modules, g)
@@ -372,92 +378,61 @@ def _weight_absmax(mods: Sequence[nn.Module]) -> Tensor:
     return torch.stack([_w(m).abs().amax(0) for m in mods]).amax(0)
 
 
-def search_alpha(stats: ChannelStats, mods: Sequence[nn.Module], act_dtype: str = "int8",
-                 act_symmetric: bool = True) -> Tuple[float, float]:
-    """The ALPHA_GRID value with the least fake-quant output error of ``mods`` on ``stats.rows``; (alpha, error).
-
-    Error: sum over the Linears of MSE / mean square of the float output, with the activations quantized per tensor
-    on the full calibration range of X / s and the weights W * s symmetric int8 per output channel (as QDQLinear).
-    """
+def alpha_errors(stats: ChannelStats, mods: Sequence[nn.Module], act_dtype: str = "int8",
+                 act_symmetric: bool = True) -> Tensor:
+    """[len(ALPHA_GRID), len(mods), 2] float64: per alpha and Linear, the sums over ``stats.rows`` of the squared
+    fake-quant output error and of the squared float output (zeros without rows): sums, so ranks can add theirs."""
+    out = torch.zeros(len(ALPHA_GRID), len(mods), 2, dtype=torch.float64)
     x = stats.rows
+    if x is None or x.numel() == 0:
+        return out
     ws = [_w(m).to(x.device) for m in mods]
     refs = [x @ w.t() for w in ws]
     wmax = _weight_absmax(mods).to(x.device)
-    best = (ALPHA_GRID[0], float("inf"))
-    for alpha in ALPHA_GRID:
+    for i, alpha in enumerate(ALPHA_GRID):
         s = smoothing_scales(stats.absmax, wmax, alpha)
         # min/max of X_j / s_j over every calibration token, exact because s > 0: what minmax calibration will see
         sc, zp = choose_qparams((stats.min / s).amin(), (stats.max / s).amax(), dtype=act_dtype,
                                 symmetric=act_symmetric)
         xq = fake_quantize(x / s, sc, zp, dtype=act_dtype)
-        err = 0.0
-        for w, ref in zip(ws, refs):
+        for k, (w, ref) in enumerate(zip(ws, refs)):
             w_s = w * s  # W_ij * s_j
             wsc, wzp = choose_qparams(w_s.amin(1), w_s.amax(1), dtype="int8", symmetric=True)
             wq = fake_quantize(w_s, wsc, wzp, axis=0, quant_min=-SYMMETRIC_INT8_QMAX)
-            err += float(((xq @ wq.t() - ref) ** 2).mean() / (ref ** 2).mean().clamp(min=1e-30))
+            out[i, k, 0], out[i, k, 1] = float(((xq @ wq.t() - ref) ** 2).sum()), float((ref ** 2).sum())
+    return out
+
+
+def search_alpha(stats: ChannelStats, mods: Sequence[nn.Module], act_dtype: str = "int8",
+                 act_symmetric: bool = True, reduce: Optional[Callable[[Tensor], Tensor]] = None
+                 ) -> Tuple[float, float]:
+    """The ALPHA_GRID value with the least fake-quant output error of ``mods`` on ``stats.rows``; (alpha, error).
+
+    Error: sum over the Linears of MSE / mean square of the float output, with the activations quantized per tensor
+    on the full calibration range of X / s and the weights W * s symmetric int8 per output channel (as QDQLinear).
+    ``reduce`` (distributed calibration: a SUM over the ranks) combines the error sums of every rank's rows first.
+    """
+    e = alpha_errors(stats, mods, act_dtype, act_symmetric)
+    e = reduce(e) if reduce is not None else e
+    best = (ALPHA_GRID[0], float("inf"))
+    for alpha, err in zip(ALPHA_GRID, (e[..., 0] / e[..., 1].clamp(min=1e-30)).sum(1).tolist()):
         if err < best[1]:  # strict: ties keep the smaller alpha
             best = (alpha, err)
     return best
-
-
-# -- report -------------------------------------------------------------------------------------------------------
-@dataclass
-class GroupResult:
-    """One smoothed group: the alpha used, the scales and the largest activation |x| before and after."""
-
-    prev: str
-    kind: str
-    linears: List[str]
-    alpha: float
-    scale_max: float
-    scale_median: float
-    act_absmax_before: float
-    act_absmax_after: float
-    source: str = "identity"
-
-
-def _short(name: str, ref: str) -> str:
-    """``name`` without the dotted prefix it shares with ``ref``."""
-    a, b = name.split("."), ref.split(".")
-    i = 0
-    while i < min(len(a), len(b)) - 1 and a[i] == b[i]:
-        i += 1
-    return ".".join(a[i:])
-
-
-@dataclass
-class SmoothQuantReport:
-    alpha: Union[float, str]
-    groups: List[GroupResult] = field(default_factory=list)
-    skipped: List[SmoothGroup] = field(default_factory=list)
-
-    def __str__(self) -> str:
-        out = [f"SmoothQuant (alpha={self.alpha}): {len(self.groups)} groups smoothed, {len(self.skipped)} skipped"]
-        if self.groups:
-            w = max(len(g.prev) for g in self.groups)
-            out.append(f"{'previous op':<{w}}  {'kind':<9}  {'alpha':>5}  {'s max':>7}  {'s median':>8}  "
-                       f"{'act absmax before -> after':>26}  linears")
-            out += [f"{g.prev:<{w}}  {g.kind:<9}  {g.alpha:>5.2f}  {g.scale_max:>7.3g}  {g.scale_median:>8.3g}  "
-                    f"{g.act_absmax_before:>12.4g} -> {g.act_absmax_after:<10.4g}  "
-                    f"{', '.join(_short(n, g.prev) for n in g.linears)}" for g in self.groups]
-        if self.skipped:
-            out.append("skipped:")
-            out += [f"  {g.prev or '(no previous op)'} -> [{', '.join(_short(n, g.prev) for n in g.linears)}]: "
-                    f"{g.skip_reason}" for g in self.skipped]
-        return "\n".join(out)
 
 
 # -- entry point --------------------------------------------------------------------------------------------------
 def smooth(model: nn.Module, loader: Iterable, *, linear_names: Sequence[str], alpha: Union[float, str],
            num_batches: int, input_fn: Optional[Callable[[Any], Any]] = None, act_dtype: str = "int8",
            act_symmetric: bool = True, folding: bool = True, extra_pairs: Pairs = (), auto_pairs: bool = True,
-           max_rows: int = 2048, tol: Optional[float] = None, probe_samples: int = 1) -> SmoothQuantReport:
+           max_rows: int = 2048, tol: Optional[float] = None, probe_samples: int = 1,
+           sync: Any = LOCAL) -> SmoothQuantReport:
     """Smooth ``model`` in place (pass a copy) before quantizing ``linear_names``; its float function is unchanged.
 
     ``alpha`` in [0, 1], or "auto": per group the ALPHA_GRID value with the least fake-quant output error on up to
     ``max_rows`` sampled input rows (``act_dtype``/``act_symmetric`` activations, int8 per-channel weights). The
     first batch drives discovery and every exactness check; up to ``num_batches`` batches feed the statistics.
+    ``sync``: distributed calibration (quantization/distributed.py), every statistic reduced over the ranks.
     """
     if alpha != "auto":
         _check_alpha(alpha)
@@ -472,10 +447,11 @@ def smooth(model: nn.Module, loader: Iterable, *, linear_names: Sequence[str], a
         raise ConfigError(f"smoothquant activation scheme: {e}") from e
     if isinstance(loader, Iterator):  # one pass only: keep the batches for discovery and calibration
         loader = [b for _, b in zip(range(num_batches), loader)]
-    first = next(iter(loader), None)
-    if first is None:
-        raise CalibrationError("the calibration loader yielded no batches; SmoothQuant needs representative inputs")
-    found = find_smoothing_groups(model, first, linear_names=linear_names, input_fn=input_fn, tol=tol,
+    with sync.guard("SmoothQuant"):
+        first = next(iter(loader), None)
+        if first is None:
+            raise CalibrationError("the calibration loader yielded no batches; SmoothQuant needs representative inputs")
+    found = find_smoothing_groups(model, first, linear_names=linear_names, input_fn=input_fn, tol=tol, sync=sync,
                                   extra_pairs=extra_pairs, auto_pairs=auto_pairs, probe_samples=probe_samples)
     report = SmoothQuantReport(alpha, skipped=[g for g in found if g.skip_reason is not None])
     groups = [g for g in found if g.skip_reason is None]
@@ -483,8 +459,10 @@ def smooth(model: nn.Module, loader: Iterable, *, linear_names: Sequence[str], a
         return report
     modules = dict(model.named_modules())
     rows = max_rows if alpha == "auto" else 0
-    stats = calibrate(model, loader, observer_factory=lambda n, m: ChannelStats(rows), num_batches=num_batches,
-                      input_fn=input_fn, module_filter=[g.linears[0] for g in groups], progress=False)
+    with sync.guard("SmoothQuant calibration"):
+        stats = calibrate(model, loader, observer_factory=lambda n, m: ChannelStats(rows), num_batches=num_batches,
+                          input_fn=input_fn, module_filter=[g.linears[0] for g in groups], progress=False)
+    reduce_channel_stats(stats, sync, model_device(model))
     plans = []  # all scales from the unsmoothed model: a fold may change another group's weight columns
     for g in groups:
         st = stats[g.linears[0]]
@@ -493,11 +471,12 @@ def smooth(model: nn.Module, loader: Iterable, *, linear_names: Sequence[str], a
             report.skipped.append(g)
             continue
         mods = [modules[n] for n in g.linears]
-        a = search_alpha(st, mods, act_dtype, act_symmetric)[0] if alpha == "auto" else float(alpha)
+        a = search_alpha(st, mods, act_dtype, act_symmetric, sync.sum_ordered)[0] if alpha == "auto" else float(alpha)
         plans.append((g, a, smoothing_scales(st.absmax, _weight_absmax(mods).to(st.absmax.device), a), st.absmax))
-    with _eval_mode(model):
+    with _eval_mode(model), sync.guard("SmoothQuant verification"):
         probe = _Probe(model, to_device(input_fn(first) if input_fn is not None else first, model_device(model)),
-                       tol, probe_samples)
+                       tol, probe_samples, sync)
+    with _eval_mode(model):
         # all groups in one run; if that moves the output (rounding at extreme scales), one group at a time
         if probe.fold(modules, [(g.prev, g.linears, s) for g, _, s, _ in plans], keep=True) > probe.tol:
             for g, _, s, _ in plans:

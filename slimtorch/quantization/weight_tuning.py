@@ -175,7 +175,7 @@ class _MeanInput:
 
 
 def correct_bias(model: nn.Module, float_weights: Dict[str, Tensor], loader: Iterable, *, num_batches: int = 100,
-                 input_fn: Optional[Callable[[Any], Any]] = None) -> Dict[str, float]:
+                 input_fn: Optional[Callable[[Any], Any]] = None, sync: Any = None) -> Dict[str, float]:
     """Empirical bias correction, in place, of the QDQ layers named in ``float_weights`` (``{name: float weight}``).
 
     One pass over up to ``num_batches`` batches of ``loader`` (fed as calibration feeds them) records the mean
@@ -183,8 +183,12 @@ def correct_bias(model: nn.Module, float_weights: Dict[str, Tensor], loader: Ite
     where the layer had none). The float weights must be the ones the layers were quantized from (after BN folding
     and SmoothQuant), in the layers' own layout. One pass, not layer by layer: the correction of a layer changes the
     mean input of the next ones only through ``(W - W_q) * shift``, second order. Layers never called keep their
-    bias. Returns ``{name: max |correction|}`` of the corrected layers.
+    bias. Returns ``{name: max |correction|}`` of the corrected layers. ``sync`` (distributed calibration): the
+    input means are those of every rank's batches together (quantization/distributed.py).
     """
+    from .distributed import LOCAL, reduce_mean_inputs
+
+    sync = LOCAL if sync is None else sync
     if num_batches < 1:
         raise ConfigError(f"correct_bias: num_batches must be >= 1, got {num_batches}")
     named = dict(model.named_modules())
@@ -238,24 +242,26 @@ def correct_bias(model: nn.Module, float_weights: Dict[str, Tensor], loader: Ite
     handles = [m.register_forward_pre_hook(make_hook(n), with_kwargs=True) for n, m in layers.items()]
     device = model_device(model)
     seen = 0
-    try:
-        model.eval()
-        with torch.no_grad():
-            for i, batch in enumerate(itertools.islice(loader, num_batches)):
-                inputs = input_fn(batch) if input_fn is not None else batch
-                try:
-                    feed(model, to_device(inputs, device))
-                except Exception as e:
-                    raise CalibrationError(f"bias correction batch {i} ({describe(inputs)}) could not be fed to "
-                                           f"{type(model).__name__}: {type(e).__name__}: {e}") from e
-                seen += 1
-    finally:
-        for h in handles:
-            h.remove()
-        for m, training in modes.items():
-            m.training = training
-    if seen == 0:
-        raise CalibrationError("bias correction: the loader yielded no batches")
+    with sync.guard("bias correction"):
+        try:
+            model.eval()
+            with torch.no_grad():
+                for i, batch in enumerate(itertools.islice(loader, num_batches)):
+                    inputs = input_fn(batch) if input_fn is not None else batch
+                    try:
+                        feed(model, to_device(inputs, device))
+                    except Exception as e:
+                        raise CalibrationError(f"bias correction batch {i} ({describe(inputs)}) could not be fed to "
+                                               f"{type(model).__name__}: {type(e).__name__}: {e}") from e
+                    seen += 1
+        finally:
+            for h in handles:
+                h.remove()
+            for m, training in modes.items():
+                m.training = training
+        if seen == 0:
+            raise CalibrationError("bias correction: the loader yielded no batches")
+    reduce_mean_inputs(sync, stats, _flush, {n: q.weight_int8.shape[q.weight_axis] for n, q in layers.items()}, device)
     report = {}
     with torch.no_grad():
         for name, q in layers.items():
