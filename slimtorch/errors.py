@@ -38,7 +38,8 @@ class EvaluationError(SlimError, RuntimeError):
 
 
 class DistributedError(SlimError, RuntimeError):
-    """Ranks that would prune differently: another layer plan on one rank, or masks that drifted apart."""
+    """Ranks that disagree: another pruning plan, masks that drifted apart, or a quantization (config, model,
+    calibration error, final state) that differs on one rank; raised on every rank instead of a hang."""
 
 
 class UnsupportedModelError(SlimError, TypeError):

@@ -71,7 +71,7 @@ class PruningCallback(TrainerCallback):
         if not isinstance(model, torch.nn.Module):
             raise LifecycleError("PruningCallback.on_train_begin: no model was passed; add the callback to a "
                                  "transformers Trainer (callbacks=[...]) instead of calling it yourself")
-        if self.callbacks is not None and not _finalized(self.callbacks):
+        if self.callbacks is not None and not self.callbacks.finalized:
             self.callbacks.finalize()  # an earlier train() with finalize_at_end=False: this run starts over
         # prepare_pruning in explicit-callbacks mode, except that the Trainer calls the hooks once per *update*
         # (accumulation already folded in), so one call is one update whatever the config's accumulation says
@@ -119,7 +119,7 @@ class PruningCallback(TrainerCallback):
         self._live("on_epoch_end").on_epoch_end(int(state.epoch or 0))
 
     def on_save(self, args, state, control, **kwargs):
-        if self.callbacks is None or _finalized(self.callbacks) or not args.should_save:
+        if self.callbacks is None or self.callbacks.finalized or not args.should_save:
             return  # under DDP every rank holds the same state: the main process writes it
         # Trainer._save_checkpoint writes to os.path.join(run_dir, f"checkpoint-{global_step}") just before on_save
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
@@ -207,10 +207,6 @@ def _loss_scale(optimizer) -> Optional[float]:
     if scaler is None or not getattr(scaler, "is_enabled", lambda: False)():
         return None
     return float(scaler.get_scale())  # one host sync per update, only under fp16
-
-
-def _finalized(callbacks: PruningCallbacks) -> bool:
-    return bool(getattr(callbacks, "_finalized", False))
 
 
 def _load(path: str) -> Dict[str, Any]:
