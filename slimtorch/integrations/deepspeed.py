@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import warnings
-import weakref
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -71,7 +70,7 @@ def initialize(args: Any = None, model: Optional[nn.Module] = None, optimizer: A
         return engine, ds_optimizer, dataloader, scheduler, None
     accumulate = _accumulation_steps(engine, compression.sparse_pruning.shared_parameters.gradient_accumulation_steps)
     callbacks = prepare_for_engine(
-        engine.module, compression, access=DeepSpeedAccess(engine), accumulate=accumulate,
+        engine.module, compression, access=DeepSpeedAccess(engine.optimizer), accumulate=accumulate,
         driver=("engine.step()", "pass hands_free=False to slimtorch.deepspeed.initialize"), hands_free=hands_free)
     if hands_free:
         _drive_from_engine_step(engine, callbacks)
@@ -80,14 +79,15 @@ def initialize(args: Any = None, model: Optional[nn.Module] = None, optimizer: A
 
 
 class DeepSpeedAccess(ParamAccess):
-    """Gradients and fp32 master weights of a DeepSpeed engine (ZeRO 0-2, fp32 / fp16 / bf16)."""
+    """Gradients and fp32 master weights behind DeepSpeed's optimizer (``engine.optimizer``: ZeRO 0-2, fp32 /
+    fp16 / bf16). Only the optimizer is needed, so the same access serves the Trainer, which keeps the engine."""
 
     collective = True  # safe_get_full_grad all-reduces each ZeRO 1/2 gradient
 
-    def __init__(self, engine: Any):
+    def __init__(self, optimizer: Any):
         from deepspeed.utils import safe_get_full_grad, safe_set_full_fp32_param
         self._get_grad, self._set_master = safe_get_full_grad, safe_set_full_fp32_param
-        self._engine = weakref.ref(engine)  # the engine holds the callbacks through its step: no cycle
+        self._optimizer = optimizer
         self._flat_masters: Optional[Dict[int, Tensor]] = None
 
     def grad(self, weight: Tensor) -> Optional[Tensor]:
@@ -98,16 +98,15 @@ class DeepSpeedAccess(ParamAccess):
                 "slimtorch.deepspeed: gradients were read outside the engine's accumulation boundary "
                 f"({exc}); with hands_free=False call callbacks.on_before_optimizer_step() after engine.backward() "
                 "and before engine.step(), once per micro-batch") from None
-        engine = self._engine()
-        if grad is not None and engine is not None and _grads_are_loss_scaled(engine):
-            scale = engine._get_optimizer_loss_scale()
+        if grad is not None and _grads_are_loss_scaled(self._optimizer):
+            scale = _loss_scale(self._optimizer)
             if scale and scale != 1.0:
                 grad = grad.float() / scale  # the scores must not move with the dynamic loss scale
         return grad
 
     def update_applied(self) -> Optional[bool]:
-        engine = self._engine()
-        return None if engine is None else bool(engine.was_step_applied())
+        # what engine.was_step_applied() reports: DeepSpeed's fp16 optimizers set overflow on a skipped update
+        return not bool(getattr(self._optimizer, "overflow", False))
 
     def masks_applied(self, params: List[Tensor]) -> None:
         with torch.no_grad():
@@ -123,8 +122,7 @@ class DeepSpeedAccess(ParamAccess):
         """id(fp16 parameter) -> its view in the fp32 master of DeepSpeed's (ZeRO 0) FP16 optimizers."""
         if self._flat_masters is None:
             self._flat_masters = {}
-            engine = self._engine()
-            optimizer = getattr(engine, "optimizer", None)
+            optimizer = self._optimizer
             groups = getattr(optimizer, "fp16_groups", None)
             if groups is not None and hasattr(optimizer, "fp32_groups_flat"):   # fused: one flat tensor per group
                 for params, flat in zip(groups, optimizer.fp32_groups_flat):
@@ -139,7 +137,13 @@ class DeepSpeedAccess(ParamAccess):
         return self._flat_masters
 
 
-def _grads_are_loss_scaled(engine: Any) -> bool:
+def _loss_scale(optimizer: Any) -> Optional[float]:
+    """The current loss scale of a DeepSpeed optimizer (1.0 without fp16), as ``engine._get_optimizer_loss_scale``."""
+    config = getattr(optimizer, "loss_scale_config", None)
+    return getattr(config, "cur_scale", None) if config is not None else getattr(optimizer, "cur_scale", None)
+
+
+def _grads_are_loss_scaled(optimizer: Any) -> bool:
     """Whether the gradients at the boundary still carry the fp16 loss scale.
 
     ZeRO optimizers scale the loss in ``engine.backward``. DeepSpeed's stage-0 fp16 optimizers scaled it in their
@@ -147,12 +151,35 @@ def _grads_are_loss_scaled(engine: Any) -> bool:
     scales only through ZeRO optimizers, and the H100 run of benchmarks/deepspeed_pruning.py measured unscaled
     stage-0 fp16 gradients (scores 1/4096 of the fp32 run's when divided by the scale).
     """
-    if not engine.fp16_enabled():
-        return False
     from deepspeed.runtime.base_optimizer import ZeROOptimizer
-    if isinstance(engine.optimizer, ZeROOptimizer):
+    if isinstance(optimizer, ZeROOptimizer):
         return True
     return not hasattr(ZeROOptimizer, "scale_if_loss")
+
+
+def drive_from_optimizer_step(optimizer: Any, callbacks: PruningCallbacks) -> None:
+    """Hands-free pruning where only DeepSpeed's optimizer is at hand (the transformers Trainer keeps the engine).
+
+    ``engine.step()`` calls ``engine.optimizer.step()`` once per update, at the accumulation boundary, before the
+    reduced gradients are released; this instance's ``step`` is wrapped so the callbacks observe before it and
+    apply the masks after it. An fp16 overflow sets ``optimizer.overflow``: that update is not counted.
+    """
+    optimizer_step = optimizer.step
+
+    def step(*args: Any, **kwargs: Any) -> Any:
+        if callbacks.finalized:
+            return optimizer_step(*args, **kwargs)
+        callbacks._before_update()
+        result = optimizer_step(*args, **kwargs)
+        callbacks._micro += 1
+        if getattr(optimizer, "overflow", False):
+            callbacks._skipped_update()
+        else:
+            callbacks._after_update()
+        return result
+
+    step.__doc__ = optimizer_step.__doc__
+    optimizer.step = step
 
 
 def _drive_from_engine_step(engine: Any, callbacks: PruningCallbacks) -> None:
@@ -160,7 +187,7 @@ def _drive_from_engine_step(engine: Any, callbacks: PruningCallbacks) -> None:
     engine_step = engine.step
 
     def step(*args: Any, **kwargs: Any) -> Any:
-        if callbacks._finalized:
+        if callbacks.finalized:
             return engine_step(*args, **kwargs)
         boundary = engine.is_gradient_accumulation_boundary()  # asked before step() counts the micro-batch
         if boundary:
@@ -185,13 +212,13 @@ def _keep_in_checkpoints(engine: Any, callbacks: PruningCallbacks) -> None:
     def save_checkpoint(save_dir: str, tag: Any = None, client_state: Optional[Dict[str, Any]] = None,
                         *args: Any, **kwargs: Any) -> Any:
         state = dict(client_state or {})
-        if not callbacks._finalized:
+        if not callbacks.finalized:
             state[CLIENT_STATE_KEY] = callbacks.state_dict()
         return save(save_dir, tag, state, *args, **kwargs)
 
     def load_checkpoint(load_dir: str, tag: Any = None, *args: Any, **kwargs: Any) -> Any:
         path, client_state = load(load_dir, tag, *args, **kwargs)
-        if path is None or callbacks._finalized:
+        if path is None or callbacks.finalized:
             return path, client_state
         state = (client_state or {}).pop(CLIENT_STATE_KEY, None)
         if state is None:

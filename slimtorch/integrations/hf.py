@@ -66,7 +66,7 @@ class PruningCallback(TrainerCallback):
 
     # ------------------------------------------------------------ Trainer events
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        _refuse_deepspeed(args, optimizer)
+        deepspeed_optimizer = _deepspeed_optimizer(args, optimizer)
         self._check_accumulation(args)
         if not isinstance(model, torch.nn.Module):
             raise LifecycleError("PruningCallback.on_train_begin: no model was passed; add the callback to a "
@@ -75,7 +75,17 @@ class PruningCallback(TrainerCallback):
             self.callbacks.finalize()  # an earlier train() with finalize_at_end=False: this run starts over
         # prepare_pruning in explicit-callbacks mode, except that the Trainer calls the hooks once per *update*
         # (accumulation already folded in), so one call is one update whatever the config's accumulation says
-        self.callbacks = prepare_for_engine(model, self.config, accumulate=1)
+        if deepspeed_optimizer is None:
+            self.callbacks = prepare_for_engine(model, self.config, accumulate=1)
+        else:
+            # DeepSpeed's engine steps inside accelerator.backward(), before the Trainer's optimizer events, and
+            # keeps the reduced gradients (ZeRO 1/2: in partitions) only until then: pruning rides on the DeepSpeed
+            # optimizer's own step, as in slimtorch.deepspeed.initialize (ZeRO-3 parameters are refused there)
+            from .deepspeed import DeepSpeedAccess, drive_from_optimizer_step
+            self.callbacks = prepare_for_engine(
+                model, self.config, access=DeepSpeedAccess(deepspeed_optimizer), accumulate=1, hands_free=True,
+                driver=("DeepSpeed's optimizer step (Trainer with DeepSpeed)", "train without DeepSpeed"))
+            drive_from_optimizer_step(deepspeed_optimizer, self.callbacks)
         if state.global_step > 0 and self.resume_from is not False:
             try:
                 self._resume(args, state)
@@ -93,11 +103,15 @@ class PruningCallback(TrainerCallback):
 
     def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         callbacks = self._live("on_pre_optimizer_step")
+        if callbacks.hands_free:  # DeepSpeed: its optimizer step already drove this update
+            return
         self._scale = _loss_scale(optimizer)
         self._pre_step_seen = True
         callbacks.on_before_optimizer_step()
 
     def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        if self._live("on_optimizer_step").hands_free:
+            return
         # An fp16 update with inf/NaN gradients is skipped by the GradScaler; the Trainer still counts it in
         # global_step, slimtorch does not (a step is an applied update). accelerate's step_was_skipped misses the
         # skips of fused optimizers (the Trainer's default adamw_torch_fused: GradScaler calls their step(), which
@@ -236,16 +250,19 @@ def _resumed_checkpoint() -> Optional[str]:
         del frame  # frames hold references to their locals: don't keep the Trainer alive through a cycle
 
 
-def _refuse_deepspeed(args, optimizer) -> None:
-    """DeepSpeed owns the optimizer step and its gradients (partitioned under ZeRO): refuse it for now."""
+def _deepspeed_optimizer(args, optimizer) -> Any:
+    """DeepSpeed's optimizer (``engine.optimizer``) when the Trainer runs under DeepSpeed, else None."""
     # args.deepspeed: TrainingArguments(deepspeed=...); args.deepspeed_plugin: also set by `accelerate launch`
     # with a DeepSpeed config (ACCELERATE_USE_DEEPSPEED); the optimizer: accelerate's DeepSpeedOptimizerWrapper
-    optimizers = (type(optimizer).__name__, type(getattr(optimizer, "optimizer", None)).__name__)
-    if getattr(args, "deepspeed", None) or getattr(args, "deepspeed_plugin", None) is not None \
-            or getattr(args, "hf_deepspeed_config", None) is not None or any("DeepSpeed" in n for n in optimizers):
+    wrapper = type(optimizer).__name__
+    under_deepspeed = bool(getattr(args, "deepspeed", None)) or getattr(args, "deepspeed_plugin", None) is not None \
+        or getattr(args, "hf_deepspeed_config", None) is not None or "DeepSpeed" in wrapper
+    if not under_deepspeed:
+        return None
+    inner = getattr(optimizer, "optimizer", None)  # DeepSpeedOptimizerWrapper.optimizer is engine.optimizer
+    if "DeepSpeed" not in wrapper or inner is None or not callable(getattr(inner, "step", None)):
         raise UnsupportedModelError(
-            "PruningCallback: this Trainer runs under DeepSpeed (TrainingArguments.deepspeed or an accelerate "
-            "DeepSpeed plugin), whose engine owns the optimizer step and the (ZeRO-partitioned) gradients that "
-            "the callback would read. The Trainer callback does not support DeepSpeed yet: use "
-            "slimtorch.deepspeed.initialize(args=..., model=..., config=...) for now, or train without DeepSpeed "
-            "(DDP under torchrun works with the callback)")
+            f"PruningCallback: this Trainer runs under DeepSpeed, but its optimizer is a {wrapper}, not accelerate's "
+            "DeepSpeedOptimizerWrapper around DeepSpeed's optimizer, so the callback cannot reach the gradients "
+            "DeepSpeed keeps. Use slimtorch.deepspeed.initialize(...) in your own loop, or train without DeepSpeed")
+    return inner

@@ -169,3 +169,12 @@ def test_the_deepspeed_example_runs_under_torchrun():
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     assert "overall sparsity of pruned layers: 50.0% (2 of 3 layers pruned)" in done.stdout, done.stdout[-2000:]
     assert "56 updates" in done.stdout and "weights identical on all 2 ranks: True" in done.stdout
+
+
+def test_zero_3_partitioned_parameters_are_refused_at_prepare():
+    # what deepspeed.zero.Init leaves on every parameter (the Trainer under ZeRO-3 hands the callback such a model)
+    model = W.digits_cnn()
+    for p in model.parameters():
+        p.ds_id = 0
+    with pytest.raises(st.UnsupportedModelError, match="partitioned by DeepSpeed ZeRO stage 3"):
+        st.prepare_pruning(model, W.config())

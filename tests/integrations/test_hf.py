@@ -364,31 +364,49 @@ def test_config_that_does_not_fit_the_model_fails_before_training(tmp_path):
 
 
 DEEPSPEED_SCRIPT = """
-import sys, torch
+import os, sys, torch
 sys.path[:0] = [{root!r}]
+from deepspeed.utils import safe_get_full_fp32_param
 from tests.integrations.test_hf import make_trainer, tiny_bert, prune_config, PruningCallback
-import slimtorch as st
-ds = {{"zero_optimization": {{"stage": 0}}, "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
-      "gradient_accumulation_steps": "auto"}}
+out = {out!r}
+ds = {{"zero_optimization": {{"stage": {stage}}}, "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
+      "gradient_accumulation_steps": "auto", "zero_allow_untested_optimizer": True}}
 model = tiny_bert()
-trainer = make_trainer(model, {out!r}, [PruningCallback(prune_config())], max_steps=2, deepspeed=ds)
-try:
-    trainer.train()
-except st.UnsupportedModelError as e:
-    print("REFUSED:", e)
+cb = PruningCallback(prune_config(start_step=2, end_step=8, frequency=2), finalize_at_end=False)
+trainer = make_trainer(model, out, [cb], max_steps=10, per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                       deepspeed=ds, save_strategy="steps", save_steps=5)
+trainer.train()
+master = {{n: safe_get_full_fp32_param(p) for n, p in model.named_parameters()}}  # collective: every rank
+torch.save({{"masks": {{l.name: l.mask for l in cb.callbacks.pruner.layers}}, "weights": model.state_dict(),
+            "master": {{n: m for n, m in master.items() if m is not None}}, "step": cb.step,
+            "global_step": trainer.state.global_step, "wrapper": type(trainer.model_wrapped).__name__}},
+           os.path.join(out, f"rank{{torch.distributed.get_rank()}}.pt"))
 """
 
 
-def test_deepspeed_trainer_is_refused(tmp_path):
+@pytest.mark.parametrize("stage", [0, 2])
+def test_deepspeed_trainer_prunes_alike_on_every_rank(tmp_path, stage):
     pytest.importorskip("deepspeed")
-    # a real DeepSpeed Trainer (one CPU process, gloo); in a subprocess: it sets up torch.distributed and globals
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29500 + os.getpid() % 1000), RANK="0",
-               LOCAL_RANK="0", WORLD_SIZE="1", DS_BUILD_OPS="0", HF_HUB_OFFLINE="1")
-    script = DEEPSPEED_SCRIPT.format(root=str(ROOT), out=str(tmp_path))
-    done = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "REFUSED:" in done.stdout and "slimtorch.deepspeed.initialize" in done.stdout, done.stdout[-2000:]
+    # a real 2-process DeepSpeed Trainer on CPU (gloo) under torchrun; gradient accumulation 2, checkpoints at 5, 10
+    script = tmp_path / "train.py"
+    script.write_text(DEEPSPEED_SCRIPT.format(root=str(ROOT), out=str(tmp_path), stage=stage))
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script)], cwd=ROOT, capture_output=True, text=True, timeout=400,
+                          env=dict(os.environ, HF_HUB_OFFLINE="1", DS_BUILD_OPS="0"))
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    assert rank0["wrapper"] == "DeepSpeedEngine"
+    assert rank0["step"] == rank1["step"] == rank0["global_step"] == 10  # one count per DeepSpeed update
+    assert sorted(rank0["masks"]) == sorted(TARGETS)
+    for name, mask in rank0["masks"].items():
+        assert torch.equal(mask, rank1["masks"][name]), name
+        assert mask.reshape(mask.shape[0], -1, 4).sum(dim=-1).eq(2).all(), name  # 2:4 reached at step 8
+        assert rank0["weights"][f"{name}.weight"][~mask].eq(0).all(), name
+    for key, value in rank0["weights"].items():
+        assert torch.equal(value, rank1["weights"][key]), key
+    if stage == 2:  # DeepSpeed's fp32 master copy holds the same zeros (what its checkpoints keep)
+        assert rank0["master"].keys() and all(torch.equal(m, rank0["weights"][n]) for n, m in rank0["master"].items())
+    assert all((tmp_path / f"checkpoint-{n}" / STATE_FILE).is_file() for n in (5, 10))
 
 
 DDP_SCRIPT = """
