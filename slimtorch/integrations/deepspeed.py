@@ -1,8 +1,9 @@
 """``slimtorch.deepspeed.initialize``: DeepSpeed's own engine, with slimtorch's pruning driven by ``engine.step()``.
 
 The real ``deepspeed.initialize`` builds the engine from the user's DeepSpeed config minus the compression sections
-(slimtorch reads those; DeepSpeed never sees them). The pruning callbacks then read gradients and write masked
-weights where the engine keeps them:
+(slimtorch reads those; DeepSpeed never sees them). Hands-free, DeepSpeed's optimizer step (one per update, called
+by ``engine.step()``) drives the callbacks, which read gradients and write masked weights where the engine keeps
+them:
 
 | ZeRO stage | gradient the scores see                          | weights the masks are applied to              |
 |------------|--------------------------------------------------|-----------------------------------------------|
@@ -73,7 +74,7 @@ def initialize(args: Any = None, model: Optional[nn.Module] = None, optimizer: A
         engine.module, compression, access=DeepSpeedAccess(engine.optimizer), accumulate=accumulate,
         driver=("engine.step()", "pass hands_free=False to slimtorch.deepspeed.initialize"), hands_free=hands_free)
     if hands_free:
-        _drive_from_engine_step(engine, callbacks)
+        drive_from_optimizer_step(engine.optimizer, callbacks)  # engine.step() steps it once per update
         _keep_in_checkpoints(engine, callbacks)
     return engine, ds_optimizer, dataloader, scheduler, callbacks
 
@@ -158,7 +159,8 @@ def _grads_are_loss_scaled(optimizer: Any) -> bool:
 
 
 def drive_from_optimizer_step(optimizer: Any, callbacks: PruningCallbacks) -> None:
-    """Hands-free pruning where only DeepSpeed's optimizer is at hand (the transformers Trainer keeps the engine).
+    """Hands-free pruning driven by DeepSpeed's optimizer (``engine.optimizer``), which is all the transformers
+    Trainer lets a callback reach.
 
     ``engine.step()`` calls ``engine.optimizer.step()`` once per update, at the accumulation boundary, before the
     reduced gradients are released; this instance's ``step`` is wrapped so the callbacks observe before it and
@@ -171,7 +173,7 @@ def drive_from_optimizer_step(optimizer: Any, callbacks: PruningCallbacks) -> No
             return optimizer_step(*args, **kwargs)
         callbacks._before_update()
         result = optimizer_step(*args, **kwargs)
-        callbacks._micro += 1
+        callbacks._micro += callbacks._accumulate  # the micro-batches of this update, as explicit mode counts
         if getattr(optimizer, "overflow", False):
             callbacks._skipped_update()
         else:
@@ -180,29 +182,6 @@ def drive_from_optimizer_step(optimizer: Any, callbacks: PruningCallbacks) -> No
 
     step.__doc__ = optimizer_step.__doc__
     optimizer.step = step
-
-
-def _drive_from_engine_step(engine: Any, callbacks: PruningCallbacks) -> None:
-    """Wrap this engine instance's ``step`` so that every update drives the callbacks (hands-free mode)."""
-    engine_step = engine.step
-
-    def step(*args: Any, **kwargs: Any) -> Any:
-        if callbacks.finalized:
-            return engine_step(*args, **kwargs)
-        boundary = engine.is_gradient_accumulation_boundary()  # asked before step() counts the micro-batch
-        if boundary:
-            callbacks._before_update()
-        result = engine_step(*args, **kwargs)
-        callbacks._micro += 1
-        if boundary:
-            if engine.was_step_applied():
-                callbacks._after_update()
-            else:
-                callbacks._skipped_update()
-        return result
-
-    step.__doc__ = engine_step.__doc__
-    engine.step = step
 
 
 def _keep_in_checkpoints(engine: Any, callbacks: PruningCallbacks) -> None:
