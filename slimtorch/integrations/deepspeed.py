@@ -83,8 +83,6 @@ class DeepSpeedAccess(ParamAccess):
     """Gradients and fp32 master weights behind DeepSpeed's optimizer (``engine.optimizer``: ZeRO 0-2, fp32 /
     fp16 / bf16). Only the optimizer is needed, so the same access serves the Trainer, which keeps the engine."""
 
-    collective = True  # safe_get_full_grad all-reduces each ZeRO 1/2 gradient
-
     def __init__(self, optimizer: Any):
         from deepspeed.utils import safe_get_full_grad, safe_set_full_fp32_param
         self._get_grad, self._set_master = safe_get_full_grad, safe_set_full_fp32_param
@@ -92,6 +90,8 @@ class DeepSpeedAccess(ParamAccess):
         self._flat_masters: Optional[Dict[int, Tensor]] = None
 
     def grad(self, weight: Tensor) -> Optional[Tensor]:
+        # a collective at ZeRO 1/2 (the partitions are all-reduced): every rank reads the same layers in the same
+        # order, which Pruner.observe guarantees (same plan, checked at prepare; same step)
         try:
             grad = self._get_grad(weight)
         except ValueError as exc:  # DeepSpeed's "only available immediately after backward and before step"
@@ -166,22 +166,8 @@ def drive_from_optimizer_step(optimizer: Any, callbacks: PruningCallbacks) -> No
     reduced gradients are released; this instance's ``step`` is wrapped so the callbacks observe before it and
     apply the masks after it. An fp16 overflow sets ``optimizer.overflow``: that update is not counted.
     """
-    optimizer_step = optimizer.step
-
-    def step(*args: Any, **kwargs: Any) -> Any:
-        if callbacks.finalized:
-            return optimizer_step(*args, **kwargs)
-        callbacks._before_update()
-        result = optimizer_step(*args, **kwargs)
-        callbacks._micro += callbacks._accumulate  # the micro-batches of this update, as explicit mode counts
-        if getattr(optimizer, "overflow", False):
-            callbacks._skipped_update()
-        else:
-            callbacks._after_update()
-        return result
-
-    step.__doc__ = optimizer_step.__doc__
-    optimizer.step = step
+    access = callbacks.pruner.access  # a DeepSpeedAccess of this optimizer: it knows when DeepSpeed skipped
+    optimizer.step = callbacks._wrap_step(optimizer.step, lambda: access.update_applied() is False)
 
 
 def _keep_in_checkpoints(engine: Any, callbacks: PruningCallbacks) -> None:

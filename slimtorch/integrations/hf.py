@@ -110,7 +110,8 @@ class PruningCallback(TrainerCallback):
         callbacks.on_before_optimizer_step()
 
     def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
-        if self._live("on_optimizer_step").hands_free:
+        callbacks = self._live("on_optimizer_step")
+        if callbacks.hands_free:
             return
         # An fp16 update with inf/NaN gradients is skipped by the GradScaler; the Trainer still counts it in
         # global_step, slimtorch does not (a step is an applied update). accelerate's step_was_skipped misses the
@@ -124,7 +125,7 @@ class PruningCallback(TrainerCallback):
         skipped = bool(getattr(optimizer, "step_was_skipped", False))
         if self._scale is not None:
             skipped = skipped or _loss_scale(optimizer) < self._scale
-        self._live("on_optimizer_step").on_after_optimizer_step(applied=not skipped)
+        callbacks.on_after_optimizer_step(applied=not skipped)
 
     def on_step_end(self, args, state, control, **kwargs):
         self._live("on_step_end").on_step_end()

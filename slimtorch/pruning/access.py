@@ -15,9 +15,6 @@ from torch import Tensor
 class ParamAccess:
     """Plain PyTorch: ``weight.grad``, and nothing to do after the pruner zeroed weights in place."""
 
-    #: True when :meth:`grad` is a collective call that every rank must make for the same layers in the same order
-    collective = False
-
     def grad(self, weight: Tensor) -> Optional[Tensor]:
         """The gradient of the update about to be applied (already reduced across data-parallel ranks)."""
         return weight.grad

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -79,9 +79,8 @@ def prepare_for_engine(model: nn.Module, config: ConfigSource, *, optimizer: Opt
     check_same_plan(plan.layers, failure)  # under torch.distributed: every rank must prune the same layers alike
     if failure is not None:
         raise failure
-    callbacks = PruningCallbacks(model, cfg, plan, optimizer, access=access, accumulate=accumulate)
-    callbacks._driver = driver
-    callbacks._hands_free = callbacks._hands_free or hands_free
+    callbacks = PruningCallbacks(model, cfg, plan, optimizer, access=access, accumulate=accumulate, driver=driver,
+                                 hands_free=hands_free)
     _ACTIVE[model] = callbacks
     return callbacks
 
@@ -91,7 +90,9 @@ class PruningCallbacks:
 
     def __init__(self, model: nn.Module, config: CompressionConfig, plan: TargetPlan,
                  optimizer: Optional[torch.optim.Optimizer] = None, *, access: Optional[ParamAccess] = None,
-                 accumulate: Optional[int] = None):
+                 accumulate: Optional[int] = None,
+                 driver: Tuple[str, str] = ("optimizer.step()", "prepare without optimizer="),
+                 hands_free: bool = False):
         self.config = config
         self.plan = plan
         self.pruner = Pruner(plan.layers, access)
@@ -101,11 +102,11 @@ class PruningCallbacks:
         self._masks_for = -1   # the pruning step whose masks were last computed
         self._accumulate = accumulate or config.sparse_pruning.shared_parameters.gradient_accumulation_steps
         # what drives the hooks in hands-free mode, and how to drive them yourself instead (named in errors)
-        self._driver = ("optimizer.step()", "prepare without optimizer=")
+        self._driver = driver
         self._model_ref = weakref.ref(model)
         self._finalized = False
         self._handles = []
-        self._hands_free = optimizer is not None
+        self._hands_free = hands_free or optimizer is not None  # optimizer hooks, or an engine drives the steps
         if optimizer is not None:
             self._handles = [
                 optimizer.register_step_pre_hook(lambda opt, args, kwargs: self._before_hooked_step(opt)),
@@ -194,6 +195,24 @@ class PruningCallbacks:
             self._skipped_update()
         else:
             self._after_update()
+
+    def _wrap_step(self, step: Callable[..., Any], skipped: Callable[[], bool]) -> Callable[..., Any]:
+        """``step`` (an engine's per-update optimizer step) made to drive these callbacks: observe before it, then
+        apply the masks, or forget the observation when ``skipped()`` says the update was not applied."""
+        def driven_step(*args: Any, **kwargs: Any) -> Any:
+            if self._finalized:
+                return step(*args, **kwargs)
+            self._before_update()
+            result = step(*args, **kwargs)
+            self._micro += self._accumulate  # the micro-batches of this update, as explicit mode counts them
+            if skipped():
+                self._skipped_update()
+            else:
+                self._after_update()
+            return result
+
+        driven_step.__doc__ = step.__doc__
+        return driven_step
 
     def _skipped_update(self) -> None:
         # the gradients the criteria saw were not applied (inf/NaN under AMP): forget them too
