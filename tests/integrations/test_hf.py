@@ -381,6 +381,8 @@ torch.save({{"masks": {{l.name: l.mask for l in cb.callbacks.pruner.layers}}, "w
             "master": {{n: m for n, m in master.items() if m is not None}}, "step": cb.step,
             "global_step": trainer.state.global_step, "wrapper": type(trainer.model_wrapped).__name__}},
            os.path.join(out, f"rank{{torch.distributed.get_rank()}}.pt"))
+torch.distributed.barrier()  # the Trainer leaves the group up: end both ranks together, or gloo's threads can
+torch.distributed.destroy_process_group()  # abort ("terminate called") in whichever rank exits last
 """
 
 
@@ -422,6 +424,8 @@ trainer.train()
 torch.save({{"masks": {{l.name: l.mask for l in cb.callbacks.pruner.layers}}, "weights": model.state_dict(),
             "step": cb.step, "global_step": trainer.state.global_step, "wrapper": type(trainer.model_wrapped).__name__}},
            os.path.join(out, f"rank{{torch.distributed.get_rank()}}.pt"))
+torch.distributed.barrier()
+torch.distributed.destroy_process_group()
 """
 
 
