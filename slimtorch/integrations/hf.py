@@ -47,10 +47,9 @@ class PruningCallback(TrainerCallback):
     def __init__(self, config: ConfigSource, finalize_at_end: bool = True,
                  resume_from: Union[None, bool, PathLike] = None):
         if not hasattr(TrainerCallback, "on_pre_optimizer_step"):
-            import transformers
             raise UnsupportedModelError(
-                f"PruningCallback: transformers {transformers.__version__} has no on_pre_optimizer_step event, "
-                "which the callback needs to read each update's gradients; upgrade transformers")
+                f"PruningCallback: transformers {_transformers_version()} has no on_pre_optimizer_step event, "
+                "which the callback needs to read each update's gradients; use transformers 4.45 or later")
         self.config = load_config(config)  # a bad config is an error now, before the Trainer touches the model
         if self.config.sparse_pruning is None:
             raise ConfigError("PruningCallback: the config has no compression_training.sparse_pruning section; add "
@@ -68,6 +67,13 @@ class PruningCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         deepspeed_optimizer = _deepspeed_optimizer(args, optimizer)
         self._check_accumulation(args)
+        if optimizer is None and getattr(args, "fp16", False):
+            # fp16 skips are seen through the optimizer's GradScaler; without it a skipped update (inf gradients)
+            # would be counted and scored. transformers 4.49.0 passed no optimizer to callbacks (fixed in 4.50).
+            raise UnsupportedModelError(
+                f"PruningCallback.on_train_begin: transformers {_transformers_version()} passed no optimizer to the "
+                "callback, so under fp16 it cannot tell which updates the GradScaler skips; use transformers 4.50 "
+                "or later (4.49.0 has this bug), or train in bf16 or fp32")
         if not isinstance(model, torch.nn.Module):
             raise LifecycleError("PruningCallback.on_train_begin: no model was passed; add the callback to a "
                                  "transformers Trainer (callbacks=[...]) instead of calling it yourself")
@@ -216,6 +222,11 @@ class PruningCallback(TrainerCallback):
                       "the model may be less sparse than the schedule's final target", stacklevel=3)
 
 
+def _transformers_version() -> str:
+    import transformers
+    return transformers.__version__
+
+
 def _loss_scale(optimizer) -> Optional[float]:
     """The loss scale of the GradScaler accelerate gave ``optimizer`` (fp16), or None without one."""
     scaler = getattr(optimizer, "scaler", None)
@@ -260,6 +271,11 @@ def _deepspeed_optimizer(args, optimizer) -> Any:
         or getattr(args, "hf_deepspeed_config", None) is not None or "DeepSpeed" in wrapper
     if not under_deepspeed:
         return None
+    if optimizer is None:
+        raise UnsupportedModelError(
+            f"PruningCallback.on_train_begin: this Trainer runs under DeepSpeed, but transformers "
+            f"{_transformers_version()} passed no optimizer to the callback, so it cannot reach DeepSpeed's optimizer; "
+            "use transformers 4.50 or later (4.49.0 has this bug)")
     inner = getattr(optimizer, "optimizer", None)  # DeepSpeedOptimizerWrapper.optimizer is engine.optimizer
     if "DeepSpeed" not in wrapper or inner is None or not callable(getattr(inner, "step", None)):
         raise UnsupportedModelError(

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -338,6 +339,22 @@ def test_update_without_pre_optimizer_event_is_a_lifecycle_error(tmp_path):
     with pytest.raises(st.LifecycleError, match="did not call on_pre_optimizer_step"):
         cb.on_optimizer_step(args, TrainerState(), TrainerControl())
     cb.callbacks.finalize()
+
+
+def test_no_optimizer_under_fp16_or_deepspeed_is_a_clear_error(tmp_path):
+    # transformers 4.49.0 passed optimizer=None to callbacks: fp16 skips (and DeepSpeed's optimizer) are then out of
+    # reach, which must be an error rather than counting skipped updates with inf gradients
+    from transformers import TrainerControl, TrainerState
+    model = tiny_bert()
+    for extra, match in (({"fp16": True}, "cannot tell which updates the GradScaler skips"),
+                         ({"deepspeed": {"zero_optimization": {"stage": 0}}}, "cannot reach DeepSpeed's optimizer")):
+        args = SimpleNamespace(**{"output_dir": str(tmp_path), "gradient_accumulation_steps": 1, "fp16": False,
+                                  **extra})
+        cb = PruningCallback(prune_config())
+        with pytest.raises(st.UnsupportedModelError, match=match):
+            cb.on_train_begin(args, TrainerState(), TrainerControl(), model=model, optimizer=None)
+        assert cb.callbacks is None and not any(isinstance(m, torch.nn.utils.parametrize.ParametrizationList)
+                                                for m in model.modules())
 
 
 def _trains_nothing(tmp_path, cb, error, match, **args):
