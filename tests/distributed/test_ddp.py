@@ -2,20 +2,13 @@
 with the same global batch, and clear errors instead of hangs when the ranks disagree."""
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch import nn
 
 import slimtorch as st
+from tests._multiproc import ROOT, WORLD, torchrun
+from tests._multiproc import spawn as launch
 
 from . import _workers as W
-
-WORLD = 2
-
-
-def launch(fn, tmp_path, *args, timeout=180):
-    ctx = mp.spawn(fn, args=(WORLD, str(tmp_path / "init"), str(tmp_path), *args), nprocs=WORLD, join=False)
-    while not ctx.join(timeout=timeout):
-        pass
 
 
 @pytest.fixture(scope="module")
@@ -109,13 +102,7 @@ def test_a_compiled_model_is_pruned_through_its_original_module():
 
 
 def test_the_ddp_example_runs_under_torchrun():
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    example = Path(__file__).resolve().parents[2] / "examples" / "prune_ddp.py"
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(example)], capture_output=True, text=True, timeout=300)
+    done = torchrun(ROOT / "examples" / "prune_ddp.py")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "overall sparsity of pruned layers: 50.0% (2 of 3 layers pruned)" in done.stdout
     assert "weights identical on all 2 ranks: True" in done.stdout

@@ -6,29 +6,21 @@ update and its final weights within float tolerance, and pruned zeros in DeepSpe
 """
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch import nn
 
 import slimtorch as st
+from tests._multiproc import ROOT, WORLD, spawn, torchrun
 from tests.distributed import _workers as W
 
 from . import _ds_workers as D
 
 pytest.importorskip("deepspeed")
 
-WORLD = 2
 PRUNED = ("3", "6")
 
 
-def launch(fn, tmp_path, *args, timeout=300):
-    ctx = mp.spawn(fn, args=(WORLD, str(tmp_path / "init"), str(tmp_path), *args), nprocs=WORLD, join=False)
-    while not ctx.join(timeout=timeout):
-        pass
-    return tmp_path
-
-
 def run(tmp_path_factory, name, *args):
-    tmp = launch(D.train, tmp_path_factory.mktemp(name), *args)
+    tmp = spawn(D.train, tmp_path_factory.mktemp(name), *args)
     return [torch.load(tmp / f"rank{r}.pt") for r in range(WORLD)]
 
 
@@ -119,7 +111,7 @@ def test_a_deepspeed_checkpoint_resumes_the_schedule_mid_way(tmp_path_factory, s
 
 
 def test_conflicting_gradient_accumulation_is_an_error_on_every_rank(tmp_path):
-    launch(D.gradient_accumulation_mismatch, tmp_path, timeout=180)
+    spawn(D.gradient_accumulation_mismatch, tmp_path, timeout=180)
     for rank in range(WORLD):
         text = (tmp_path / f"rank{rank}.txt").read_text()
         assert text.startswith("ConfigError: compression_training.sparse_pruning.shared_parameters."
@@ -159,13 +151,7 @@ def test_importing_slimtorch_does_not_import_deepspeed():
 
 
 def test_the_deepspeed_example_runs_under_torchrun():
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    example = Path(__file__).resolve().parents[2] / "examples" / "prune_deepspeed.py"
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(example)], capture_output=True, text=True, timeout=300)
+    done = torchrun(ROOT / "examples" / "prune_deepspeed.py")
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     assert "overall sparsity of pruned layers: 50.0% (2 of 3 layers pruned)" in done.stdout, done.stdout[-2000:]
     assert "56 updates" in done.stdout and "weights identical on all 2 ranks: True" in done.stdout

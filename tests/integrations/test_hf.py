@@ -26,6 +26,7 @@ import slimtorch as st  # noqa: E402
 from slimtorch.integrations.hf import STATE_FILE, PruningCallback  # noqa: E402
 from slimtorch.pruning import masks  # noqa: E402
 from slimtorch.pruning.schedules import is_pruning_step, sparsity_at  # noqa: E402
+from tests._multiproc import torchrun  # noqa: E402
 
 hf_logging.set_verbosity_error()
 ROOT = Path(__file__).resolve().parents[2]
@@ -409,9 +410,7 @@ def test_deepspeed_trainer_prunes_alike_on_every_rank(tmp_path, stage):
     # a real 2-process DeepSpeed Trainer on CPU (gloo) under torchrun; gradient accumulation 2, checkpoints at 5, 10
     script = tmp_path / "train.py"
     script.write_text(DEEPSPEED_SCRIPT.format(root=str(ROOT), out=str(tmp_path), stage=stage))
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(script)], cwd=ROOT, capture_output=True, text=True, timeout=400,
-                          env=dict(os.environ, HF_HUB_OFFLINE="1", DS_BUILD_OPS="0"))
+    done = torchrun(script, timeout=400, env={"HF_HUB_OFFLINE": "1", "DS_BUILD_OPS": "0"})
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     assert rank0["wrapper"] == "DeepSpeedEngine"
@@ -450,9 +449,7 @@ def test_ddp_trainer_under_torchrun_prunes_alike_on_every_rank(tmp_path):
     # a real 2-process DDP Trainer on CPU (gloo), launched as users do: torchrun
     script = tmp_path / "train.py"
     script.write_text(DDP_SCRIPT.format(root=str(ROOT), out=str(tmp_path)))
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(script)], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    done = torchrun(script, env={"HF_HUB_OFFLINE": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     assert rank0["wrapper"] == "DistributedDataParallel"  # the Trainer wrapped it; the callback got the module

