@@ -8,9 +8,14 @@ them:
 | ZeRO stage | gradient the scores see                          | weights the masks are applied to              |
 |------------|--------------------------------------------------|-----------------------------------------------|
 | 0          | ``param.grad`` after the engine's all-reduce     | the parameters (+ fp16 optimizer's fp32 master)|
-| 1, 2       | ``safe_get_full_grad``: the reduced partitions, | the parameters and their fp32 master fragment |
-|            | gathered (a collective every rank makes alike)   | (``safe_set_full_fp32_param``)                |
+| 1, 2       | this rank's fragment of the reduced partitions:  | the parameters and their fp32 master fragment |
+|            | partial scores, summed only at a mask update     | (``safe_set_full_fp32_param``)                |
 | 3          | refused: parameters are partitioned              |                                               |
+
+At ZeRO 1/2 no update communicates for pruning: scores are element-wise, so each rank scores the gradient
+fragment it owns, and the shares are summed (one all-reduce per layer, exact) only when a mask is computed and in
+``state_dict``. Gathering each layer's full gradient every update, as ``safe_get_full_grad`` does, would add an
+all-reduce of every pruned weight per update, more traffic than ZeRO's own gradient reduction.
 
 Gradients are read at the accumulation boundary, after ``engine.backward`` reduced them and before ``engine.step``
 unscales, clips and applies them; under fp16, gradients that carry the loss scale are divided by it here so that
@@ -90,10 +95,10 @@ class DeepSpeedAccess(ParamAccess):
         self._flat_masters: Optional[Dict[int, Tensor]] = None
 
     def grad(self, weight: Tensor) -> Optional[Tensor]:
-        # a collective at ZeRO 1/2 (the partitions are all-reduced): every rank reads the same layers in the same
-        # order, which Pruner.observe guarantees (same plan, checked at prepare; same step)
+        # ZeRO 1/2 (and the bf16 optimizer): only this rank's share of the reduced gradient, zeros elsewhere, so the
+        # scores are partial (see ParamAccess.complete_scores) and no update pays a collective for its gradients
         try:
-            grad = self._get_grad(weight)
+            grad = _gradient_share(weight) if _partitioned(weight) else self._get_grad(weight)
         except ValueError as exc:  # DeepSpeed's "only available immediately after backward and before step"
             raise ConfigError(
                 "slimtorch.deepspeed: gradients were read outside the engine's accumulation boundary "
@@ -104,6 +109,18 @@ class DeepSpeedAccess(ParamAccess):
             if scale and scale != 1.0:
                 grad = grad.float() / scale  # the scores must not move with the dynamic loss scale
         return grad
+
+    def complete_scores(self, weight: Tensor, scores: Tensor) -> Tensor:
+        if not _partitioned(weight):
+            return scores
+        from deepspeed import comm
+        full = scores.clone()
+        # the ranks' shares are disjoint and zero elsewhere: the sum is exact, so every rank gets the same bits
+        comm.all_reduce(full, group=getattr(weight, "_dp_group", None))
+        return full
+
+    def local_scores(self, weight: Tensor, scores: Tensor) -> Tensor:
+        return _share_of(weight, scores) if _partitioned(weight) else scores
 
     def update_applied(self) -> Optional[bool]:
         # what engine.was_step_applied() reports: DeepSpeed's fp16 optimizers set overflow on a skipped update
@@ -136,6 +153,38 @@ class DeepSpeedAccess(ParamAccess):
                     for p, m in zip(params, masters):
                         self._flat_masters[id(p)] = m.data
         return self._flat_masters
+
+
+def _partitioned(weight: Tensor) -> bool:
+    """Whether DeepSpeed linked ``weight`` to a partitioned fp32 master (ZeRO 1/2, the bf16 optimizer): each rank
+    then owns a fragment of the flattened weight (``_hp_mapping.lp_fragment_address``; None: no fragment here)."""
+    return hasattr(weight, "_hp_mapping")
+
+
+def _share_of(weight: Tensor, full: Tensor) -> Tensor:
+    """``full`` (weight-shaped) where this rank owns the weight's fragment, zeros elsewhere (float32)."""
+    share = torch.zeros(weight.numel(), dtype=torch.float32, device=weight.device)
+    mapping = weight._hp_mapping
+    if mapping is not None:
+        start, numel = mapping.lp_fragment_address.start, mapping.lp_fragment_address.numel
+        share.narrow(0, start, numel).copy_(full.reshape(-1).narrow(0, start, numel))
+    return share.view(weight.shape)
+
+
+def _gradient_share(weight: Tensor) -> Tensor:
+    """This rank's share of ``weight``'s reduced gradient: what ``safe_get_full_grad`` all-reduces, before the
+    all-reduce (its fragment of DeepSpeed's reduced partition; a ``.grad`` already full is cut to the fragment)."""
+    if getattr(weight, "_hp_grad", None) is None and weight.grad is not None:
+        return _share_of(weight, weight.grad)
+    share = torch.zeros(weight.numel(), dtype=torch.float32, device=weight.device)
+    mapping = weight._hp_mapping
+    if mapping is not None:
+        start, numel = mapping.lp_fragment_address.start, mapping.lp_fragment_address.numel
+        fragment = mapping.get_lp_grad_fragment(weight._index_in_param_group).reshape(-1)
+        if fragment.numel() == weight.numel():  # the bf16 optimizer keeps the whole gradient: take our fragment
+            fragment = fragment.narrow(0, start, numel)
+        share.narrow(0, start, numel).copy_(fragment)
+    return share.view(weight.shape)
 
 
 def _loss_scale(optimizer: Any) -> Optional[float]:

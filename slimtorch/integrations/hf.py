@@ -140,8 +140,13 @@ class PruningCallback(TrainerCallback):
         self._live("on_epoch_end").on_epoch_end(int(state.epoch or 0))
 
     def on_save(self, args, state, control, **kwargs):
-        if self.callbacks is None or self.callbacks.finalized or not args.should_save:
-            return  # under DDP every rank holds the same state: the main process writes it
+        if self.callbacks is None or self.callbacks.finalized:
+            return
+        # every rank: under DeepSpeed ZeRO 1/2 state_dict() sums the ranks' score shares (a collective); the
+        # result is the same everywhere, and the main process writes it
+        pruning_state = self.callbacks.state_dict()
+        if not args.should_save:
+            return
         # Trainer._save_checkpoint writes to os.path.join(run_dir, f"checkpoint-{global_step}") just before on_save
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         if not os.path.isdir(folder):
@@ -150,7 +155,7 @@ class PruningCallback(TrainerCallback):
                           "PruningCallback(resume_from=False) and restarts the schedule", stacklevel=2)
             return
         torch.save({"version": _STATE_VERSION, "global_step": state.global_step,
-                    "callbacks": self.callbacks.state_dict()}, os.path.join(folder, STATE_FILE))
+                    "callbacks": pruning_state}, os.path.join(folder, STATE_FILE))
 
     def on_train_end(self, args, state, control, **kwargs):
         callbacks = self._live("on_train_end")

@@ -26,3 +26,15 @@ class ParamAccess:
     def masks_applied(self, params: List[Tensor]) -> None:
         """Called after pruned entries of ``params`` (weights, biases of pruned rows) were zeroed in place: write
         them to any other copy of those parameters."""
+
+    # An engine that partitions gradients (DeepSpeed ZeRO 1/2) may hand out only this rank's share of each gradient,
+    # zeros elsewhere. Scores are element-wise, so each rank then keeps a *partial* score that is exact where it owns
+    # the gradient and zero elsewhere, and the shares add up to the full score exactly (x + 0 == x). The pruner
+    # completes them only when it needs them: at a mask update and for a state_dict.
+    def complete_scores(self, weight: Tensor, scores: Tensor) -> Tensor:
+        """The full scores of ``weight`` from this rank's share (a collective where shares are partial)."""
+        return scores
+
+    def local_scores(self, weight: Tensor, scores: Tensor) -> Tensor:
+        """This rank's share of full ``scores`` (e.g. loaded from a checkpoint): the inverse of complete_scores."""
+        return scores

@@ -237,7 +237,10 @@ class PruningCallbacks:
 
     # ------------------------------------------------------------ checkpoints and the end
     def state_dict(self) -> Dict[str, Any]:
-        """Everything needed to resume mid-schedule: step counters, masks and criterion scores."""
+        """Everything needed to resume mid-schedule: step counters, masks and criterion scores.
+
+        Under DeepSpeed ZeRO 1/2 each rank keeps its share of the scores, so this is a collective: call it on every
+        rank (``engine.save_checkpoint`` does, as DeepSpeed requires), then write it from one."""
         return {"step": self.step, "micro": self._micro, "masks_for": self._masks_for, "history": list(self.history),
                 "pruner": self.pruner.state_dict()}
 

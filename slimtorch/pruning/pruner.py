@@ -127,7 +127,7 @@ class Pruner:
             due = [layer for layer in self.layers if self._due(layer, step)]
             # scores of global layers are needed together (one ranking); local ones one at a time, so a large
             # model never holds every layer's score matrix at once
-            matrices = {id(layer): _score_matrix(layer) for layer in due if layer.target.settings.is_global}
+            matrices = {id(layer): self._score_matrix(layer) for layer in due if layer.target.settings.is_global}
             allocated: Dict[int, float] = {}
             for members in _global_groups(due).values():
                 allocated.update(_allocate(members, matrices, step))
@@ -137,7 +137,7 @@ class Pruner:
                 target = allocated.get(id(layer), group_target)
                 weight = layer.weight
                 # a global group's N:M units were counted cheapest-first, so the layer drops those same groups
-                scores = matrices.pop(id(layer)) if id(layer) in matrices else _score_matrix(layer)
+                scores = matrices.pop(id(layer)) if id(layer) in matrices else self._score_matrix(layer)
                 keep = masks.compute_mask(scores, s.pattern, target,
                                           "cheapest" if s.is_global else "clearest")
                 layer.mask = masks.from_matrix(keep, weight.shape, layer.target.layout)
@@ -177,8 +177,14 @@ class Pruner:
                     if l.bias_mask is not None and getattr(l.target.module, "bias", None) is not None]
         self.access.masks_applied(changed)
 
+    def _score_matrix(self, layer: LayerState) -> Tensor:
+        """The layer's (complete) element scores in the ``[out, reduction]`` matrix view."""
+        state = None if layer.state is None else self.access.complete_scores(layer.weight, layer.state)
+        return masks.to_matrix(criteria.score(layer.target.settings.method, layer.weight, state), layer.target.layout)
+
     # ------------------------------------------------------------ checkpoints
     def state_dict(self) -> Dict[str, Any]:
+        """Masks and complete scores; a collective where ranks keep partial scores (DeepSpeed ZeRO 1/2)."""
         return {
             "version": STATE_VERSION,
             "layers": {
@@ -187,7 +193,7 @@ class Pruner:
                     "pattern": str(l.target.settings.pattern),
                     "mask": None if l.mask is None else l.mask.clone(),
                     "bias_mask": None if l.bias_mask is None else l.bias_mask.clone(),
-                    "state": None if l.state is None else l.state.clone(),
+                    "state": None if l.state is None else self.access.complete_scores(l.weight, l.state).clone(),
                 }
                 for l in self.layers
             },
@@ -211,14 +217,12 @@ class Pruner:
             device = layer.weight.device
             layer.mask = None if entry["mask"] is None else entry["mask"].to(device).clone()
             layer.bias_mask = None if entry["bias_mask"] is None else entry["bias_mask"].to(device).clone()
-            layer.state = None if entry["state"] is None else entry["state"].to(device).clone()
+            layer.state = (None if entry["state"] is None
+                           else self.access.local_scores(layer.weight, entry["state"].to(device).clone()))
             layer._cast = None
         self.apply_masks()
 
 
-def _score_matrix(layer: LayerState) -> Tensor:
-    """The layer's element scores in the ``[out, reduction]`` matrix view."""
-    return masks.to_matrix(criteria.score(layer.target.settings.method, layer.weight, layer.state), layer.target.layout)
 
 
 def _global_groups(layers: List[LayerState]) -> Dict[Optional[str], List[LayerState]]:

@@ -60,6 +60,7 @@ def train(rank: int, world: int, init_file: str, out_dir: str, stage: int, accum
     try:
         x, y = W.digits_tensors()
         model, (engine, _, _, _, cb) = _engine(stage, accumulate, hands_free)
+        reductions = _count_weight_sized_all_reduces([layer.weight.numel() for layer in cb.pruner.layers])
         steps = []
         for update in range(W.UPDATES):
             if update == resume_at:
@@ -77,12 +78,29 @@ def train(rank: int, world: int, init_file: str, out_dir: str, stage: int, accum
                     cb.on_after_optimizer_step()
             steps.append(_snapshot(model, cb))
         report = st.sparsity_report(engine)
-        steps.append({"report": [(r.name, r.pattern, r.sparsity, r.pattern_valid) for r in report],
+        steps.append({"weight_sized_all_reduces": list(reductions),
+                      "report": [(r.name, r.pattern, r.sparsity, r.pattern_valid) for r in report],
                       "master": _master_weights(engine, model),
                       "deepspeed_keys": sorted(engine._config._param_dict)})
         torch.save(steps, f"{out_dir}/rank{rank}.pt")
     finally:
         W._close()
+
+
+def _count_weight_sized_all_reduces(sizes):
+    """Record the size of every float32 all-reduce through deepspeed.comm as large as a pruned weight (gradient
+    gathers and score sums; DeepSpeed's own reductions are flat buckets or scalars); returns the live list."""
+    from deepspeed import comm
+
+    seen, original = [], comm.all_reduce
+
+    def all_reduce(tensor, *args, **kwargs):
+        if tensor.dtype == torch.float32 and tensor.numel() in sizes:
+            seen.append(tensor.numel())
+        return original(tensor, *args, **kwargs)
+
+    comm.all_reduce = all_reduce
+    return seen
 
 
 def _master_weights(engine, model):

@@ -95,6 +95,18 @@ def test_zero_1_and_2_master_weights_hold_the_pruned_zeros(zero_run):
         assert torch.equal(value, weights[key]), key
 
 
+def test_no_update_communicates_for_pruning_scores_at_zero_1_and_2(zero_run):
+    # each rank scores the gradient fragment it owns; the shares are summed once per layer and mask update (steps
+    # 0, 2, 4, 6), not gathered every observed update (0-5: 12 all-reduces of pruned-weight size, as before)
+    stage, ranks = zero_run
+    for rank in ranks:
+        sizes = rank[-1]["weight_sized_all_reduces"]
+        if stage == 0:
+            assert sizes == []  # the full reduced gradient is in param.grad: nothing to sum
+        else:
+            assert sorted(sizes) == sorted([16 * 32 * 9, 64 * 512] * 4), sizes
+
+
 def test_explicit_callbacks_with_gradient_accumulation_match_one_process(tmp_path_factory, single_process):
     # 2 micro-batches of 8 per rank and update; the callbacks are called around every engine.step()
     ranks = run(tmp_path_factory, "explicit", 2, 2, False)
