@@ -83,14 +83,14 @@ def run(stage: int, dtype: str, args, device: torch.device, prune: bool) -> dict
             sync(device)
             times.append(time.perf_counter() - t0)
             losses.append(loss.item())
-            if prune and args.trace and dist.get_rank() == 0:
-                norm = sum(float(l.state.double().norm() ** 2) for l in cb.pruner.layers if l.state is not None)
-                print(f"trace zero{stage} {dtype}: update {len(times)} step {cb.step} loss {losses[-1]:.3f} "
-                      f"scale {engine._get_optimizer_loss_scale()} applied {engine.was_step_applied()} "
-                      f"score norm {norm ** 0.5:.4g}", flush=True)
+            if prune and args.trace:
+                norm = scores_norm(cb)  # every rank: a collective at ZeRO 1/2
+                if dist.get_rank() == 0:
+                    print(f"trace zero{stage} {dtype}: update {len(times)} step {cb.step} loss {losses[-1]:.3f} "
+                          f"scale {engine._get_optimizer_loss_scale()} applied {engine.was_step_applied()} "
+                          f"score norm {norm:.4g}", flush=True)
             if prune and cb.step == args.updates // 4:  # mid-window: the running snip_momentum scores
-                score_norm = sum(float(l.state.double().norm() ** 2) for l in cb.pruner.layers
-                                 if l.state is not None) ** 0.5
+                score_norm = scores_norm(cb)
     row = {"ms": statistics.median(times[2:]) * 1e3, "loss_first": losses[0], "loss_last": losses[-1],
            "skipped": engine.skipped_steps}
     if prune:
@@ -121,6 +121,13 @@ def check(engine, cb) -> dict:
     pruned = [r for r in report if r.pattern]
     return {"layers": len(pruned), "sparsity": statistics.mean(r.sparsity for r in pruned), "pattern_ok": valid,
             "master_zeros": master_ok, "ranks_equal": bool(lo.item() == hi.item())}
+
+
+def scores_norm(cb) -> float:
+    """L2 norm of all running scores, complete (under ZeRO 1/2 each rank keeps its share: a collective)."""
+    access = cb.pruner.access
+    return sum(float(access.complete_scores(l.weight, l.state).double().norm() ** 2)
+               for l in cb.pruner.layers if l.state is not None) ** 0.5
 
 
 def sync(device: torch.device) -> None:
