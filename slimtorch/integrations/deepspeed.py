@@ -17,8 +17,8 @@ fragment it owns, and the shares are summed (one all-reduce per layer, exact) on
 ``state_dict``. Gathering each layer's full gradient every update, as ``safe_get_full_grad`` does, would add an
 all-reduce of every pruned weight per update, more traffic than ZeRO's own gradient reduction.
 
-Gradients are read at the accumulation boundary, after ``engine.backward`` reduced them and before ``engine.step``
-unscales, clips and applies them; under fp16, gradients that carry the loss scale are divided by it here so that
+Gradients are read at the accumulation boundary, after ``engine.backward`` reduced them and before DeepSpeed's
+optimizer unscales and applies them (where clipping happens differs per stage: docs/deepspeed.md); under fp16, gradients that carry the loss scale are divided by it here so that
 snip_momentum's running score does not jump with the dynamic scale. The masked weights are written to the fp32 master copy too:
 otherwise the optimizer would copy the pruned values back into the model at the next step, and a ZeRO checkpoint
 (or ``zero_to_fp32``) would hold the dense weights.
@@ -161,14 +161,20 @@ def _partitioned(weight: Tensor) -> bool:
     return hasattr(weight, "_hp_mapping")
 
 
-def _share_of(weight: Tensor, full: Tensor) -> Tensor:
-    """``full`` (weight-shaped) where this rank owns the weight's fragment, zeros elsewhere (float32)."""
+def _placed(weight: Tensor, fragment: Callable[[int, int], Tensor]) -> Tensor:
+    """A float32 tensor shaped like ``weight``: ``fragment(start, numel)`` (flat) where this rank owns the weight's
+    fragment, zeros elsewhere."""
     share = torch.zeros(weight.numel(), dtype=torch.float32, device=weight.device)
     mapping = weight._hp_mapping
     if mapping is not None:
         start, numel = mapping.lp_fragment_address.start, mapping.lp_fragment_address.numel
-        share.narrow(0, start, numel).copy_(full.reshape(-1).narrow(0, start, numel))
+        share.narrow(0, start, numel).copy_(fragment(start, numel))
     return share.view(weight.shape)
+
+
+def _share_of(weight: Tensor, full: Tensor) -> Tensor:
+    """This rank's share of a full weight-shaped tensor (e.g. loaded scores)."""
+    return _placed(weight, lambda start, numel: full.reshape(-1).narrow(0, start, numel))
 
 
 def _gradient_share(weight: Tensor) -> Tensor:
@@ -176,15 +182,13 @@ def _gradient_share(weight: Tensor) -> Tensor:
     all-reduce (its fragment of DeepSpeed's reduced partition; a ``.grad`` already full is cut to the fragment)."""
     if getattr(weight, "_hp_grad", None) is None and weight.grad is not None:
         return _share_of(weight, weight.grad)
-    share = torch.zeros(weight.numel(), dtype=torch.float32, device=weight.device)
-    mapping = weight._hp_mapping
-    if mapping is not None:
-        start, numel = mapping.lp_fragment_address.start, mapping.lp_fragment_address.numel
-        fragment = mapping.get_lp_grad_fragment(weight._index_in_param_group).reshape(-1)
-        if fragment.numel() == weight.numel():  # the bf16 optimizer keeps the whole gradient: take our fragment
-            fragment = fragment.narrow(0, start, numel)
-        share.narrow(0, start, numel).copy_(fragment)
-    return share.view(weight.shape)
+
+    def fragment(start: int, numel: int) -> Tensor:
+        values = weight._hp_mapping.get_lp_grad_fragment(weight._index_in_param_group).reshape(-1)
+        # the bf16 optimizer keeps the whole gradient on every rank: take this rank's fragment of it
+        return values.narrow(0, start, numel) if values.numel() == weight.numel() else values
+
+    return _placed(weight, fragment)
 
 
 def _loss_scale(optimizer: Any) -> Optional[float]:
