@@ -1,6 +1,8 @@
 """The ``slimtorch`` command.
 
-    slimtorch check ds_config.json     validate a config; print the resolved settings
+    slimtorch check ds_config.json [--model DIR|module:fn]
+                                       validate a config; print the resolved settings (and, with --model, the
+                                       layers each group prunes); exit 0 valid, 1 nothing to do, 2 invalid
     slimtorch quantize ds_config.json --model DIR|module:fn [--calib FILE|module:fn] --output model.int8.onnx
                                        quantize a model, export it to ONNX, print a summary
 """
@@ -14,12 +16,15 @@ from .config import load_config
 from .errors import ConfigError
 
 
-def _check(path: str) -> int:
+def _check(path: str, model_spec: Optional[str] = None) -> int:
+    """0: valid and it prunes or quantizes something; 1: valid but nothing to do; 2: invalid."""
     try:
         cfg = load_config(path)
     except ConfigError as err:
         print(err, file=sys.stderr)
         return 2
+    for note in cfg.notes:
+        print(f"{path}: note: {note}")
     q = cfg.quantization
     if q is not None:
         kind = "static" if hasattr(q, "num_calibration_batches") else "dynamic"
@@ -29,23 +34,54 @@ def _check(path: str) -> int:
         print(f"{path}: valid; {kind}_quantization enabled: weights int8 {q.weight.granularity}, activations "
               f"{act.dtype} {'symmetric' if act.symmetric else 'asymmetric'}{extra}; op_types {q.op_types}")
     sp = cfg.sparse_pruning
-    if sp is None:
+    if not cfg.pruning_enabled:
         if q is None:
-            print(f"{path}: valid; no compression_training.sparse_pruning or compression_inference section enabled")
+            where = ("compression_training.sparse_pruning.shared_parameters.enabled is false" if sp is not None
+                     else "no compression_training.sparse_pruning or compression_inference section")
+            print(f"{path}: nothing to do: {where}; a compression section sits at the top level of the config, "
+                  "or under compression_training / compression_inference, with enabled true", file=sys.stderr)
+            return 1
         return 0
-    state = "enabled" if cfg.pruning_enabled else "DISABLED (shared_parameters.enabled is false)"
-    print(f"{path}: valid; sparse_pruning {state}")
-    rows = [("shared_parameters", sp.settings_for(None), sp.shared_parameters.modules)]
-    rows += [(f"different_groups.{name}", sp.settings_for(name), g.modules) for name, g in sp.different_groups.items()]
+    print(f"{path}: valid; sparse_pruning enabled")
+    unlisted = sp.unlisted_rule()
+    rows = [(f"different_groups.{name}", sp.settings_for(name), g.modules) for name, g in sp.different_groups.items()]
+    if unlisted is None:
+        rows.insert(0, ("shared_parameters", sp.settings_for(None), sp.shared_parameters.modules))
     for where, s, modules in rows:
         selected = "default targets" if modules is None else ", ".join(map(repr, modules)) or "(none)"
         allocation = (f"global: layers between {s.min_sparsity:.0%} and {s.max_sparsity:.0%}" if s.is_global
                       else "local: every layer")
+        when = (f"ranked once at prepare (|w|, ceil(dense_ratio * n) kept), applied at step {s.start_step}"
+                if s.ranks_at_prepare else f"{s.decay} decay, steps {s.start_step}..{s.end_step} every {s.frequency}")
         print(f"  {where}: {s.method} {s.pattern} dense_ratio {s.dense_ratio:g} (sparsity {s.target_sparsity:.1%}; "
-              f"{allocation}), {s.decay} decay, steps {s.start_step}..{s.end_step} every {s.frequency}; "
-              f"modules: {selected}")
+              f"{allocation}), {when}; modules: {selected}")
+    if unlisted is not None:
+        print(f"  layers {unlisted}: left dense")
     if sp.shared_parameters.excluded_modules:
         print(f"  excluded_modules: {', '.join(map(repr, sp.shared_parameters.excluded_modules))}")
+    if model_spec is None:
+        if not rows:
+            print(f"{path}: nothing to do: no layer is pruned (layers {unlisted}); give shared_parameters a "
+                  "dense_ratio or add different_groups", file=sys.stderr)
+            return 1
+        print("  (pass --model to list the layers each group prunes)")
+        return 0
+    return _check_on_model(cfg, model_spec)
+
+
+def _check_on_model(cfg, model_spec: str) -> int:
+    from .errors import SlimError
+    from .pruning.targets import describe_plan, plan_targets
+    from .quantize_cli import load_model
+
+    try:
+        model, _ = load_model(model_spec)
+        plan = plan_targets(model, cfg.sparse_pruning)
+    except SlimError as err:
+        print(err, file=sys.stderr)
+        return 1 if "prunes no layer" in str(err) else 2
+    for line in describe_plan(plan, cfg.sparse_pruning):
+        print(f"  {line}")
     return 0
 
 
@@ -53,13 +89,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="slimtorch", description="slimtorch: model compression for PyTorch")
     sub = parser.add_subparsers(dest="command", required=True)
     check = sub.add_parser("check", help="validate a (DeepSpeed) config and print the resolved settings")
-    check.add_argument("config", help="path to the JSON config")
+    check.add_argument("config", help="path to the JSON config (DeepSpeed-style, or an INC WeightPruningConfig)")
+    check.add_argument("--model", help="Hugging Face model directory, or package.module:function: list the layers "
+                                       "each group prunes and those left dense")
     from .quantize_cli import add_quantize_parser, run_quantize
 
     add_quantize_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "check":
-        return _check(args.config)
+        return _check(args.config, args.model)
     if args.command == "quantize":
         return run_quantize(args)
     return 1  # unreachable: argparse rejects unknown commands

@@ -41,7 +41,7 @@ def run_quantize(args) -> int:
     from . import export_onnx, load_config, quantization_report, quantize
 
     try:
-        model, tokenizer = _load_model(args.model)
+        model, tokenizer = load_model(args.model)
         batches = _load_calibration(args.calib, tokenizer, args.batch_size, args.max_length)
         example = batches[0] if batches else _default_example(tokenizer)
         started = time.perf_counter()
@@ -73,7 +73,7 @@ def run_quantize(args) -> int:
     return 0
 
 
-def _load_model(spec: str) -> Tuple[Any, Any]:
+def load_model(spec: str) -> Tuple[Any, Any]:
     if os.path.isdir(spec):
         try:
             from transformers import AutoModel, AutoTokenizer

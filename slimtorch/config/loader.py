@@ -17,6 +17,7 @@ from typing import Any, Dict, List, Optional, Tuple, Type, Union, get_args, get_
 from pydantic import BaseModel, ValidationError
 
 from ..errors import ConfigError
+from . import inc
 from .patterns import NMPattern, parse_pattern
 from .schema import CompressionConfig, PathValueError
 
@@ -30,12 +31,27 @@ PARAM_ALIASES = {
     "schedule_offset_end": "end_step",
     "schedule_offset_stride": "frequency",
 }
-METHOD_ALIASES = {"l1": "magnitude"}
-# DeepSpeed compression_training techniques slimtorch does not implement.
-UNSUPPORTED_TRAINING = (
-    "weight_quantization", "activation_quantization", "row_pruning", "head_pruning", "channel_pruning",
-    "layer_reduction",
-)
+#: DeepSpeed's default schedule_offset in its code (deepspeed/compression/constants.py); its docs say 0
+DEEPSPEED_SCHEDULE_OFFSET_DEFAULT = 1000
+_QAT_HINT = ("slimtorch quantizes after training instead: compression_inference.static_quantization or "
+             "dynamic_quantization (docs/quantization.md)")
+# DeepSpeed compression_training techniques slimtorch does not implement, with the nearest thing it has
+UNSUPPORTED_TRAINING = {
+    "weight_quantization": _QAT_HINT,
+    "activation_quantization": _QAT_HINT,
+    "row_pruning": "sparse_pruning with pattern '1xchannel' masks whole output rows (with their biases)",
+    "head_pruning": "not implemented; sparse_pruning with pattern '1xchannel' on the attention projections masks "
+                    "rows",
+    "channel_pruning": "sparse_pruning with pattern '1xchannel' masks whole conv output channels",
+    "layer_reduction": "not implemented (it initialises a shallower student from a teacher's layers)",
+}
+TOPK_MESSAGE = (
+    "DeepSpeed's 'topk' learns a mask score per weight as an extra trainable parameter (movement pruning, top-k "
+    "binarized); slimtorch does not implement it. Nearest: 'snip_momentum' (scores |w * g| accumulated from the "
+    "training gradients, the first-order estimate of the same movement signal), or 'l1' for DeepSpeed's one-shot "
+    "magnitude masks")
+# keys that, found under an unknown top-level key, show a compression section in the wrong place
+_SECTION_KEYS = SECTIONS + ("sparse_pruning", "static_quantization", "dynamic_quantization") + tuple(UNSUPPORTED_TRAINING)
 
 
 def load_config(source: ConfigSource) -> CompressionConfig:
@@ -48,11 +64,18 @@ def load_config(source: ConfigSource) -> CompressionConfig:
         return source
     raw = _read(source)
     renamed: Dict[Tuple[str, ...], str] = {}
-    doc = _normalise(copy.deepcopy(raw), renamed)
+    notes: List[str] = []
+    if inc.is_inc_config(raw):
+        doc = inc.to_sparse_pruning(copy.deepcopy(raw), renamed, notes)
+    else:
+        doc = copy.deepcopy(raw)
+    doc = _normalise(doc, renamed, notes)
     try:
-        return CompressionConfig.model_validate(doc)
+        config = CompressionConfig.model_validate(doc)
     except ValidationError as exc:
         raise ConfigError(_format_errors(exc, renamed)) from None
+    config._notes = tuple(notes)
+    return config
 
 
 def read_document(source: Union[Dict[str, Any], str, os.PathLike]) -> Dict[str, Any]:
@@ -111,11 +134,11 @@ def _check_keys(node: Any, path: Tuple[str, ...], depth: int = 0) -> None:
             _check_keys(item, path + (f"[{i}]",), depth + 1)
 
 
-def _normalise(doc: Dict[str, Any], renamed: Dict[Tuple[str, ...], str]) -> Dict[str, Any]:
-    """Keep the compression sections, apply DeepSpeed aliases, refuse what looks misspelt."""
+def _normalise(doc: Dict[str, Any], renamed: Dict[Tuple[str, ...], str], notes: List[str]) -> Dict[str, Any]:
+    """Keep the compression sections, apply DeepSpeed aliases and defaults, refuse what looks misspelt."""
     if "sparse_pruning" in doc and "compression_training" not in doc:
         # only the compression_training section's body was given
-        techniques = ("sparse_pruning",) + UNSUPPORTED_TRAINING
+        techniques = ("sparse_pruning",) + tuple(UNSUPPORTED_TRAINING)
         doc = {"compression_training": {k: v for k, v in doc.items() if k in techniques},
                **{k: v for k, v in doc.items() if k not in techniques}}
     out: Dict[str, Any] = {}
@@ -126,20 +149,14 @@ def _normalise(doc: Dict[str, Any], renamed: Dict[Tuple[str, ...], str]) -> Dict
         near = difflib.get_close_matches(key, SECTIONS, n=1, cutoff=0.75)
         if near:
             raise ConfigError(f"{key}: unknown top-level key; did you mean {near[0]!r}?")
+        _refuse_misplaced(value, (key,))
     training = out.get("compression_training")
     if isinstance(training, dict):
-        for name in UNSUPPORTED_TRAINING:
-            if name not in training:
-                continue
-            if _enabled(training[name], f"compression_training.{name}"):
-                raise ConfigError(
-                    f"compression_training.{name}: DeepSpeed's {name} is not implemented by slimtorch; set its "
-                    "'enabled' to false or remove it (slimtorch implements sparse_pruning)"
-                )
-            training.pop(name)
+        _refuse_unsupported(training)
         pruning = training.get("sparse_pruning")
         if isinstance(pruning, dict):
             base = ("compression_training", "sparse_pruning")
+            _read_deepspeed_methods(pruning, base, notes)
             _alias_params(pruning.get("shared_parameters"), base + ("shared_parameters",), renamed)
             groups = pruning.get("different_groups")
             if isinstance(groups, dict):
@@ -147,6 +164,77 @@ def _normalise(doc: Dict[str, Any], renamed: Dict[Tuple[str, ...], str]) -> Dict
                     if isinstance(group, dict):
                         _alias_params(group.get("params"), base + ("different_groups", gname, "params"), renamed)
     return out
+
+
+def _refuse_misplaced(value: Any, path: Tuple[str, ...]) -> None:
+    """A compression section under a key slimtorch does not read would be silently ignored: refuse it."""
+    if not isinstance(value, dict) or len(path) > 3:
+        return
+    for key, inner in value.items():
+        where = ".".join(path + (key,))
+        if key in SECTIONS:
+            raise ConfigError(f"{where}: {key} must be a top-level key; it sits under {'.'.join(path)!r}, which "
+                              "slimtorch (like DeepSpeed) does not read. Move it to the top level")
+        if key in _SECTION_KEYS:
+            parent = "compression_inference" if key.endswith("_quantization") and key.startswith(("static", "dynamic")) \
+                else "compression_training"
+            raise ConfigError(f"{where}: {key} belongs under the top-level {parent!r}, not under {'.'.join(path)!r}, "
+                              f"which slimtorch (like DeepSpeed) does not read. Write {{\"{parent}\": {{\"{key}\": ...}}}}")
+        _refuse_misplaced(inner, path + (key,))
+
+
+def _refuse_unsupported(training: Dict[str, Any]) -> None:
+    """Drop the disabled DeepSpeed techniques slimtorch lacks; refuse the enabled ones, all in one error."""
+    enabled = []
+    for name, hint in UNSUPPORTED_TRAINING.items():
+        if name not in training:
+            continue
+        if _enabled(training[name], f"compression_training.{name}"):
+            enabled.append(f"compression_training.{name}: DeepSpeed's {name} is not implemented by slimtorch; {hint}")
+        else:
+            training.pop(name)
+    if enabled:
+        head = (f"{len(enabled)} enabled DeepSpeed sections are" if len(enabled) > 1
+                else "an enabled DeepSpeed section is") + " not implemented by slimtorch"
+        raise ConfigError(f"{head} (set their shared_parameters.enabled to false, or remove them, to prune with "
+                          "sparse_pruning alone):\n  " + "\n  ".join(enabled))
+
+
+def _read_deepspeed_methods(pruning: Dict[str, Any], base: Tuple[str, ...], notes: List[str]) -> None:
+    """Give a section written in DeepSpeed's words DeepSpeed's meaning (docs/config.md, "Whose semantics").
+
+    * ``topk`` is refused with the nearest method;
+    * a section spelled with DeepSpeed's keys (or its method ``l1``) that sets no schedule_offset starts where
+      DeepSpeed's code starts it, at 1000 (its docs say 0);
+    * DeepSpeed's l1 never reads ``block_pattern``: it is dropped, with a note (``pattern`` is slimtorch's key and
+      is honoured).
+    """
+    shared = pruning.get("shared_parameters")
+    shared = shared if isinstance(shared, dict) else None
+    places: List[Tuple[str, Dict[str, Any]]] = []
+    if shared is not None:
+        places.append((".".join(base + ("shared_parameters",)), shared))
+    groups = pruning.get("different_groups")
+    if isinstance(groups, dict):
+        for gname, group in groups.items():
+            if isinstance(group, dict) and isinstance(group.get("params"), dict):
+                places.append((".".join(base + ("different_groups", gname, "params")), group["params"]))
+    for where, params in places:
+        if params.get("method") == "topk":
+            raise ConfigError(f"{where}.method: {TOPK_MESSAGE}")
+    shared_method = shared.get("method", "magnitude") if shared is not None else "magnitude"
+    deepspeed_spelled = shared_method == "l1" or any(k in params for _, params in places for k in PARAM_ALIASES)
+    if shared is not None and deepspeed_spelled and "schedule_offset" not in shared and "start_step" not in shared \
+            and shared.get("enabled") is True:
+        shared["schedule_offset"] = DEEPSPEED_SCHEDULE_OFFSET_DEFAULT
+        notes.append(f"{base[0]}.{base[1]}.shared_parameters.schedule_offset is not set: DeepSpeed's default "
+                     f"{DEEPSPEED_SCHEDULE_OFFSET_DEFAULT} applies (its code's; its docs say 0), so pruning starts "
+                     f"after {DEEPSPEED_SCHEDULE_OFFSET_DEFAULT} updates. Set schedule_offset to choose")
+    for where, params in places:
+        if params.get("method", shared_method) == "l1" and "block_pattern" in params:
+            value = params.pop("block_pattern")
+            notes.append(f"{where}.block_pattern {value!r} is not read: DeepSpeed's l1 ranks single weights "
+                         "(unstructured), as slimtorch does for it; write 'pattern' to prune blocks with l1")
 
 
 def _enabled(section: Any, where: str = "") -> bool:
@@ -175,10 +263,7 @@ def _alias_params(params: Any, path: Tuple[str, ...], renamed: Dict[Tuple[str, .
         if ds_key == "block_pattern":
             _check_deepspeed_nm(value, f"{where}.block_pattern")
         params[key] = value
-        renamed[path + (key,)] = ds_key
-    method = params.get("method")
-    if isinstance(method, str) and method in METHOD_ALIASES:
-        params["method"] = METHOD_ALIASES[method]
+        renamed[path + (key,)] = f"{where}.{ds_key} (alias of {key})"
 
 
 def _check_deepspeed_nm(value: Any, where: str) -> None:
@@ -213,21 +298,48 @@ def _format_errors(exc: ValidationError, renamed: Dict[Tuple[str, ...], str]) ->
             loc = loc + tuple(p for p in original.subpath.split(".") if p)
             message = str(original)
         elif err["type"] == "extra_forbidden":
-            valid = _valid_keys(loc[:-1])
-            near = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.6)
-            hint = f"did you mean {near[0]!r}?" if near else f"valid keys: {', '.join(sorted(valid))}"
-            message = f"unknown key; {hint}"
+            message = _misplaced_key_hint(loc)
+            if message is None:
+                valid = _valid_keys(loc[:-1])
+                near = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.6)
+                hint = f"did you mean {near[0]!r}?" if near else f"valid keys: {', '.join(sorted(valid))}"
+                message = f"unknown key; {hint}"
         elif err["type"] == "literal_error":
             choices = re.findall(r"'([^']*)'", (err.get("ctx") or {}).get("expected", ""))
             near = difflib.get_close_matches(str(err.get("input")), choices, n=1, cutoff=0.6)
             message = f"{message}, got {err.get('input')!r}" + (f"; did you mean {near[0]!r}?" if near else "")
         elif "input" in err and not isinstance(err["input"], (dict, list)):
             message = f"{message} (got {err['input']!r})"
-        if loc in renamed:
-            loc = loc[:-1] + (f"{renamed[loc]} (alias of {loc[-1]})",)
-        lines.append(f"{'.'.join(loc) or '<top level>'}: {message}")
+        lines.append(f"{_display(loc, renamed) or '<top level>'}: {message}")
     head = "invalid slimtorch config" + (f" ({len(lines)} problems)" if len(lines) > 1 else "")
     return head + ":\n  " + "\n  ".join(lines)
+
+
+def _display(loc: Tuple[str, ...], renamed: Dict[Tuple[str, ...], str]) -> str:
+    """The key path as the user wrote it (a DeepSpeed alias, an INC key), from the longest renamed prefix."""
+    for i in range(len(loc), 0, -1):
+        if loc[:i] in renamed:
+            return renamed[loc[:i]] + "".join(f".{p}" for p in loc[i:])
+    return ".".join(loc)
+
+
+_SHARED_ONLY = ("excluded_modules", "gradient_accumulation_steps", "enabled")
+
+
+def _misplaced_key_hint(loc: Tuple[str, ...]) -> Optional[str]:
+    """For a key that is valid elsewhere in sparse_pruning: where it belongs (a spelling hint would mislead)."""
+    if "different_groups" not in loc or len(loc) < 2:
+        return None
+    key, in_params = loc[-1], loc[-2] == "params"
+    if key in _SHARED_ONLY:
+        what = {"excluded_modules": "exclusions apply to every group, and win over a group's modules",
+                "gradient_accumulation_steps": "one training loop has one accumulation",
+                "enabled": "pruning is on or off as a whole"}[key]
+        return (f"{key} is read from shared_parameters only ({what}); move it to "
+                f"compression_training.sparse_pruning.shared_parameters.{key}")
+    if in_params and key in ("modules", "related_modules"):
+        return f"a group's {key} sits beside its params, not inside them: different_groups.{loc[-3]}.{key}"
+    return None
 
 
 def _valid_keys(loc: Tuple[str, ...]) -> List[str]:

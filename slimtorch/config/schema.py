@@ -8,13 +8,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, List, Literal, Optional, Union
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from .base import PathValueError, _check_regexes, _Strict  # noqa: F401  (PathValueError re-exported)
 from .patterns import NMPattern, Pattern, parse_pattern
 from .quant_schema import CompressionInference
 
-Method = Literal["magnitude", "gradient", "snip", "snip_momentum"]
+Method = Literal["magnitude", "gradient", "snip", "snip_momentum", "l1"]
 DecayType = Literal["exp", "cos", "linear", "cube"]
 Scope = Literal["local", "global"]
 
@@ -22,9 +22,24 @@ Scope = Literal["local", "global"]
 #: (DeepSpeed's default). For "N:M" the default is N/M.
 DEFAULT_BLOCK_DENSE_RATIO = 0.1
 
+#: methods that follow DeepSpeed's own semantics (docs/config.md, "Whose semantics"): only the modules of
+#: different_groups are pruned, unstructured unless ``pattern`` is given, the mask is ranked once at prepare time and
+#: applied from start_step, and ``ceil(dense_ratio * n)`` units are kept.
+DEEPSPEED_METHODS = ("l1",)
+
 #: max_sparsity_per_layer used by scope "global" with a block pattern when the config sets none: a layer pruned
 #: to 100% passes nothing on (its output is its bias), which a global ranking by magnitude can otherwise reach.
 DEFAULT_BLOCK_MAX_SPARSITY_PER_LAYER = 0.98
+
+
+def default_pattern(method: str) -> str:
+    """The pattern of a layer whose config states none: DeepSpeed's l1 is unstructured, the others use 4x1 blocks."""
+    return "1x1" if method in DEEPSPEED_METHODS else "4x1"
+
+
+def default_scope(method: str) -> str:
+    """snip_momentum ranks globally by default, as DeepSpeed hands it to INC (INC's default); the others locally."""
+    return "global" if method == "snip_momentum" else "local"
 
 
 def _check_pattern(text: Optional[str]) -> Optional[str]:
@@ -59,12 +74,11 @@ class SharedPruningParams(GroupParams):
 
     enabled: bool = False
     method: Method = "magnitude"
-    pattern: str = "4x1"
+    # pattern and scope default by method (default_pattern / default_scope), so they stay None when not stated
     sparsity_decay_type: DecayType = "exp"
     start_step: int = Field(default=0, ge=0)
     frequency: int = Field(default=1, ge=1)
     beta: float = Field(default=0.9, ge=0.0, lt=1.0)
-    scope: Scope = "local"
     gradient_accumulation_steps: int = Field(default=1, ge=1)
     modules: Optional[List[str]] = None
     excluded_modules: List[str] = Field(default_factory=list)
@@ -113,6 +127,11 @@ class PruningSettings:
     def is_global(self) -> bool:
         return self.scope == "global"
 
+    @property
+    def ranks_at_prepare(self) -> bool:
+        """DeepSpeed's l1: one mask from the weights at prepare time, keeping ``ceil(dense_ratio * units)``."""
+        return self.method in DEEPSPEED_METHODS
+
 
 class SparsePruningConfig(_Strict):
     """``compression_training.sparse_pruning``."""
@@ -126,6 +145,26 @@ class SparsePruningConfig(_Strict):
         for name in self.different_groups:
             self.settings_for(name, f"different_groups.{name}.params")
         return self
+
+    def unlisted_rule(self) -> Optional[str]:
+        """``None`` when shared_parameters prunes the layers that no group selects; else why they stay dense.
+
+        They are pruned only where shared_parameters says how much itself: a ``dense_ratio``, an "N:M" pattern (its
+        N/M) or ``modules``. A fallback ratio never prunes a layer nobody listed (DeepSpeed's l1 prunes only its
+        groups' modules, and its example configs set dense_ratio in the groups alone).
+        """
+        shared = self.shared_parameters
+        if shared.modules is not None:
+            return None
+        if shared.method in DEEPSPEED_METHODS:
+            return (f"in no different_groups entry: DeepSpeed's '{shared.method}' prunes only the groups' modules "
+                    "(set shared_parameters.modules to prune more)")
+        if shared.dense_ratio is not None:
+            return None
+        if shared.pattern is not None and isinstance(parse_pattern(shared.pattern), NMPattern):
+            return None
+        return ("in no different_groups entry, and shared_parameters states no dense_ratio (or N:M pattern, or "
+                "modules) of its own")
 
     def settings_for(self, group: Optional[str], where: str = "") -> PruningSettings:
         """Merge a group's params over the shared ones and check the combination."""
@@ -141,7 +180,8 @@ class SparsePruningConfig(_Strict):
                 return f" (inherited from shared_parameters.{key}; set {key} in the group to override it)"
             return ""
 
-        pattern = parse_pattern(pick("pattern"))
+        method = pick("method")
+        pattern = parse_pattern(pick("pattern") or default_pattern(method))
         dense_ratio = pick("dense_ratio")
         if dense_ratio is None:
             dense_ratio = pattern.min_dense_ratio if isinstance(pattern, NMPattern) else DEFAULT_BLOCK_DENSE_RATIO
@@ -162,10 +202,18 @@ class SparsePruningConfig(_Strict):
                 f"end_step {end}{origin('end_step')} is before start_step {start}{origin('start_step')}; the schedule runs from start_step to end_step "
                 "(equal values prune once)",
             )
-        scope = pick("scope")
+        if method in DEEPSPEED_METHODS:
+            end = start  # DeepSpeed's l1 prunes once, at schedule_offset, with a mask ranked at prepare time
+        scope = pick("scope") or default_scope(method)
+        if method in DEEPSPEED_METHODS and scope == "global":
+            raise PathValueError(
+                f"{where}.scope",
+                f"method '{method}'{origin('method')} is DeepSpeed's per-layer magnitude pruning, ranked once at "
+                "prepare time; it has no global scope. For one magnitude ranking across layers use method "
+                "'magnitude' with scope 'global'")
         low, high = self._bounds(scope, pattern, 1.0 - float(dense_ratio), group, where, pick, origin)
         return PruningSettings(
-            method=pick("method"),
+            method=method,
             pattern=pattern,
             dense_ratio=float(dense_ratio),
             decay=pick("sparsity_decay_type"),
@@ -227,6 +275,14 @@ class CompressionConfig(_Strict):
 
     compression_training: CompressionTraining = Field(default_factory=CompressionTraining)
     compression_inference: CompressionInference = Field(default_factory=CompressionInference)
+    # what the loader read differently from how it was written (a DeepSpeed default, an ignored DeepSpeed key, an
+    # INC key's mapping); `slimtorch check` prints them and prepare_pruning logs them
+    _notes: tuple = PrivateAttr(default=())
+
+    @property
+    def notes(self) -> tuple:
+        """Lines saying how the loader read the source where that is not obvious (DeepSpeed defaults, INC keys)."""
+        return self._notes
 
     @property
     def sparse_pruning(self) -> Optional[SparsePruningConfig]:

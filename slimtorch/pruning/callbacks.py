@@ -15,6 +15,7 @@ needs no calls, and an update skipped by a GradScaler overflow (no ``optimizer.s
 """
 from __future__ import annotations
 
+import logging
 import warnings
 import weakref
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -28,7 +29,9 @@ from ..errors import ConfigError, LifecycleError, SlimError, StateDictError
 from .distributed import active_world, check_same_masks, check_same_plan, mask_fingerprint, refuse_sharded, unwrap
 from .access import ParamAccess
 from .pruner import Pruner
-from .targets import TargetPlan, plan_targets
+from .targets import TargetPlan, describe_plan, plan_targets
+
+logger = logging.getLogger("slimtorch")
 
 HISTORY_EVENTS_PER_LAYER = 64  # cb.history keeps the last 64 mask recomputations of each layer
 
@@ -79,6 +82,8 @@ def prepare_for_engine(model: nn.Module, config: ConfigSource, *, optimizer: Opt
     check_same_plan(plan.layers, failure)  # under torch.distributed: every rank must prune the same layers alike
     if failure is not None:
         raise failure
+    for line in cfg.notes + tuple(describe_plan(plan, cfg.sparse_pruning) if plan.layers else ()):
+        logger.info("slimtorch prepare_pruning: %s", line)
     callbacks = PruningCallbacks(model, cfg, plan, optimizer, access=access, accumulate=accumulate, driver=driver,
                                  hands_free=hands_free)
     _ACTIVE[model] = callbacks

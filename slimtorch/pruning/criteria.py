@@ -2,7 +2,8 @@ r"""Importance criteria: what ranks weights before a mask is computed.
 
 | method        | score of weight w with gradient g             | needs gradients |
 |---------------|-----------------------------------------------|-----------------|
-| magnitude     | \|w\|  (DeepSpeed's "l1")                     | no              |
+| magnitude     | \|w\| at each pruning step                    | no              |
+| l1            | \|w\| once, at prepare time (DeepSpeed's l1)  | no              |
 | gradient      | \|g\| of the latest update                    | yes             |
 | snip          | \|w * g\| of the latest update                | yes             |
 | snip_momentum | S <- beta * S + \|w * g\| every update        | yes             |
@@ -18,11 +19,11 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-METHODS = ("magnitude", "gradient", "snip", "snip_momentum")
+METHODS = ("magnitude", "l1", "gradient", "snip", "snip_momentum")
 
 
 def needs_gradients(method: str) -> bool:
-    return method != "magnitude"
+    return method not in ("magnitude", "l1")
 
 
 def observation_window(method: str, beta: float) -> Optional[int]:
@@ -31,7 +32,7 @@ def observation_window(method: str, beta: float) -> Optional[int]:
     ``None``: no observations (magnitude); 0: only the pruning step's own gradient (gradient, snip);
     for snip_momentum the updates whose weight beta^k is above 1e-3 of the newest one.
     """
-    if method == "magnitude":
+    if method in ("magnitude", "l1"):
         return None
     if method == "snip_momentum":
         return 0 if beta == 0 else int(math.ceil(math.log(1e-3) / math.log(beta)))

@@ -55,6 +55,11 @@ def pruned_count(sparsity: float, total: int) -> int:
     return min(total, max(0, int(math.floor(sparsity * total + 0.5))))
 
 
+def kept_ceil_count(dense_ratio: float, total: int) -> int:
+    """DeepSpeed's rounding: ``ceil(dense_ratio * total)`` units are kept (computed exactly as DeepSpeed does)."""
+    return min(total, max(0, math.ceil(dense_ratio * total)))
+
+
 def lowest_k(values: Tensor, k: int) -> Tensor:
     """Bool mask of the ``k`` smallest entries of a 1-D tensor; ties broken by position (lowest index first).
 
@@ -80,16 +85,19 @@ def block_mean(scores: Tensor, rows: int, cols: int) -> Tensor:
     return scores.reshape(out // rows, rows, red // cols, cols).mean(dim=(1, 3))
 
 
-def block_mask(scores: Tensor, pattern: BlockPattern, sparsity: float) -> Tensor:
+def block_mask(scores: Tensor, pattern: BlockPattern, sparsity: float, kept_ratio_ceil: Optional[float] = None) -> Tensor:
     """Keep-mask (bool, same shape as ``scores``) dropping the lowest-scoring blocks.
 
     The number of dropped blocks is ``round(sparsity * n_blocks)``, so the result is within half a block of
-    ``sparsity``. Blocks are ranked by their mean score.
+    ``sparsity``; with ``kept_ratio_ceil`` = d it is ``n_blocks - ceil(d * n_blocks)`` instead (DeepSpeed's rounding,
+    from the dense ratio itself so that no float round trip moves a boundary). Blocks are ranked by their mean score.
     """
     rows, cols = block_sides(pattern, *scores.shape)
     per_block = block_mean(scores.float(), rows, cols)
     flat = per_block.flatten()
-    keep = ~lowest_k(flat, pruned_count(sparsity, flat.numel()))
+    n = flat.numel()
+    pruned = pruned_count(sparsity, n) if kept_ratio_ceil is None else n - kept_ceil_count(kept_ratio_ceil, n)
+    keep = ~lowest_k(flat, pruned)
     keep = keep.reshape(per_block.shape)
     return keep.repeat_interleave(rows, dim=0).repeat_interleave(cols, dim=1)
 
@@ -122,11 +130,16 @@ def nm_mask(scores: Tensor, pattern: NMPattern, sparsity: float, choose: str = "
     return keep.reshape(out, red)
 
 
-def compute_mask(scores: Tensor, pattern: Pattern, sparsity: float, nm_choose: str = "clearest") -> Tensor:
-    """Dispatch on the pattern's type; ``scores`` is a ``[out, reduction]`` matrix."""
+def compute_mask(scores: Tensor, pattern: Pattern, sparsity: float, nm_choose: str = "clearest",
+                 kept_ratio_ceil: Optional[float] = None) -> Tensor:
+    """Dispatch on the pattern's type; ``scores`` is a ``[out, reduction]`` matrix.
+
+    ``kept_ratio_ceil`` switches block patterns to DeepSpeed's rounding (see :func:`block_mask`); N:M patterns
+    count whole groups either way.
+    """
     if isinstance(pattern, NMPattern):
         return nm_mask(scores, pattern, sparsity, nm_choose)
-    return block_mask(scores, pattern, sparsity)
+    return block_mask(scores, pattern, sparsity, kept_ratio_ceil)
 
 
 def fit_problem(pattern: Pattern, out_features: int, reduction: int, in_per_group: int) -> Optional[str]:

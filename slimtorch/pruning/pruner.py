@@ -34,12 +34,24 @@ class LayerState:
         self._cast: Optional[Tensor] = None      # mask in the weight's dtype, for a fused multiply
         self._spare: Optional[Tensor] = None     # reused buffer for the next criterion state
         self._warned_no_grad = False
+        # DeepSpeed's l1: the keep-mask ranked from the weights at prepare time, held (1 byte a weight) until the
+        # schedule applies it at start_step
+        self.ranked: Optional[Tensor] = None
+        if target.settings.ranks_at_prepare:
+            self.ranked = self._rank_now()
         # updates before a pruning step whose gradients still matter: fixed by the settings, so computed once
         self._window = criteria.observation_window(target.settings.method, target.settings.beta)
 
     @property
     def name(self) -> str:
         return self.target.name
+
+    def _rank_now(self) -> Tensor:
+        s, layout = self.target.settings, self.target.layout
+        with torch.no_grad():
+            scores = masks.to_matrix(criteria.score("magnitude", self.weight, None), layout)
+            keep = masks.compute_mask(scores, s.pattern, s.target_sparsity, kept_ratio_ceil=s.dense_ratio)
+        return masks.from_matrix(keep, self.weight.shape, layout)
 
     @property
     def weight(self) -> Tensor:
@@ -136,11 +148,14 @@ class Pruner:
                 group_target = sparsity_at(step, s.start_step, s.end_step, s.dense_ratio, s.decay)
                 target = allocated.get(id(layer), group_target)
                 weight = layer.weight
-                # a global group's N:M units were counted cheapest-first, so the layer drops those same groups
-                scores = matrices.pop(id(layer)) if id(layer) in matrices else self._score_matrix(layer)
-                keep = masks.compute_mask(scores, s.pattern, target,
-                                          "cheapest" if s.is_global else "clearest")
-                layer.mask = masks.from_matrix(keep, weight.shape, layer.target.layout)
+                if layer.ranked is not None:  # ranked at prepare time (DeepSpeed's l1): applied as it was chosen
+                    layer.mask, layer.ranked = layer.ranked.to(weight.device), None
+                    keep = masks.to_matrix(layer.mask, layer.target.layout)
+                else:
+                    # a global group's N:M units were counted cheapest-first, so the layer drops those same groups
+                    scores = matrices.pop(id(layer)) if id(layer) in matrices else self._score_matrix(layer)
+                    keep = masks.compute_mask(scores, s.pattern, target, "cheapest" if s.is_global else "clearest")
+                    layer.mask = masks.from_matrix(keep, weight.shape, layer.target.layout)
                 layer._cast = None
                 if isinstance(s.pattern, BlockPattern) and s.pattern.prunes_rows:
                     layer.bias_mask = keep.all(dim=1)
@@ -194,6 +209,7 @@ class Pruner:
                     "mask": None if l.mask is None else l.mask.clone(),
                     "bias_mask": None if l.bias_mask is None else l.bias_mask.clone(),
                     "state": None if l.state is None else self.access.complete_scores(l.weight, l.state).clone(),
+                    "ranked": None if l.ranked is None else l.ranked.clone(),
                 }
                 for l in self.layers
             },
@@ -219,6 +235,7 @@ class Pruner:
             layer.bias_mask = None if entry["bias_mask"] is None else entry["bias_mask"].to(device).clone()
             layer.state = (None if entry["state"] is None
                            else self.access.local_scores(layer.weight, entry["state"].to(device).clone()))
+            layer.ranked = None if entry.get("ranked") is None else entry["ranked"].to(device).clone()
             layer._cast = None
         self.apply_masks()
 

@@ -1,10 +1,12 @@
 """Which layers a config prunes, with which settings, and why the others are left alone.
 
-Rules (CONVENTIONS.md): every nn.Linear, nn.Conv1d, nn.Conv2d and transformers Conv1D is a default target,
+Rules (docs/config.md, "Which layers are pruned"): every nn.Linear, nn.Conv1d, nn.Conv2d and transformers Conv1D is a default target,
 except the last supported layer in registration order (the head) and layers whose weight is tied to an
 embedding. ``modules`` / ``excluded_modules`` entries are regular expressions applied with ``re.search`` to a
 layer's full dotted name and to its ancestors' names (a matched module selects its supported descendants);
-``excluded_modules`` wins over everything; a layer two groups claim is an error.
+``excluded_modules`` wins over everything; a layer two groups claim is an error. A layer that no group selects is
+pruned only when shared_parameters states its own ``dense_ratio`` (or an "N:M" pattern, or ``modules``), and never
+under DeepSpeed's l1, which prunes its groups' modules alone.
 """
 from __future__ import annotations
 
@@ -79,7 +81,10 @@ def _matches(patterns: Sequence[str], name: str) -> Optional[int]:
 
 
 def _names_exactly(patterns: Sequence[str], name: str) -> bool:
-    return any(re.fullmatch(pat, name) for pat in patterns)
+    """Whether an entry is the layer's literal full name (or that name anchored): a regex such as ``.*`` that merely
+    matches everything does not name the head or a tied layer, as INC's ``op_names: [".*"]`` does not either."""
+    literal = re.escape(name)
+    return any(pat in (name, literal, f"^{name}$", f"^{literal}$") for pat in patterns)
 
 
 def _default_exclusions(model: nn.Module, layers: List[Tuple[str, nn.Module]]) -> Dict[str, str]:
@@ -125,6 +130,7 @@ def plan_targets(model: nn.Module, config: SparsePruningConfig) -> TargetPlan:
 
     layers = supported_layers(model)
     defaults_out = _default_exclusions(model, layers)
+    unlisted = config.unlisted_rule()  # why layers in no group stay dense (None: shared prunes them)
     plan = TargetPlan([], [])
     for name, module in layers:
         excluded = _matches(shared.excluded_modules, name)
@@ -141,6 +147,9 @@ def plan_targets(model: nn.Module, config: SparsePruningConfig) -> TargetPlan:
         chosen_by = groups[group].modules if group else shared.modules
         if group is None and shared.modules is not None and _matches(shared.modules, name) is None:
             plan.left_out.append(LeftOut(name, "not selected by shared_parameters.modules"))
+            continue
+        if group is None and unlisted is not None:
+            plan.left_out.append(LeftOut(name, unlisted))
             continue
         if name in defaults_out and not (chosen_by and _names_exactly(chosen_by, name)):
             plan.left_out.append(LeftOut(name, defaults_out[name]))
@@ -160,7 +169,29 @@ def plan_targets(model: nn.Module, config: SparsePruningConfig) -> TargetPlan:
             continue
         plan.layers.append(TargetLayer(name, module, layout, in_per_group, group, settings))
     _check_groups_used(plan, config)
+    if not plan.layers:
+        reasons = sorted({lo.reason for lo in plan.left_out}) or ["the model has no Linear, Conv1d, Conv2d or Conv1D"]
+        raise ConfigError(f"{SP_PATH}: the config prunes no layer of this model ({'; '.join(reasons)}). Give "
+                          "shared_parameters a dense_ratio to prune the default targets, or list layers in "
+                          "different_groups")
     return plan
+
+
+def describe_plan(plan: TargetPlan, config: SparsePruningConfig) -> List[str]:
+    """Lines saying which layers each group prunes and which supported layers stay dense, and why."""
+    lines = []
+    owners = [None] + list(config.different_groups)
+    for owner in owners:
+        chosen = [t.name for t in plan.layers if t.group == owner]
+        if owner is None and not chosen:
+            continue
+        label = "shared_parameters" if owner is None else f"different_groups.{owner}"
+        s = config.settings_for(owner)
+        lines.append(f"{label} prunes {len(chosen)} layer{'s' * (len(chosen) != 1)} ({s.method} {s.pattern}, "
+                     f"sparsity {s.target_sparsity:.1%}, {s.scope}): {', '.join(chosen)}")
+    for lo in plan.left_out:
+        lines.append(f"dense: {lo.name}: {lo.reason}")
+    return lines
 
 
 def _check_groups_used(plan: TargetPlan, config: SparsePruningConfig) -> None:

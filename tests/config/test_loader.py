@@ -26,10 +26,12 @@ RFC = {"compression_training": {"sparse_pruning": {
                           "end_step": 10000},
     "different_groups": {"sp1": {"params": {"dense_ratio": 0.5}, "modules": ["attention.self"]}}}}}
 
+# snip_momentum ranks globally unless told otherwise (what DeepSpeed hands INC), blocks at most 98% per layer
 RFC_SP1 = PruningSettings(method="snip_momentum", pattern=BlockPattern(4, 1), dense_ratio=0.5, decay="exp",
-                          start_step=0, end_step=10000, frequency=1, beta=0.9)
+                          start_step=0, end_step=10000, frequency=1, beta=0.9, scope="global", max_sparsity=0.98)
 RFC_SHARED = PruningSettings(method="snip_momentum", pattern=BlockPattern(4, 1), dense_ratio=0.1, decay="exp",
-                             start_step=0, end_step=10000, frequency=1, beta=0.9)
+                             start_step=0, end_step=10000, frequency=1, beta=0.9, scope="global",
+                             max_sparsity=0.98)
 
 # A DeepSpeed config as DeepSpeed's compression tutorial writes it: its own key names, method "l1", the
 # techniques slimtorch does not implement present but disabled.
@@ -109,41 +111,63 @@ def test_rfc_config_loads_in_every_form(form, tmp_path):
     assert load_config(cfg) is cfg  # a loaded config passes through
 
 
-def test_deepspeed_keys_load_with_canonical_values():
-    sp_cfg = load_config(DEEPSPEED).sparse_pruning
+def test_deepspeed_keys_load_with_deepspeeds_meaning():
+    cfg = load_config(DEEPSPEED)
+    sp_cfg = cfg.sparse_pruning
     assert sp_cfg.shared_parameters.excluded_modules == ["classifier", "pooler"]
-    assert sp_cfg.shared_parameters.method == "magnitude"  # "l1" is DeepSpeed's name for it
+    assert sp_cfg.shared_parameters.method == "l1"  # DeepSpeed's own method keeps DeepSpeed's semantics
+    # l1: unstructured (block_pattern is not read, as DeepSpeed does not read it), pruned once at schedule_offset
     assert sp_cfg.settings_for(None) == PruningSettings(
-        method="magnitude", pattern=BlockPattern(4, 1), dense_ratio=0.4, decay="exp",
-        start_step=30, end_step=90, frequency=15, beta=0.9)
+        method="l1", pattern=BlockPattern(1, 1), dense_ratio=0.4, decay="exp",
+        start_step=30, end_step=30, frequency=15, beta=0.9)
     assert sp_cfg.settings_for("sp1") == PruningSettings(
-        method="magnitude", pattern=BlockPattern(4, 1), dense_ratio=0.5, decay="exp",
-        start_step=30, end_step=90, frequency=15, beta=0.9)
+        method="l1", pattern=BlockPattern(1, 1), dense_ratio=0.5, decay="exp",
+        start_step=30, end_step=30, frequency=15, beta=0.9)
+    assert sp_cfg.settings_for("sp1").ranks_at_prepare
+    # a group with its own method reads its block_pattern; snip_momentum ranks globally
     assert sp_cfg.settings_for("sp2") == PruningSettings(
         method="snip_momentum", pattern=NMPattern(2, 4), dense_ratio=0.5, decay="exp",
-        start_step=40, end_step=90, frequency=5, beta=0.9)
+        start_step=40, end_step=90, frequency=5, beta=0.9, scope="global", max_sparsity=0.5)
     assert sp_cfg.different_groups["sp1"].related_modules == [["attention.output.dense"]]
     assert sp_cfg.different_groups["sp2"].related_modules == [["output.dense"], ["pooler"]]
     assert sp_cfg.different_groups["sp2"].modules == ["intermediate.dense"]
+    # layers in no group stay dense under l1, whatever shared_parameters says
+    assert "DeepSpeed's 'l1' prunes only the groups' modules" in sp_cfg.unlisted_rule()
+    assert any("shared_parameters.block_pattern '4x1' is not read" in n for n in cfg.notes)
 
 
 def test_deepspeed_defaults_and_group_aliases():
-    """DeepSpeed's minimal form: only schedule_offset and method; the end defaults to the start (prune once)."""
+    """DeepSpeed's minimal form: only schedule_offset and method; l1 prunes once, at schedule_offset."""
     cfg = load_config({"compression_training": {"sparse_pruning": {
         "shared_parameters": {"enabled": True, "schedule_offset": 30, "method": "l1"},
         "different_groups": {"sp1": {"params": {"dense_ratio": 0.5, "schedule_offset_end": 60, "method": "l1"},
                                      "modules": ["attention.self"]}}}}})
     assert cfg.sparse_pruning.settings_for(None) == PruningSettings(
-        method="magnitude", pattern=BlockPattern(4, 1), dense_ratio=0.1, decay="exp",
+        method="l1", pattern=BlockPattern(1, 1), dense_ratio=0.1, decay="exp",
         start_step=30, end_step=30, frequency=1, beta=0.9)
     assert cfg.sparse_pruning.settings_for("sp1") == PruningSettings(
-        method="magnitude", pattern=BlockPattern(4, 1), dense_ratio=0.5, decay="exp",
-        start_step=30, end_step=60, frequency=1, beta=0.9)
+        method="l1", pattern=BlockPattern(1, 1), dense_ratio=0.5, decay="exp",
+        start_step=30, end_step=30, frequency=1, beta=0.9)
+    assert cfg.notes == ()
     # N:M defaults its dense_ratio to N/M; 2:4 through block_pattern means the same in both conventions
     cfg = load_config({"compression_training": {"sparse_pruning": {"shared_parameters": {
-        "enabled": True, "block_pattern": "2:4"}}}})
+        "enabled": True, "block_pattern": "2:4", "schedule_offset": 0}}}})
     assert cfg.sparse_pruning.settings_for(None).pattern == NMPattern(2, 4)
     assert cfg.sparse_pruning.settings_for(None).dense_ratio == 0.5
+
+
+def test_deepspeed_schedule_offset_defaults_to_its_code_value():
+    """DeepSpeed's code starts at 1000 when schedule_offset is missing (its docs say 0); the note says so."""
+    cfg = load_config({"compression_training": {"sparse_pruning": {
+        "shared_parameters": {"enabled": True, "method": "l1"},
+        "different_groups": {"sp1": {"params": {"dense_ratio": 0.5}, "modules": ["attention.self"]}}}}})
+    assert cfg.sparse_pruning.settings_for("sp1").start_step == 1000
+    assert len(cfg.notes) == 1 and "DeepSpeed's default 1000 applies" in cfg.notes[0]
+    # slimtorch's own keys keep slimtorch's default
+    cfg = sp(end_step=0)
+    del cfg["compression_training"]["sparse_pruning"]["shared_parameters"]["start_step"]
+    cfg = load_config(cfg)
+    assert cfg.sparse_pruning.settings_for(None).start_step == 0 and cfg.notes == ()
 
 
 @pytest.mark.parametrize("section", ["weight_quantization", "activation_quantization", "row_pruning",
@@ -157,6 +181,53 @@ def test_enabled_unsupported_deepspeed_section_is_refused_by_name(section):
         body["enabled"] = True
     with pytest.raises(ConfigError, match=rf"compression_training\.{section}: DeepSpeed's {section} is not implemented"):
         load_config(config)
+
+
+def test_every_enabled_unsupported_section_is_reported_at_once():
+    """D7: DeepSpeed's unit-test config enables several sections; one error lists them all, each with its nearest
+    slimtorch feature, so the user fixes the config in one round."""
+    config = copy.deepcopy(DEEPSPEED)
+    for name in ("weight_quantization", "activation_quantization", "row_pruning", "head_pruning"):
+        config["compression_training"][name]["shared_parameters"]["enabled"] = True
+    with pytest.raises(ConfigError) as info:
+        load_config(config)
+    message = str(info.value)
+    assert message.startswith("4 enabled DeepSpeed sections are not implemented by slimtorch")
+    for name in ("weight_quantization", "activation_quantization", "row_pruning", "head_pruning"):
+        assert f"compression_training.{name}: DeepSpeed's {name} is not implemented" in message
+    # quantization-aware training points at slimtorch's post-training quantization
+    assert message.count("compression_inference.static_quantization or dynamic_quantization") == 2
+    assert "pattern '1xchannel'" in message
+    assert "channel_pruning" not in message and "layer_reduction" not in message  # disabled ones stay quiet
+
+
+@pytest.mark.parametrize("where,key,expected", [
+    ("params", "excluded_modules", "excluded_modules is read from shared_parameters only"),
+    ("group", "excluded_modules", "excluded_modules is read from shared_parameters only"),
+    ("params", "modules", "a group's modules sits beside its params"),
+    ("params", "gradient_accumulation_steps", "gradient_accumulation_steps is read from shared_parameters only"),
+])
+def test_keys_valid_elsewhere_say_where_they_belong(where, key, expected):
+    """D8: a shared-only key inside a group is not a typo of related_modules; the message says where it goes."""
+    value = ["pooler"] if key.endswith("modules") else 2
+    grp = group({key: value}) if where == "params" else group(**{key: value})
+    with pytest.raises(ConfigError) as info:
+        load_config(sp(groups=grp))
+    message = str(info.value)
+    assert expected in message and "did you mean" not in message, message
+
+
+@pytest.mark.parametrize("doc,expected", [
+    ({"compression": {"sparse_pruning": {"shared_parameters": {"enabled": True}}}},
+     "compression.sparse_pruning: sparse_pruning belongs under the top-level 'compression_training'"),
+    ({"deepspeed": {"compression_training": {}}},
+     "deepspeed.compression_training: compression_training must be a top-level key"),
+    ({"training": {"static_quantization": {"enabled": True}}},
+     "belongs under the top-level 'compression_inference'"),
+])
+def test_a_section_under_an_unknown_key_is_refused_not_ignored(doc, expected):
+    with pytest.raises(ConfigError, match=expected):
+        load_config(doc)
 
 
 def test_disabled_sections_and_other_top_level_keys_are_ignored():
@@ -204,7 +275,9 @@ BAD = [
     ("unknown_key_lists_valid", sp(xyzzy=1), [f"{SHARED}.xyzzy", "valid keys: beta, block_pattern"]),
     ("group_only_key", sp(groups=group({"excluded_modules": ["x"]})), [f"{GROUP}.params.excluded_modules"]),
     ("method_typo", sp(method="snip_momentun"), [f"{SHARED}.method", "did you mean 'snip_momentum'"]),
-    ("method_unknown", sp(method="topk"), [f"{SHARED}.method", "'magnitude'", "got 'topk'"]),
+    ("method_unknown", sp(method="movement"), [f"{SHARED}.method", "'magnitude'", "got 'movement'"]),
+    ("method_topk", sp(method="topk"), [f"{SHARED}.method", "DeepSpeed's 'topk'", "does not implement",
+                                        "Nearest: 'snip_momentum'"]),
     ("decay_unknown", sp(sparsity_decay_type="exponential"), [f"{SHARED}.sparsity_decay_type", "'cube'"]),
     # wrong types
     ("ratio_as_string", sp(dense_ratio="0.5"), [f"{SHARED}.dense_ratio", "valid number", "'0.5'"]),

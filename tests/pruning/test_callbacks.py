@@ -17,8 +17,9 @@ def mlp():
 
 
 def config(**shared):
+    # scope "local": these tests follow each layer's own schedule (snip_momentum's default is "global")
     base = {"enabled": True, "method": "snip_momentum", "pattern": "4x1", "dense_ratio": 0.25,
-            "start_step": 2, "end_step": 10, "frequency": 2}
+            "start_step": 2, "end_step": 10, "frequency": 2, "scope": "local"}
     base.update(shared)
     return {"compression_training": {"sparse_pruning": {"shared_parameters": base}}}
 

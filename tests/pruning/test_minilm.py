@@ -53,6 +53,8 @@ def test_request_config_4x1_exp_schedule(minilm, paragraphs):
     teacher = copy.deepcopy(model).eval()
     end = 8
     cfg = scaled_rfc(end_step=end, frequency=2)
+    # each layer follows its own schedule in scope "local" (snip_momentum's default, "global", shares the target)
+    cfg["compression_training"]["sparse_pruning"]["shared_parameters"]["scope"] = "local"
     opt = torch.optim.AdamW(model.parameters(), lr=5e-5)
     cb = st.prepare_pruning(model, cfg, optimizer=opt)
     assert len(cb.layers) == 36 and [lo.name for lo in cb.plan.left_out] == ["pooler.dense"]

@@ -320,5 +320,6 @@ def test_settings_resolved_per_layer():
     assert by_name["encoder.layer.0.intermediate.dense"].pattern == NMPattern(2, 4)
     assert by_name["encoder.layer.0.intermediate.dense"].dense_ratio == 0.5  # N/M when nobody sets dense_ratio
     assert by_name["encoder.layer.0.intermediate.dense"].method == "snip_momentum"
-    assert by_name["pooler"].pattern == BlockPattern(4, 1) and by_name["pooler"].dense_ratio == 0.1
-    assert slimtorch.sparsity_report(model)["pooler"].target_sparsity == pytest.approx(0.9)
+    # shared_parameters states no dense_ratio: the layers in no group stay dense (no silent 90% fallback)
+    assert "pooler" not in by_name and set(by_name) == {f"encoder.layer.{i}.intermediate.dense" for i in range(2)}
+    assert left_out(cb)["pooler"].startswith("in no different_groups entry, and shared_parameters states no dense_ratio")
