@@ -36,8 +36,10 @@ import _distill as D  # noqa: E402
 import slimtorch as st  # noqa: E402
 
 
-def slimtorch_config(pattern: str, dense_ratio: float, attn_dense_ratio: float | None = None) -> dict:
+def slimtorch_config(pattern: str, dense_ratio: float, attn_dense_ratio: float | None = None,
+                     scope: str = "local") -> dict:
     shared = {"enabled": True, "method": "snip_momentum", "pattern": pattern, "dense_ratio": dense_ratio,
+              "scope": scope,
               "sparsity_decay_type": D.DECAY, "start_step": D.START_STEP, "end_step": D.END_STEP,
               "frequency": D.FREQUENCY, "modules": [r"encoder\.layer\.\d+\."]}
     groups = {}
@@ -46,7 +48,8 @@ def slimtorch_config(pattern: str, dense_ratio: float, attn_dense_ratio: float |
     return {"compression_training": {"sparse_pruning": {"shared_parameters": shared, "different_groups": groups}}}
 
 
-def run_slimtorch(seed: int, pattern: str, dense_ratio: float, attn_dense_ratio: float | None, timed: bool) -> dict:
+def run_slimtorch(seed: int, pattern: str, dense_ratio: float, attn_dense_ratio: float | None, timed: bool,
+                  scope: str = "local") -> dict:
     teacher, student, tok, heldout, batches, teacher_emb, opt = D.prepare_run(seed)
     dense = dense_opt = None
     if timed:
@@ -54,7 +57,7 @@ def run_slimtorch(seed: int, pattern: str, dense_ratio: float, attn_dense_ratio:
         dense_opt = D.make_optimizer(dense)
         D.warmup(dense, teacher, batches[0])
     D.warmup(student, teacher, batches[0])
-    cb = st.prepare_pruning(student, slimtorch_config(pattern, dense_ratio, attn_dense_ratio), optimizer=opt)
+    cb = st.prepare_pruning(student, slimtorch_config(pattern, dense_ratio, attn_dense_ratio, scope), optimizer=opt)
     start = time.time()
     if timed:
         res = D.interleaved_updates(lambda i: D.distill_update(student, teacher, batches[i], opt),
@@ -134,6 +137,8 @@ def main() -> None:
     ap.add_argument("--pattern", default="2:4")
     ap.add_argument("--dense-ratio", type=float, default=0.5)
     ap.add_argument("--attn-dense-ratio", type=float, default=None)
+    ap.add_argument("--scopes", nargs="+", default=["local"], choices=["local", "global"],
+                    help="slimtorch's scope(s); snip_momentum's default is global, the published rows are local")
     ap.add_argument("--no-inc", action="store_true", help="skip Intel Neural Compressor")
     ap.add_argument("--json-out", default=None)
     args = ap.parse_args()
@@ -141,12 +146,15 @@ def main() -> None:
     results = {"slimtorch": [], "inc": [], "oneshot": None, "env": D.environment(), "args": vars(args)}
     for seed in args.seeds:
         timed = seed == args.seeds[0]
-        results["slimtorch"].append(run_slimtorch(seed, args.pattern, args.dense_ratio, args.attn_dense_ratio, timed))
-        print("slimtorch", json.dumps(results["slimtorch"][-1]), flush=True)
+        for scope in args.scopes:
+            run = run_slimtorch(seed, args.pattern, args.dense_ratio, args.attn_dense_ratio, timed, scope)
+            results["slimtorch"].append({**run, "scope": scope})
+            print("slimtorch", json.dumps(results["slimtorch"][-1]), flush=True)
         if not args.no_inc:
             results["inc"].append(run_inc(seed, args, timed))
             print("inc", json.dumps({k: v for k, v in results["inc"][-1].items() if k != "layers"}), flush=True)
-    rows = [summarise("slimtorch snip_momentum", results["slimtorch"])]
+    rows = [summarise(f"slimtorch snip_momentum, {scope}", [r for r in results["slimtorch"] if r["scope"] == scope])
+            for scope in args.scopes]
     if results["inc"]:
         rows.append(summarise("Intel Neural Compressor 3.7.1", results["inc"]))
     if args.pattern == "2:4":

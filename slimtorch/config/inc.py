@@ -13,7 +13,8 @@ JSON object: global keys plus an optional ``pruning_configs`` list whose entries
 | ``start_step``, ``end_step`` (0, 0)   | ``start_step``, ``end_step`` (INC's last mask update: start + K * frequency) |
 | ``pruning_frequency`` (1)             | ``frequency``                                                    |
 | ``op_names`` ([] = every layer)       | ``modules`` (shared, or each entry's group)                      |
-| ``excluded_op_names``                 | ``shared_parameters.excluded_modules``                           |
+| ``excluded_op_names``                 | ``excluded_modules`` (shared, or each entry's group)             |
+| ``pruning_op_types`` (Conv, Linear)   | ``shared_parameters.op_types`` (the same for every entry)        |
 | ``min/max_sparsity_ratio_per_op``     | ``min/max_sparsity_per_layer`` (global scope)                    |
 | ``sparsity_decay_type`` ("exp")       | ``sparsity_decay_type``                                          |
 
@@ -65,18 +66,20 @@ def to_sparse_pruning(doc: Dict[str, Any], renamed: Dict[Tuple[str, ...], str], 
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
         raise ConfigError("pruning_configs: INC's pruning_configs is a list of objects (one per pruner)")
     glob = {**GLOBAL_DEFAULTS, **LOCAL_DEFAULTS, **doc}
-    entries = [e for e in entries]
     shared: Dict[str, Any] = {"enabled": True}
     out = {"compression_training": {"sparse_pruning": {"shared_parameters": shared, "different_groups": {}}}}
-    excluded = glob.pop("excluded_op_names")
-    shared["excluded_modules"] = _regexes(excluded, "excluded_op_names")
-    renamed[_SP + ("shared_parameters", "excluded_modules")] = "excluded_op_names"
+    for i, own in enumerate(entries):
+        _check_keys(own, f"pruning_configs[{i}].", GLOBAL_DEFAULTS, extra=tuple(LOCAL_DEFAULTS))
+    shared["op_types"] = _op_types([{**glob, **own}["pruning_op_types"] for own in entries] or
+                                   [glob["pruning_op_types"]])
     if len(entries) <= 1:  # one pruner: the global keys (and the entry's) go to shared_parameters
         own = entries[0] if entries else {}
-        _check_keys(own, "pruning_configs[0].", GLOBAL_DEFAULTS, extra=tuple(LOCAL_DEFAULTS))
         where = "pruning_configs[0]." if own else ""
-        _refuse_own_exclusions(own, excluded, where)
         merged = {**glob, **own}
+        # an entry's own excluded_op_names replace the global ones, as in INC
+        excluded_at = f"{where}excluded_op_names" if "excluded_op_names" in own else "excluded_op_names"
+        shared["excluded_modules"] = _regexes(merged["excluded_op_names"], excluded_at)
+        renamed[_SP + ("shared_parameters", "excluded_modules")] = excluded_at
         shared.update(_params(merged, where, notes, _SP + ("shared_parameters",), renamed))
         if merged["op_names"]:
             shared["modules"] = _regexes(merged["op_names"], f"{where}op_names")
@@ -87,14 +90,15 @@ def to_sparse_pruning(doc: Dict[str, Any], renamed: Dict[Tuple[str, ...], str], 
     groups = out["compression_training"]["sparse_pruning"]["different_groups"]
     for i, own in enumerate(entries):
         where = f"pruning_configs[{i}]."
-        _check_keys(own, where, GLOBAL_DEFAULTS, extra=tuple(LOCAL_DEFAULTS))
-        _refuse_own_exclusions(own, excluded, where)
         merged = {**glob, **own}
         name = f"pruning_configs[{i}]"
         path = _SP + ("different_groups", name)
         modules = _regexes(merged["op_names"], f"{where}op_names") or [".*"]  # INC: no op_names = every layer
-        groups[name] = {"params": _params(merged, where, notes, path + ("params",), renamed), "modules": modules}
+        excluded_at = f"{where}excluded_op_names" if "excluded_op_names" in own else "excluded_op_names"
+        groups[name] = {"params": _params(merged, where, notes, path + ("params",), renamed), "modules": modules,
+                        "excluded_modules": _regexes(merged["excluded_op_names"], excluded_at)}
         renamed[path + ("modules",)] = f"{where}op_names"
+        renamed[path + ("excluded_modules",)] = excluded_at
     return out
 
 
@@ -120,14 +124,6 @@ def _params(cfg: Dict[str, Any], where: str, notes: List[str], path: Tuple[str, 
                           f"{key} = {value!r}); remove the key")
     if cfg.get("criterion_type") not in (None, method):
         raise ConfigError(f"{where}criterion_type: INC sets it from pruning_type; remove it")
-    types = cfg["pruning_op_types"]
-    if not isinstance(types, list) or not types or not set(types) <= {"Conv", "Linear"}:
-        raise ConfigError(f"{where}pruning_op_types: slimtorch prunes Linear and Conv layers (INC's 'Linear', "
-                          f"'Conv'), got {types!r}")
-    if set(types) != {"Conv", "Linear"}:
-        notes.append(f"{where}pruning_op_types {types!r}: slimtorch selects layers by op_names and prunes every "
-                     "Linear and Conv layer they select; a model whose selected layers are all of these types is "
-                     "pruned as INC prunes it")
     for key in _NO_EFFECT:
         if cfg.get(key) not in (None, False):
             notes.append(f"{where}{key} {cfg[key]!r} has no effect in slimtorch (masks and scores are kept as "
@@ -198,11 +194,20 @@ def _regexes(value: Any, where: str) -> List[str]:
     return list(value)
 
 
-def _refuse_own_exclusions(own: Dict[str, Any], excluded: Any, where: str) -> None:
-    if "excluded_op_names" in own and own["excluded_op_names"] != excluded:
-        raise ConfigError(
-            f"{where}excluded_op_names: slimtorch applies one list of exclusions to every pruner; move these "
-            "names to the top-level excluded_op_names (or leave them out of this entry's op_names)")
+def _op_types(per_pruner: List[Any]) -> List[str]:
+    """INC's pruning_op_types (type-name substrings "Linear", "Conv") as slimtorch's shared op_types."""
+    mapped = []
+    for types in per_pruner:
+        if not isinstance(types, list) or not types or not set(types) <= {"Conv", "Linear"}:
+            raise ConfigError(f"pruning_op_types: slimtorch prunes INC's 'Linear' and 'Conv' layer types, got {types!r}")
+        mapped.append(sorted({t for name in types for t in _INC_TYPES[name]}))
+    if any(m != mapped[0] for m in mapped):
+        raise ConfigError("pruning_op_types: slimtorch selects one set of layer types for every pruner; give all "
+                          "pruning_configs entries the same pruning_op_types (and narrow them with op_names)")
+    return mapped[0]
+
+
+_INC_TYPES = {"Linear": ("Linear",), "Conv": ("Conv1d", "Conv2d", "Conv1D")}
 
 
 def _check_keys(cfg: Dict[str, Any], where: str, known: Dict[str, Any], extra: Tuple[str, ...] = ()) -> None:

@@ -323,7 +323,7 @@ def _display(loc: Tuple[str, ...], renamed: Dict[Tuple[str, ...], str]) -> str:
     return ".".join(loc)
 
 
-_SHARED_ONLY = ("excluded_modules", "gradient_accumulation_steps", "enabled")
+_SHARED_ONLY = ("gradient_accumulation_steps", "enabled", "op_types")
 
 
 def _misplaced_key_hint(loc: Tuple[str, ...]) -> Optional[str]:
@@ -332,12 +332,12 @@ def _misplaced_key_hint(loc: Tuple[str, ...]) -> Optional[str]:
         return None
     key, in_params = loc[-1], loc[-2] == "params"
     if key in _SHARED_ONLY:
-        what = {"excluded_modules": "exclusions apply to every group, and win over a group's modules",
+        what = {"op_types": "the layer types pruned at all",
                 "gradient_accumulation_steps": "one training loop has one accumulation",
                 "enabled": "pruning is on or off as a whole"}[key]
         return (f"{key} is read from shared_parameters only ({what}); move it to "
                 f"compression_training.sparse_pruning.shared_parameters.{key}")
-    if in_params and key in ("modules", "related_modules"):
+    if in_params and key in ("modules", "related_modules", "excluded_modules"):
         return f"a group's {key} sits beside its params, not inside them: different_groups.{loc[-3]}.{key}"
     return None
 

@@ -17,6 +17,7 @@ from .quant_schema import CompressionInference
 Method = Literal["magnitude", "gradient", "snip", "snip_momentum", "l1"]
 DecayType = Literal["exp", "cos", "linear", "cube"]
 Scope = Literal["local", "global"]
+LayerType = Literal["Linear", "Conv1d", "Conv2d", "Conv1D"]
 
 #: dense_ratio used when neither the group nor shared_parameters sets one and the pattern is a block pattern
 #: (DeepSpeed's default). For "N:M" the default is N/M.
@@ -82,6 +83,8 @@ class SharedPruningParams(GroupParams):
     gradient_accumulation_steps: int = Field(default=1, ge=1)
     modules: Optional[List[str]] = None
     excluded_modules: List[str] = Field(default_factory=list)
+    #: the layer types pruned at all (INC's pruning_op_types); None: every supported type
+    op_types: Optional[List[LayerType]] = Field(default=None, min_length=1)
 
     @field_validator("modules", "excluded_modules")
     @classmethod
@@ -94,9 +97,11 @@ class PruningGroup(_Strict):
 
     params: GroupParams = Field(default_factory=GroupParams)
     modules: List[str] = Field(min_length=1)
+    #: layers the group's modules would select but it leaves to shared_parameters (like any layer in no group)
+    excluded_modules: List[str] = Field(default_factory=list)
     related_modules: Optional[List[Union[str, List[str]]]] = None
 
-    @field_validator("modules")
+    @field_validator("modules", "excluded_modules")
     @classmethod
     def _valid_regexes(cls, value):
         return _check_regexes(value)

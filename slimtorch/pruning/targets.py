@@ -62,6 +62,15 @@ def layer_layout(module: nn.Module) -> Optional[Tuple[str, int]]:
     return None
 
 
+def layer_type(module: nn.Module) -> str:
+    """The ``op_types`` name of a supported layer."""
+    if isinstance(module, nn.Conv2d):
+        return "Conv2d"
+    if isinstance(module, nn.Conv1d):
+        return "Conv1d"
+    return "Linear" if isinstance(module, nn.Linear) else "Conv1D"
+
+
 def supported_layers(model: nn.Module) -> List[Tuple[str, nn.Module]]:
     return [(name, mod) for name, mod in model.named_modules() if name and layer_layout(mod) is not None]
 
@@ -127,6 +136,8 @@ def plan_targets(model: nn.Module, config: SparsePruningConfig) -> TargetPlan:
         _check_patterns_match(shared.modules, all_names, f"{SP_PATH}.shared_parameters.modules")
     for gname, group in groups.items():
         _check_patterns_match(group.modules, all_names, f"{SP_PATH}.different_groups.{gname}.modules")
+        _check_patterns_match(group.excluded_modules, all_names,
+                              f"{SP_PATH}.different_groups.{gname}.excluded_modules", warn_only=True)
 
     layers = supported_layers(model)
     defaults_out = _default_exclusions(model, layers)
@@ -137,7 +148,11 @@ def plan_targets(model: nn.Module, config: SparsePruningConfig) -> TargetPlan:
         if excluded is not None:
             plan.left_out.append(LeftOut(name, f"excluded_modules[{excluded}] {shared.excluded_modules[excluded]!r}"))
             continue
-        claimed = [g for g, grp in groups.items() if _matches(grp.modules, name) is not None]
+        if shared.op_types is not None and layer_type(module) not in shared.op_types:
+            plan.left_out.append(LeftOut(name, f"{layer_type(module)} is not in shared_parameters.op_types"))
+            continue
+        claimed = [g for g, grp in groups.items()
+                   if _matches(grp.modules, name) is not None and _matches(grp.excluded_modules, name) is None]
         if len(claimed) > 1:
             raise ConfigError(
                 f"{SP_PATH}.different_groups: layer {name!r} is matched by groups {claimed[0]!r} and {claimed[1]!r}; "

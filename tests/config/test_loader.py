@@ -202,14 +202,14 @@ def test_every_enabled_unsupported_section_is_reported_at_once():
 
 
 @pytest.mark.parametrize("where,key,expected", [
-    ("params", "excluded_modules", "excluded_modules is read from shared_parameters only"),
-    ("group", "excluded_modules", "excluded_modules is read from shared_parameters only"),
+    ("params", "excluded_modules", "a group's excluded_modules sits beside its params, not inside them"),
     ("params", "modules", "a group's modules sits beside its params"),
+    ("group", "op_types", "op_types is read from shared_parameters only"),
     ("params", "gradient_accumulation_steps", "gradient_accumulation_steps is read from shared_parameters only"),
 ])
 def test_keys_valid_elsewhere_say_where_they_belong(where, key, expected):
     """D8: a shared-only key inside a group is not a typo of related_modules; the message says where it goes."""
-    value = ["pooler"] if key.endswith("modules") else 2
+    value = ["pooler"] if key.endswith("modules") else ["Linear"] if key == "op_types" else 2
     grp = group({key: value}) if where == "params" else group(**{key: value})
     with pytest.raises(ConfigError) as info:
         load_config(sp(groups=grp))
@@ -273,7 +273,8 @@ BAD = [
     ("group_modlues", sp(groups={"sp1": {"params": {}, "modlues": ["attention"]}}),
      [f"{GROUP}.modlues", "did you mean 'modules'"]),
     ("unknown_key_lists_valid", sp(xyzzy=1), [f"{SHARED}.xyzzy", "valid keys: beta, block_pattern"]),
-    ("group_only_key", sp(groups=group({"excluded_modules": ["x"]})), [f"{GROUP}.params.excluded_modules"]),
+    ("group_only_key", sp(groups=group({"excluded_modules": ["x"]})), [f"{GROUP}.params.excluded_modules",
+                                                                      "sits beside its params"]),
     ("method_typo", sp(method="snip_momentun"), [f"{SHARED}.method", "did you mean 'snip_momentum'"]),
     ("method_unknown", sp(method="movement"), [f"{SHARED}.method", "'magnitude'", "got 'movement'"]),
     ("method_topk", sp(method="topk"), [f"{SHARED}.method", "DeepSpeed's 'topk'", "does not implement",

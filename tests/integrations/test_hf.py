@@ -154,7 +154,8 @@ def test_block_4x1_follows_exp_schedule_every_update(tmp_path):
     start, end, freq, d = 2, 14, 4, 0.25
     probe = Probe(TARGETS)
     cb = PruningCallback(prune_config(pattern="4x1", dense_ratio=d, sparsity_decay_type="exp", start_step=start,
-                                      end_step=end, frequency=freq), finalize_at_end=False)
+                                      end_step=end, frequency=freq, scope="local"),  # each layer its schedule
+                         finalize_at_end=False)
     trainer = make_trainer(model, tmp_path, [cb, probe], max_steps=18)
     trainer.train()
 
