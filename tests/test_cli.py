@@ -99,3 +99,44 @@ def test_quantize_command_with_eval_falls_back_until_the_criterion_holds(tmp_pat
         assert main(args + ["--eval", "tiny_cli_model:fidelity"]) == 0
     out = capsys.readouterr().out
     assert "accuracy" in out and "accuracy fallback" in out and (tmp_path / "tiny.onnx").exists()
+
+
+@pytest.mark.parametrize("doc,why", [
+    ({"train_batch_size": 8}, "no compression_training.sparse_pruning or compression_inference section"),
+    ({"compression_training": {"sparse_pruning": {"shared_parameters": {"enabled": False}}}},
+     "shared_parameters.enabled is false"),
+    ({"compression_training": {"sparse_pruning": {"shared_parameters": {"enabled": True, "method": "snip_momentum",
+                                                                         "pattern": "4x1"}}}},
+     "no layer is pruned"),
+])
+def test_a_config_with_nothing_to_do_exits_1_and_says_why(doc, why, tmp_path, capsys):
+    path = tmp_path / "ds_config.json"
+    path.write_text(json.dumps(doc))
+    assert main(["check", str(path)]) == 1
+    assert why in capsys.readouterr().err
+
+
+def test_a_section_under_an_unknown_key_exits_2_naming_it(tmp_path, capsys):
+    path = tmp_path / "ds_config.json"
+    path.write_text(json.dumps({"compression": {"sparse_pruning": {"shared_parameters": {"enabled": True}}}}))
+    assert main(["check", str(path)]) == 2
+    assert "compression.sparse_pruning: sparse_pruning belongs under the top-level 'compression_training'" in \
+        capsys.readouterr().err
+
+
+def test_check_with_a_model_lists_each_groups_layers_and_the_dense_ones(capsys):
+    ref = Path(__file__).resolve().parent / "reference" / "configs"
+    assert main(["check", str(ref / "ds_docs_l1.json"), "--model", "tests.reference.protocol:tiny_bert"]) == 0
+    out = capsys.readouterr().out
+    assert "different_groups.sp1 prunes 6 layers (l1 1x1, sparsity 50.0%, local): " \
+           "bert.encoder.layer.0.attention.self.query" in out
+    assert "dense: bert.encoder.layer.0.intermediate.dense: in no different_groups entry: DeepSpeed's 'l1' prunes " \
+           "only the groups' modules" in out
+    assert "dense: classifier: output head" in out
+
+
+def test_check_reads_an_inc_config(capsys):
+    ref = Path(__file__).resolve().parent / "reference" / "configs"
+    assert main(["check", str(ref / "inc_glue_2in4.json")]) == 0
+    out = capsys.readouterr().out
+    assert "shared_parameters: snip_momentum 2:4 dense_ratio 0.5 (sparsity 50.0%; global" in out

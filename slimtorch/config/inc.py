@@ -45,9 +45,8 @@ LOCAL_DEFAULTS: Dict[str, Any] = {
 METHODS = ("snip_momentum", "snip", "gradient", "magnitude")
 # keys whose value changes nothing in slimtorch's result (memory layout, framework choice)
 _NO_EFFECT = ("low_memory_usage", "backend", "resume_from_pruned_checkpoint")
-_INC_ONLY = ("pruning_configs", "target_sparsity", "pruning_type", "pruning_scope", "pruning_frequency",
-             "op_names", "excluded_op_names", "min_sparsity_ratio_per_op", "max_sparsity_ratio_per_op",
-             "pruning_op_types")
+# top-level keys that only an INC config has (a DeepSpeed config has none of them at its top level)
+_INC_KEYS = ("pruning_configs",) + tuple(k for k in GLOBAL_DEFAULTS if k not in ("backend", "low_memory_usage"))
 _SP = ("compression_training", "sparse_pruning")
 
 
@@ -55,7 +54,7 @@ def is_inc_config(doc: Dict[str, Any]) -> bool:
     """An INC WeightPruningConfig document: INC's own keys, and no DeepSpeed/slimtorch section."""
     if any(k in doc for k in ("compression_training", "compression_inference", "sparse_pruning")):
         return False
-    return any(k in doc for k in _INC_ONLY)
+    return any(k in doc for k in _INC_KEYS)
 
 
 def to_sparse_pruning(doc: Dict[str, Any], renamed: Dict[Tuple[str, ...], str], notes: List[str]) -> Dict[str, Any]:

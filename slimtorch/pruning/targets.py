@@ -163,11 +163,11 @@ def plan_targets(model: nn.Module, config: SparsePruningConfig) -> TargetPlan:
         if group is None and shared.modules is not None and _matches(shared.modules, name) is None:
             plan.left_out.append(LeftOut(name, "not selected by shared_parameters.modules"))
             continue
-        if group is None and unlisted is not None:
-            plan.left_out.append(LeftOut(name, unlisted))
-            continue
         if name in defaults_out and not (chosen_by and _names_exactly(chosen_by, name)):
             plan.left_out.append(LeftOut(name, defaults_out[name]))
+            continue
+        if group is None and unlisted is not None:
+            plan.left_out.append(LeftOut(name, unlisted))
             continue
         settings = config.settings_for(group)
         layout, in_per_group = layer_layout(module)

@@ -303,7 +303,8 @@ def test_load_best_model_at_end_keeps_that_checkpoints_masks(tmp_path):
         return {"score": -float(len(evals))}
 
     model = tiny_bert(5)
-    cb = PruningCallback(prune_config(pattern="4x1", dense_ratio=0.5, start_step=0, end_step=8, frequency=4))
+    cb = PruningCallback(prune_config(pattern="4x1", dense_ratio=0.5, start_step=0, end_step=8, frequency=4,
+                                      scope="local"))
     trainer = make_trainer(model, tmp_path, [cb], max_steps=12, save_strategy="steps", save_steps=4,
                            eval_strategy="steps", eval_steps=4, load_best_model_at_end=True,
                            metric_for_best_model="score", greater_is_better=True,
