@@ -92,7 +92,7 @@ def inc_python() -> str:
     return str(Path(venv) / "bin" / "python")
 
 
-def run_inc(seed: int, args, timed: bool) -> dict:
+def run_inc(seed: int, args, timed: bool, scope: str = "local") -> dict:
     python = inc_python()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "inc.json"
@@ -100,7 +100,7 @@ def run_inc(seed: int, args, timed: bool) -> dict:
         if ":" in args.pattern and args.pattern != "2:4":
             raise SystemExit("only 2:4 means the same to INC and slimtorch; compare other N:M by hand")
         cmd = [python, str(HERE / "peers" / "inc_pruning.py"), "--seed", str(seed), "--pattern", args.pattern,
-               "--target-sparsity", str(1 - args.dense_ratio), "--json-out", str(out)]
+               "--target-sparsity", str(1 - args.dense_ratio), "--scope", scope, "--json-out", str(out)]
         if args.attn_dense_ratio is not None:
             cmd += ["--attn-sparsity", str(1 - args.attn_dense_ratio)]
         if not timed:
@@ -138,7 +138,7 @@ def main() -> None:
     ap.add_argument("--dense-ratio", type=float, default=0.5)
     ap.add_argument("--attn-dense-ratio", type=float, default=None)
     ap.add_argument("--scopes", nargs="+", default=["local"], choices=["local", "global"],
-                    help="slimtorch's scope(s); snip_momentum's default is global, the published rows are local")
+                    help="scope(s) of both libraries; snip_momentum's default is global, the 2:4 rows are local")
     ap.add_argument("--no-inc", action="store_true", help="skip Intel Neural Compressor")
     ap.add_argument("--json-out", default=None)
     args = ap.parse_args()
@@ -151,12 +151,14 @@ def main() -> None:
             results["slimtorch"].append({**run, "scope": scope})
             print("slimtorch", json.dumps(results["slimtorch"][-1]), flush=True)
         if not args.no_inc:
-            results["inc"].append(run_inc(seed, args, timed))
-            print("inc", json.dumps({k: v for k, v in results["inc"][-1].items() if k != "layers"}), flush=True)
+            for scope in args.scopes:
+                results["inc"].append({**run_inc(seed, args, timed, scope), "scope": scope})
+                print("inc", json.dumps({k: v for k, v in results["inc"][-1].items() if k != "layers"}), flush=True)
     rows = [summarise(f"slimtorch snip_momentum, {scope}", [r for r in results["slimtorch"] if r["scope"] == scope])
             for scope in args.scopes]
-    if results["inc"]:
-        rows.append(summarise("Intel Neural Compressor 3.7.1", results["inc"]))
+    for scope in args.scopes if results["inc"] else ():
+        rows.append(summarise(f"Intel Neural Compressor 3.7.1, {scope}",
+                              [r for r in results["inc"] if r["scope"] == scope]))
     if args.pattern == "2:4":
         results["oneshot"] = run_oneshot()
         rows.append({"name": "one-shot magnitude 2:4, no training", "cos_std": 0.0, "per_seed": [],
