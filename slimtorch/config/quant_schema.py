@@ -1,6 +1,6 @@
 """Typed config of ``compression_inference``: static and dynamic post-training quantization.
 
-Key names follow CONVENTIONS.md; every key has a documented default, so ``{"enabled": true}`` is a whole section.
+Key names follow docs/conventions.md; every key has a documented default, so ``{"enabled": true}`` is a whole section.
 """
 from __future__ import annotations
 

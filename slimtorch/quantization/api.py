@@ -40,7 +40,7 @@ def quantize(model: nn.Module, config: Any, mpu: Any = None, calib_dataloader: O
 
     ``config``: anything :func:`slimtorch.load_config` takes, with ``compression_inference.static_quantization``
     or ``dynamic_quantization`` enabled. Static quantization needs ``calib_dataloader`` (batches fed as
-    CONVENTIONS.md says; ``calib_input_fn(batch)`` converts a batch first). ``progress`` prints calibration (and
+    docs/conventions.md says; ``calib_input_fn(batch)`` converts a batch first). ``progress`` prints calibration (and
     accuracy search) progress to stderr. :func:`slimtorch.quantization_report` on the result lists what was
     quantized and what stayed float.
 

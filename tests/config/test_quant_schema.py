@@ -1,4 +1,4 @@
-"""compression_inference: defaults, the CONVENTIONS example, and every bad key named by its path."""
+"""compression_inference: defaults, the docs/conventions.md example, and every bad key named by its path."""
 import copy
 import json
 

@@ -1,4 +1,4 @@
-"""Schedule formulas of CONVENTIONS.md, value by value."""
+"""Schedule formulas of docs/conventions.md, value by value."""
 import math
 
 import pytest
