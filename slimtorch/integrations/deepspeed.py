@@ -34,10 +34,12 @@ from torch import Tensor, nn
 
 from ..config import load_config
 from ..config.loader import SECTIONS, read_document
-from ..errors import ConfigError, UnsupportedModelError
+from ..errors import ConfigError, SlimError, UnsupportedModelError
 from ..pruning.access import ParamAccess
 from ..pruning.callbacks import PruningCallbacks, prepare_for_engine
 from ..pruning.distributed import refuse_sharded
+from ..pruning.pruner import rank_at_prepare
+from ..pruning.targets import plan_targets
 
 #: key of the pruning state inside the ``client_state`` of DeepSpeed checkpoints
 CLIENT_STATE_KEY = "slimtorch_pruning"
@@ -66,8 +68,10 @@ def initialize(args: Any = None, model: Optional[nn.Module] = None, optimizer: A
     compression = load_config(document)  # a bad compression section fails before DeepSpeed builds anything
     deepspeed_config = {k: v for k, v in document.items() if k not in SECTIONS}
     pruning = compression.sparse_pruning is not None
+    ranked = None
     if pruning:
         _check_supported(deepspeed_config, model)
+        ranked = _rank_before_the_engine(model, compression)
     engine, ds_optimizer, dataloader, scheduler = deepspeed.initialize(
         args=args, model=model, optimizer=optimizer, model_parameters=model_parameters, training_data=training_data,
         lr_scheduler=lr_scheduler, mpu=mpu, dist_init_required=dist_init_required, collate_fn=collate_fn,
@@ -77,11 +81,27 @@ def initialize(args: Any = None, model: Optional[nn.Module] = None, optimizer: A
     accumulate = _accumulation_steps(engine, compression.sparse_pruning.shared_parameters.gradient_accumulation_steps)
     callbacks = prepare_for_engine(
         engine.module, compression, access=DeepSpeedAccess(engine.optimizer), accumulate=accumulate,
-        driver=("engine.step()", "pass hands_free=False to slimtorch.deepspeed.initialize"), hands_free=hands_free)
+        driver=("engine.step()", "pass hands_free=False to slimtorch.deepspeed.initialize"), hands_free=hands_free,
+        ranked=ranked)
     if hands_free:
         drive_from_optimizer_step(engine.optimizer, callbacks)  # engine.step() steps it once per update
         _keep_in_checkpoints(engine, callbacks)
     return engine, ds_optimizer, dataloader, scheduler, callbacks
+
+
+def _rank_before_the_engine(model: nn.Module, compression: Any) -> Optional[Dict[str, Tensor]]:
+    """DeepSpeed's l1 ranks |w| in ``init_compression``, before the engine casts the model to fp16/bf16: rank the
+    float weights here too, so half-precision rounding cannot reorder near-equal weights."""
+    sp = compression.sparse_pruning
+    if not compression.pruning_enabled:
+        return None
+    settings = [sp.settings_for(None)] + [sp.settings_for(g) for g in sp.different_groups]
+    if not any(s.ranks_at_prepare for s in settings):
+        return None
+    try:
+        return rank_at_prepare(plan_targets(model, sp).layers)
+    except SlimError:
+        return None  # prepare_for_engine raises the same error, on every rank, after the engine exists
 
 
 class DeepSpeedAccess(ParamAccess):

@@ -56,11 +56,13 @@ def prepare_pruning(model: nn.Module, config: ConfigSource,
 def prepare_for_engine(model: nn.Module, config: ConfigSource, *, optimizer: Optional[torch.optim.Optimizer] = None,
                        access: Optional[ParamAccess] = None, accumulate: Optional[int] = None,
                        driver: Tuple[str, str] = ("optimizer.step()", "prepare without optimizer="),
-                       hands_free: bool = False) -> "PruningCallbacks":
+                       hands_free: bool = False, ranked: Optional[Dict[str, torch.Tensor]] = None
+                       ) -> "PruningCallbacks":
     """:func:`prepare_pruning` for engine integrations: ``access`` says where gradients and weight copies live,
     ``accumulate`` overrides the config's gradient_accumulation_steps (the engine knows its own), and ``driver``
     names what drives the callbacks in hands-free mode and how to drive them yourself instead (for errors);
-    ``hands_free`` marks callbacks that the engine drives, so the explicit hooks refuse to be called as well."""
+    ``hands_free`` marks callbacks that the engine drives, so the explicit hooks refuse to be called as well;
+    ``ranked`` holds prepare-time rankings made before the engine cast the weights (``pruner.rank_at_prepare``)."""
     model = unwrap(model)  # a torch.compile'd model shares its parameters with the original module
     refuse_sharded(model)
     cfg = load_config(config)
@@ -85,7 +87,7 @@ def prepare_for_engine(model: nn.Module, config: ConfigSource, *, optimizer: Opt
     for line in cfg.notes + tuple(describe_plan(plan, cfg.sparse_pruning) if plan.layers else ()):
         logger.info("slimtorch prepare_pruning: %s", line)
     callbacks = PruningCallbacks(model, cfg, plan, optimizer, access=access, accumulate=accumulate, driver=driver,
-                                 hands_free=hands_free)
+                                 hands_free=hands_free, ranked=ranked)
     _ACTIVE[model] = callbacks
     return callbacks
 
@@ -97,10 +99,10 @@ class PruningCallbacks:
                  optimizer: Optional[torch.optim.Optimizer] = None, *, access: Optional[ParamAccess] = None,
                  accumulate: Optional[int] = None,
                  driver: Tuple[str, str] = ("optimizer.step()", "prepare without optimizer="),
-                 hands_free: bool = False):
+                 hands_free: bool = False, ranked: Optional[Dict[str, torch.Tensor]] = None):
         self.config = config
         self.plan = plan
-        self.pruner = Pruner(plan.layers, access)
+        self.pruner = Pruner(plan.layers, access, ranked)
         self.step = 0          # applied updates so far
         self.history: List[Dict[str, Any]] = []  # recent mask recomputations: step, layer, target, sparsity
         self._micro = 0        # on_after_optimizer_step calls so far (micro-batches when accumulating)

@@ -82,10 +82,14 @@ class LayerState:
 class Pruner:
     """Applies the masks of ``layers`` and recomputes them along their schedules."""
 
-    def __init__(self, layers: List[TargetLayer], access: Optional[ParamAccess] = None):
+    def __init__(self, layers: List[TargetLayer], access: Optional[ParamAccess] = None,
+                 ranked: Optional[Dict[str, Tensor]] = None):
         self.layers = [LayerState(t) for t in layers]
         self.access = access or ParamAccess()  # where gradients come from and masked weights go to
         self._last_observed: List[LayerState] = []
+        for layer in self.layers:  # rankings made earlier (before an engine cast the weights) win
+            if ranked and layer.name in ranked and layer.ranked is not None:
+                layer.ranked = ranked[layer.name].to(layer.weight.device)
 
     # ------------------------------------------------------------ per update
     def observe(self, step: int) -> None:
@@ -240,6 +244,15 @@ class Pruner:
         self.apply_masks()
 
 
+
+
+def rank_at_prepare(layers: List[TargetLayer]) -> Dict[str, Tensor]:
+    """The prepare-time keep-masks of the layers that rank once (DeepSpeed's l1), by name.
+
+    An engine that casts the weights (DeepSpeed fp16/bf16) calls this on the float model first, as DeepSpeed's own
+    ``init_compression`` ranks before its engine exists, and hands the result to :class:`Pruner`.
+    """
+    return {t.name: LayerState(t).ranked for t in layers if t.settings.ranks_at_prepare}
 
 
 def _global_groups(layers: List[LayerState]) -> Dict[Optional[str], List[LayerState]]:

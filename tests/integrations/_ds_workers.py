@@ -127,3 +127,29 @@ def gradient_accumulation_mismatch(rank: int, world: int, init_file: str, out_di
             f.write(outcome)
     finally:
         W._close()
+
+
+def l1_in_bf16(rank: int, world: int, init_file: str, out_dir: str, stage: int) -> None:
+    """DeepSpeed's l1 config under a bf16 engine: save this rank's mask of the digits CNN's hidden Linear and the
+    float weights it started from (the engine casts the model to bf16 before any step)."""
+    _init(rank, world, init_file)
+    try:
+        x, y = W.digits_tensors()
+        model = W.digits_cnn()
+        start = model.get_submodule("6").weight.detach().clone()
+        config = {"train_micro_batch_size_per_gpu": MICRO_BATCH, "zero_optimization": {"stage": stage},
+                  "bf16": {"enabled": True}, "zero_allow_untested_optimizer": True, "steps_per_print": 10 ** 6,
+                  "compression_training": {"sparse_pruning": {
+                      "shared_parameters": {"enabled": True, "method": "l1", "schedule_offset": 1},
+                      "different_groups": {"fc": {"params": {"dense_ratio": 0.3}, "modules": ["^6$"]}}}}}
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        engine, _, _, _, cb = st.deepspeed.initialize(model=model, optimizer=opt, config=config,
+                                                      dist_init_required=False)
+        for update in range(2):
+            xb, yb = _micro_batches(rank, world, 1, update, x, y)[0]
+            engine.backward(nn.functional.cross_entropy(engine(xb.to(torch.bfloat16)).float(), yb))
+            engine.step()
+        torch.save({"mask": cb.pruner.layers[0].mask.cpu(), "start": start,
+                    "dtype": str(engine.module.get_submodule("6").weight.dtype)}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        W._close()
