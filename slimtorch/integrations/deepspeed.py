@@ -71,7 +71,7 @@ def initialize(args: Any = None, model: Optional[nn.Module] = None, optimizer: A
     ranked = None
     if pruning:
         _check_supported(deepspeed_config, model)
-        ranked = _rank_before_the_engine(model, compression)
+        ranked = rank_before_the_engine(model, compression)
     engine, ds_optimizer, dataloader, scheduler = deepspeed.initialize(
         args=args, model=model, optimizer=optimizer, model_parameters=model_parameters, training_data=training_data,
         lr_scheduler=lr_scheduler, mpu=mpu, dist_init_required=dist_init_required, collate_fn=collate_fn,
@@ -89,7 +89,7 @@ def initialize(args: Any = None, model: Optional[nn.Module] = None, optimizer: A
     return engine, ds_optimizer, dataloader, scheduler, callbacks
 
 
-def _rank_before_the_engine(model: nn.Module, compression: Any) -> Optional[Dict[str, Tensor]]:
+def rank_before_the_engine(model: nn.Module, compression: Any) -> Optional[Dict[str, Tensor]]:
     """DeepSpeed's l1 ranks |w| in ``init_compression``, before the engine casts the model to fp16/bf16: rank the
     float weights here too, so half-precision rounding cannot reorder near-equal weights."""
     sp = compression.sparse_pruning

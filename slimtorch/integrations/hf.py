@@ -62,8 +62,16 @@ class PruningCallback(TrainerCallback):
         self.callbacks: Optional[PruningCallbacks] = None  # set at on_train_begin
         self._scale: Optional[float] = None  # fp16 GradScaler's scale before the current update
         self._pre_step_seen = False           # on_pre_optimizer_step ran for the current update
+        self._ranked = None  # DeepSpeed's l1 rankings of the float model, made before DeepSpeed casts it
 
     # ------------------------------------------------------------ Trainer events
+    def on_init_end(self, args, state, control, model=None, **kwargs):
+        # DeepSpeed's init_compression ranks l1 masks before its engine exists; under a DeepSpeed Trainer the engine
+        # casts the model to bf16/fp16 before on_train_begin, so rank the float weights now, as DeepSpeed would
+        if getattr(args, "deepspeed", None) and isinstance(model, torch.nn.Module):
+            from .deepspeed import rank_before_the_engine
+            self._ranked = rank_before_the_engine(model, self.config)
+
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         deepspeed_optimizer = _deepspeed_optimizer(args, optimizer)
         self._check_accumulation(args)
@@ -90,7 +98,8 @@ class PruningCallback(TrainerCallback):
             from .deepspeed import DeepSpeedAccess, drive_from_optimizer_step
             self.callbacks = prepare_for_engine(
                 model, self.config, access=DeepSpeedAccess(deepspeed_optimizer), accumulate=1, hands_free=True,
-                driver=("DeepSpeed's optimizer step (Trainer with DeepSpeed)", "train without DeepSpeed"))
+                driver=("DeepSpeed's optimizer step (Trainer with DeepSpeed)", "train without DeepSpeed"),
+                ranked=self._ranked)
             drive_from_optimizer_step(deepspeed_optimizer, self.callbacks)
         if state.global_step > 0 and self.resume_from is not False:
             try:

@@ -486,3 +486,53 @@ def test_example_script_runs(tmp_path):
     assert "held-out accuracy after pruning" in done.stdout and "6 pruning updates" in done.stdout
     assert "overall sparsity of pruned layers: 50.0% (37 of 38 layers pruned)" in done.stdout
     assert (tmp_path / "out" / "checkpoint-6" / STATE_FILE).is_file()
+
+
+DEEPSPEED_L1_BF16_SCRIPT = """
+import os, sys, torch
+sys.path[:0] = [{root!r}]
+from tests.integrations.test_hf import make_trainer, tiny_bert, PruningCallback
+out = {out!r}
+ds = {{"zero_optimization": {{"stage": 2}}, "bf16": {{"enabled": True}}, "train_micro_batch_size_per_gpu": "auto",
+      "train_batch_size": "auto", "gradient_accumulation_steps": "auto", "zero_allow_untested_optimizer": True}}
+model = tiny_bert()
+start = {{n: m.weight.detach().clone() for n, m in model.named_modules() if n.endswith("attention.self.query")}}
+config = {{"compression_training": {{"sparse_pruning": {{
+    "shared_parameters": {{"enabled": True, "method": "l1", "schedule_offset": 2}},
+    "different_groups": {{"q": {{"params": {{"dense_ratio": 0.3}}, "modules": ["attention.self.query"]}}}}}}}}}}
+cb = PruningCallback(config, finalize_at_end=False)
+trainer = make_trainer(model, out, [cb], max_steps=4, per_device_train_batch_size=4, deepspeed=ds, bf16=True)
+trainer.train()
+torch.save({{"masks": {{l.name: l.mask for l in cb.callbacks.pruner.layers}}, "start": start,
+            "dtype": str(next(trainer.model_wrapped.parameters()).dtype)}},
+           os.path.join(out, f"rank{{torch.distributed.get_rank()}}.pt"))
+torch.distributed.barrier()
+torch.distributed.destroy_process_group()
+"""
+
+
+def test_deepspeed_trainer_in_bf16_ranks_l1_on_the_float_weights(tmp_path):
+    """As DeepSpeed's init_compression: the l1 masks come from the float model the Trainer was given, not from the
+    bf16 copy the engine trains (bf16 rounding would reorder near-equal weights)."""
+    import math
+
+    pytest.importorskip("deepspeed")
+    script = tmp_path / "train.py"
+    script.write_text(DEEPSPEED_L1_BF16_SCRIPT.format(root=str(ROOT), out=str(tmp_path)))
+    done = torchrun(script, timeout=400, env={"HF_HUB_OFFLINE": "1", "DS_BUILD_OPS": "0"})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    assert rank0["dtype"] == "torch.bfloat16"
+
+    def top(weight):
+        keep = torch.zeros(weight.numel(), dtype=torch.bool)
+        keep[weight.abs().flatten().float().argsort(descending=True, stable=True)[:math.ceil(0.3 * weight.numel())]] \
+            = True
+        return keep.reshape(weight.shape)
+
+    differs = 0
+    for name, weight in rank0["start"].items():
+        assert torch.equal(rank0["masks"][name].cpu(), top(weight)), name
+        assert torch.equal(rank0["masks"][name], rank1["masks"][name]), name
+        differs += int((top(weight) != top(weight.to(torch.bfloat16))).sum())
+    assert differs > 0  # ranking the engine's bf16 weights would have chosen other masks
