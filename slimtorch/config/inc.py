@@ -114,7 +114,8 @@ def _params(cfg: Dict[str, Any], where: str, notes: List[str], path: Tuple[str, 
             "slimtorch counterpart yet")
     target = cfg["target_sparsity"]
     if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 <= target < 1:
-        raise ConfigError(f"{where}target_sparsity: a number in [0, 1) (the fraction of weights pruned), got {target!r}")
+        raise ConfigError(f"{where}target_sparsity: a number in [0, 1) (the fraction of weights pruned), "
+                          f"got {target!r}")
     pattern = _pattern(cfg["pattern"], f"{where}pattern")
     for key, value in LOCAL_DEFAULTS.items():
         if key in _NO_EFFECT or key == "criterion_type" or cfg.get(key) == value:
@@ -198,7 +199,8 @@ def _op_types(per_pruner: List[Any]) -> List[str]:
     mapped = []
     for types in per_pruner:
         if not isinstance(types, list) or not types or not set(types) <= {"Conv", "Linear"}:
-            raise ConfigError(f"pruning_op_types: slimtorch prunes INC's 'Linear' and 'Conv' layer types, got {types!r}")
+            raise ConfigError(f"pruning_op_types: slimtorch prunes INC's 'Linear' and 'Conv' layer types, "
+                              f"got {types!r}")
         mapped.append(sorted({t for name in types for t in _INC_TYPES[name]}))
     if any(m != mapped[0] for m in mapped):
         raise ConfigError("pruning_op_types: slimtorch selects one set of layer types for every pruner; give all "

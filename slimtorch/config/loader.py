@@ -51,7 +51,8 @@ TOPK_MESSAGE = (
     "training gradients, the first-order estimate of the same movement signal), or 'l1' for DeepSpeed's one-shot "
     "magnitude masks")
 # keys that, found under an unknown top-level key, show a compression section in the wrong place
-_SECTION_KEYS = SECTIONS + ("sparse_pruning", "static_quantization", "dynamic_quantization") + tuple(UNSUPPORTED_TRAINING)
+_INFERENCE_KEYS = ("static_quantization", "dynamic_quantization")
+_SECTION_KEYS = SECTIONS + ("sparse_pruning",) + _INFERENCE_KEYS + tuple(UNSUPPORTED_TRAINING)
 
 
 def load_config(source: ConfigSource) -> CompressionConfig:
@@ -176,10 +177,10 @@ def _refuse_misplaced(value: Any, path: Tuple[str, ...]) -> None:
             raise ConfigError(f"{where}: {key} must be a top-level key; it sits under {'.'.join(path)!r}, which "
                               "slimtorch (like DeepSpeed) does not read. Move it to the top level")
         if key in _SECTION_KEYS:
-            parent = "compression_inference" if key.endswith("_quantization") and key.startswith(("static", "dynamic")) \
-                else "compression_training"
+            parent = "compression_inference" if key in _INFERENCE_KEYS else "compression_training"
             raise ConfigError(f"{where}: {key} belongs under the top-level {parent!r}, not under {'.'.join(path)!r}, "
-                              f"which slimtorch (like DeepSpeed) does not read. Write {{\"{parent}\": {{\"{key}\": ...}}}}")
+                              "which slimtorch (like DeepSpeed) does not read. Write "
+                              f"{{\"{parent}\": {{\"{key}\": ...}}}}")
         _refuse_misplaced(inner, path + (key,))
 
 

@@ -85,7 +85,8 @@ def block_mean(scores: Tensor, rows: int, cols: int) -> Tensor:
     return scores.reshape(out // rows, rows, red // cols, cols).mean(dim=(1, 3))
 
 
-def block_mask(scores: Tensor, pattern: BlockPattern, sparsity: float, kept_ratio_ceil: Optional[float] = None) -> Tensor:
+def block_mask(scores: Tensor, pattern: BlockPattern, sparsity: float,
+               kept_ratio_ceil: Optional[float] = None) -> Tensor:
     """Keep-mask (bool, same shape as ``scores``) dropping the lowest-scoring blocks.
 
     The number of dropped blocks is ``round(sparsity * n_blocks)``, so the result is within half a block of

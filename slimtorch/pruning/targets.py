@@ -1,8 +1,8 @@
 """Which layers a config prunes, with which settings, and why the others are left alone.
 
-Rules (docs/config.md, "Which layers are pruned"): every nn.Linear, nn.Conv1d, nn.Conv2d and transformers Conv1D is a default target,
-except the last supported layer in registration order (the head) and layers whose weight is tied to an
-embedding. ``modules`` / ``excluded_modules`` entries are regular expressions applied with ``re.search`` to a
+Rules (docs/config.md, "Which layers are pruned"): every nn.Linear, nn.Conv1d, nn.Conv2d and transformers Conv1D
+is a default target, except the last supported layer in registration order (the head) and layers whose weight is
+tied to an embedding. ``modules`` / ``excluded_modules`` entries are regular expressions applied with ``re.search`` to a
 layer's full dotted name and to its ancestors' names (a matched module selects its supported descendants);
 ``excluded_modules`` wins over everything; a layer two groups claim is an error. A layer that no group selects is
 pruned only when shared_parameters states its own ``dense_ratio`` (or an "N:M" pattern, or ``modules``), and never

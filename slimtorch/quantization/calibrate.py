@@ -1,7 +1,7 @@
 """Calibration: run batches through the model with an observer on the input of each selected module.
 
-Batches are fed as docs/conventions.md says: a tensor as ``model(b)``, a mapping as ``model(**b)``, a tuple or list by its
-first element (the inputs of an (inputs, labels...) pair) under the same rules; ``input_fn(batch)`` overrides all of
+Batches are fed as docs/conventions.md says: a tensor as ``model(b)``, a mapping as ``model(**b)``, a tuple or list
+by its first element (the inputs of an (inputs, labels...) pair) under the same rules; ``input_fn(batch)`` overrides all of
 that and returns what the model takes (fed by the same rules). Tensors are moved to the model's device. Hooks are
 always removed and every submodule's train/eval mode restored, even when calibration fails.
 """
@@ -57,7 +57,7 @@ def describe(obj: Any, depth: int = 0) -> str:
 
 
 def feed(model: nn.Module, batch: Any) -> Any:
-    """Call ``model`` on ``batch`` by the rules of docs/conventions.md (tensor, mapping, or first element of a tuple/list)."""
+    """Call ``model`` on ``batch`` by docs/conventions.md's rules (tensor, mapping, or a tuple/list's first item)."""
     if isinstance(batch, torch.Tensor):
         return model(batch)
     if isinstance(batch, Mapping):

@@ -179,7 +179,8 @@ def test_enabled_unsupported_deepspeed_section_is_refused_by_name(section):
         body["shared_parameters"]["enabled"] = True
     else:
         body["enabled"] = True
-    with pytest.raises(ConfigError, match=rf"compression_training\.{section}: DeepSpeed's {section} is not implemented"):
+    with pytest.raises(ConfigError,
+                       match=rf"compression_training\.{section}: DeepSpeed's {section} is not implemented"):
         load_config(config)
 
 
