@@ -178,6 +178,7 @@ def test_zero_3_partitioned_parameters_are_refused_at_prepare():
         st.prepare_pruning(model, W.config())
 
 
+@pytest.mark.slow
 def test_l1_under_a_bf16_engine_ranks_the_float_weights_as_deepspeed_does(tmp_path):
     """DeepSpeed's init_compression ranks |w| before its engine casts the model; slimtorch ranks the float weights
     before deepspeed.initialize too, so bf16 rounding (which reorders near-equal weights) changes nothing."""

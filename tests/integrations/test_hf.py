@@ -511,6 +511,7 @@ torch.distributed.destroy_process_group()
 """
 
 
+@pytest.mark.slow
 def test_deepspeed_trainer_in_bf16_ranks_l1_on_the_float_weights(tmp_path):
     """As DeepSpeed's init_compression: the l1 masks come from the float model the Trainer was given, not from the
     bf16 copy the engine trains (bf16 rounding would reorder near-equal weights)."""
