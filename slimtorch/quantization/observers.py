@@ -254,7 +254,7 @@ class HistogramObserver(Observer):
     def _range(self) -> Tuple[Tensor, Tensor]:
         t = torch.as_tensor(self._threshold(), dtype=torch.float32, device=self.min_val.device)
         # clip [min, max] to [-t, t]; a symmetric scale then comes from t (or the larger side, if smaller than t)
-        return torch.maximum(self.min_val, -t), torch.minimum(self.max_val, t)
+        return _clip_range(self.min_val, self.max_val, t)
 
     @abstractmethod
     def _threshold(self) -> float:
@@ -356,12 +356,19 @@ class MSEObserver(HistogramObserver):
         w = torch.cat([self.pos, self.neg]).double().repeat_interleave(sub) / sub
         amax = float(torch.maximum(-self.min_val, self.max_val))
         ts = torch.arange(1, self.grid + 1, device=dev, dtype=torch.float32) * (amax / self.grid)  # t_k = k/G * amax
-        lo = torch.maximum(self.min_val, -ts)
-        hi = torch.minimum(self.max_val, ts)
+        lo, hi = _clip_range(self.min_val, self.max_val, ts)
         s, z = choose_qparams(lo, hi, dtype=self.dtype, symmetric=self.symmetric, eps=self.eps)
         err = fake_quantize(vals.expand(len(ts), -1), s, z, dtype=self.dtype, axis=0) - vals  # [grid, values]
         mse = (err.double() ** 2 * w).sum(1)  # sum_b count_b * (fq(x_b) - x_b)^2
         return float(ts[int(torch.argmin(mse))])
+
+
+def _clip_range(min_val: Tensor, max_val: Tensor, t: Tensor) -> Tuple[Tensor, Tensor]:
+    """[min, max] with 0 in it (a quantization grid always holds 0) clipped to [-t, t]: data that is all positive
+    (or all negative) and a threshold below its smallest magnitude must not give min > max."""
+    lo = torch.maximum(torch.clamp(min_val, max=0.0), -t)
+    hi = torch.minimum(torch.clamp(max_val, min=0.0), t)
+    return lo, hi
 
 
 OBSERVERS = {

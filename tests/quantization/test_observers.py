@@ -251,3 +251,16 @@ def test_merge_minmax_exact_moving_average_mean_and_mismatches():
         p, q = PercentileObserver(), PercentileObserver(bins=256)
         p.observe(torch.ones(3)), q.observe(torch.ones(3))
         p.merge(q)
+
+
+@pytest.mark.parametrize("name", ["percentile", "entropy", "mse"])
+@pytest.mark.parametrize("values", [[5.0], [1e-40], [0.25, 0.5, 1.0], [-3.0, -1.0]])
+def test_data_of_one_sign_gets_a_range_that_holds_zero(name, values):
+    """All-positive data (a softmax or sigmoid output) once made the MSE search ask for min > max."""
+    o = OBSERVERS[name]("int8", True, bins=256)
+    o.observe(torch.tensor(values))
+    scale, zero = o.qparams()
+    assert float(scale) > 0 and int(zero) == 0
+    x = torch.tensor(values)
+    # the observed values are inside the grid: each is off by at most half a step
+    assert float((fake_quantize(x, scale, zero, dtype="int8") - x).abs().max()) <= float(scale) / 2 * (1 + 1e-6)
