@@ -9,6 +9,14 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# CI (CI=true) runs the property tests on hypothesis's fixed examples, so a submission passes or fails on its code,
+# not on the draw; developers' runs keep exploring new examples (a failure found there is printed with its example)
+if os.environ.get("CI") == "true":
+    from hypothesis import settings
+
+    settings.register_profile("ci", derandomize=True)
+    settings.load_profile("ci")
+
 
 def real_paragraphs(min_chars: int = 80):
     """Paragraphs of English prose from pydoc_data.topics, in a fixed order."""
