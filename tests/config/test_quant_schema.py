@@ -9,7 +9,7 @@ from slimtorch import ConfigError, load_config
 STATIC = "compression_inference.static_quantization"
 DYNAMIC = "compression_inference.dynamic_quantization"
 
-CONVENTIONS_EXAMPLE = {"compression_inference": {"static_quantization": {
+DOCUMENTED_EXAMPLE = {"compression_inference": {"static_quantization": {
     "enabled": True,
     "weight": {"dtype": "int8", "scheme": "symmetric", "granularity": "per_channel"},
     "activation": {"dtype": "int8", "scheme": "symmetric", "observer": "minmax", "percentile": 99.99},
@@ -41,7 +41,7 @@ def test_enabled_alone_is_a_whole_config_with_documented_defaults():
 
 
 def test_conventions_example_loads_as_written():
-    q = load_config(CONVENTIONS_EXAMPLE).quantization
+    q = load_config(DOCUMENTED_EXAMPLE).quantization
     assert q.activation.dtype == "int8" and q.activation.symmetric
 
 
