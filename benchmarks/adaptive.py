@@ -66,11 +66,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-import torch  # noqa: E402
-
 import _digits as G  # noqa: E402
-from _adaptive_tables import (DEFAULT_METHODS, DEFAULT_PATTERNS, METHODS, METRIC, TASKS,  # noqa: E402
-                             build_tables, parse_pattern, print_tables)
+import torch  # noqa: E402
+from _adaptive_tables import (  # noqa: E402
+    DEFAULT_METHODS,
+    DEFAULT_PATTERNS,
+    METHODS,
+    METRIC,
+    TASKS,
+    build_tables,
+    parse_pattern,
+    print_tables,
+)
 
 DEFAULT_JSON = HERE / "results" / "adaptive.json"
 MINILM_MODULES = [r"encoder\.layer\.\d+\."]

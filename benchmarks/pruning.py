@@ -30,9 +30,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import _distill as D  # noqa: E402
 import torch  # noqa: E402
 
-import _distill as D  # noqa: E402
 import slimtorch as st  # noqa: E402
 
 

@@ -51,11 +51,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("TQDM_DISABLE", "1")  # slimtorch's calibration progress bars
 
+import _distill as D  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-
-import _distill as D  # noqa: E402
 
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 OUTPUT_NAME = "last_hidden_state"
@@ -323,8 +322,13 @@ def _ort_peers(float_path: str, calib, tmp: str, which: Sequence[str]) -> List[T
     which: any of "static_default" (QDQ, all op types, S8S8), "static_u8s8" (QDQ, MatMul only, U8S8, per-channel
     weights), "dynamic" (quantize_dynamic, int8 weights, defaults)."""
     import onnx
-    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic,
-                                          quantize_static)
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     input_names = [i.name for i in onnx.load(float_path, load_external_data=False).graph.input]

@@ -46,10 +46,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 import onnx  # noqa: E402
+import ptq as P  # noqa: E402
 import torch  # noqa: E402
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
-
-import ptq as P  # noqa: E402
 
 FFN_DOWN = re.compile(r"/output/dense/MatMul$")          # encoder.layer.N.output.dense (after GELU)
 ATTN_MM = re.compile(r"/attention/self/MatMul(_1)?$")   # Q.K^T and P.V

@@ -1,8 +1,18 @@
 """slimtorch: device-agnostic model compression for PyTorch, configured by DeepSpeed-style JSON."""
 from . import deepspeed
 from .config import CompressionConfig, load_config
-from .errors import (CalibrationError, ConfigError, DistributedError, EvaluationError, ExportError, LifecycleError,
-                     PatternShapeError, SlimError, StateDictError, UnsupportedModelError)
+from .errors import (
+                     CalibrationError,
+                     ConfigError,
+                     DistributedError,
+                     EvaluationError,
+                     ExportError,
+                     LifecycleError,
+                     PatternShapeError,
+                     SlimError,
+                     StateDictError,
+                     UnsupportedModelError,
+)
 from .export import export_onnx
 from .pruning import PruningCallbacks, SparsityReport, prepare_pruning, sparsity_report
 from .quantization import QuantizationReport, load_quantized, quantization_report, quantize

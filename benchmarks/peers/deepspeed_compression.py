@@ -2,7 +2,8 @@
 
 Runs inside the venv that ``benchmarks/peers/setup_deepspeed_compression.sh`` builds, from the repository root:
 
-    venv="$(benchmarks/peers/setup_deepspeed_compression.sh)" && "$venv/bin/python" benchmarks/peers/deepspeed_compression.py
+    venv="$(benchmarks/peers/setup_deepspeed_compression.sh)"
+    "$venv/bin/python" benchmarks/peers/deepspeed_compression.py
 
 For each real DeepSpeed config in ``tests/reference/configs/`` (see each file's ``"_source"``), on the shared run of
 ``tests/reference/protocol.py``:

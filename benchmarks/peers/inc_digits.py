@@ -45,9 +45,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ for _digits
 
-import torch  # noqa: E402
-
 import _digits as G  # noqa: E402
+import torch  # noqa: E402
 
 
 def parse_args(argv=None):

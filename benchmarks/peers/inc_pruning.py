@@ -54,9 +54,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ for _distill
 
-import torch  # noqa: E402
-
 import _distill as D  # noqa: E402
+import torch  # noqa: E402
 
 ENCODER = r"encoder\.layer\.\d+\."
 ATTN_SELF = r"attention\.self\."

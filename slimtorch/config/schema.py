@@ -196,16 +196,16 @@ class SparsePruningConfig(_Strict):
         if isinstance(pattern, NMPattern) and dense_ratio < pattern.min_dense_ratio - 1e-12:
             raise PathValueError(
                 f"{where}.dense_ratio",
-                f"dense_ratio {dense_ratio}{origin('dense_ratio')} is impossible with pattern '{pattern}': it keeps {pattern.n} of every "
-                f"{pattern.m} weights, so at least {pattern.min_dense_ratio:g} of them stay. Set dense_ratio >= "
-                f"{pattern.min_dense_ratio:g} (a larger value makes only part of the groups {pattern}-sparse), "
-                "or use a block pattern such as '4x1' for higher sparsity",
+                f"dense_ratio {dense_ratio}{origin('dense_ratio')} is impossible with pattern '{pattern}': it keeps "
+                f"{pattern.n} of every {pattern.m} weights, so at least {pattern.min_dense_ratio:g} of them stay. "
+                f"Set dense_ratio >= {pattern.min_dense_ratio:g} (a larger value makes only part of the groups "
+                f"{pattern}-sparse), or use a block pattern such as '4x1' for higher sparsity",
             )
         if end < start:
             raise PathValueError(
                 f"{where}.end_step",
-                f"end_step {end}{origin('end_step')} is before start_step {start}{origin('start_step')}; the schedule runs from start_step to end_step "
-                "(equal values prune once)",
+                f"end_step {end}{origin('end_step')} is before start_step {start}{origin('start_step')}; the "
+                "schedule runs from start_step to end_step (equal values prune once)",
             )
         if method in DEEPSPEED_METHODS:
             end = start  # DeepSpeed's l1 prunes once, at schedule_offset, with a mask ranked at prepare time

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from typing import Dict, Tuple
 
-
 _MERGEABLE = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "Mul")
 
 

@@ -18,8 +18,9 @@ fragment it owns, and the shares are summed (one all-reduce per layer, exact) on
 all-reduce of every pruned weight per update, more traffic than ZeRO's own gradient reduction.
 
 Gradients are read at the accumulation boundary, after ``engine.backward`` reduced them and before DeepSpeed's
-optimizer unscales and applies them (where clipping happens differs per stage: docs/deepspeed.md); under fp16, gradients that carry the loss scale are divided by it here so that
-snip_momentum's running score does not jump with the dynamic scale. The masked weights are written to the fp32 master copy too:
+optimizer unscales and applies them (where clipping happens differs per stage: docs/deepspeed.md); under fp16,
+gradients that carry the loss scale are divided by it here so that snip_momentum's running score does not jump with
+the dynamic scale. The masked weights are written to the fp32 master copy too:
 otherwise the optimizer would copy the pruned values back into the model at the next step, and a ZeRO checkpoint
 (or ``zero_to_fp32``) would hold the dense weights.
 """

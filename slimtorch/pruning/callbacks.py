@@ -26,8 +26,8 @@ from torch import nn
 from ..config import CompressionConfig, load_config
 from ..config.loader import ConfigSource
 from ..errors import ConfigError, LifecycleError, SlimError, StateDictError
-from .distributed import active_world, check_same_masks, check_same_plan, mask_fingerprint, refuse_sharded, unwrap
 from .access import ParamAccess
+from .distributed import active_world, check_same_masks, check_same_plan, mask_fingerprint, refuse_sharded, unwrap
 from .pruner import Pruner
 from .targets import TargetPlan, describe_plan, plan_targets
 

@@ -156,7 +156,8 @@ def fit_problem(pattern: Pattern, out_features: int, reduction: int, in_per_grou
     if pattern.rows is not None and out_features % pattern.rows:
         return f"{out_features} output channels are not a multiple of the block height {pattern.rows} of '{pattern}'"
     if pattern.cols is not None and in_per_group % pattern.cols:
-        return f"{in_per_group} input channels (per group) are not a multiple of the block width {pattern.cols} of '{pattern}'"
+        return (f"{in_per_group} input channels (per group) are not a multiple of the block width {pattern.cols} "
+                f"of '{pattern}'")
     return None
 
 

@@ -221,7 +221,8 @@ class Pruner:
 
     def load_state_dict(self, sd: Dict[str, Any]) -> None:
         if not isinstance(sd, dict) or sd.get("version") != STATE_VERSION or "layers" not in sd:
-            raise StateDictError("not a slimtorch pruning state_dict (expected the dict PruningCallbacks.state_dict() returns)")
+            raise StateDictError("not a slimtorch pruning state_dict (expected the dict PruningCallbacks.state_dict() "
+                                 "returns)")
         saved = sd["layers"]
         ours = {l.name: l for l in self.layers}
         if set(saved) != set(ours):
@@ -230,8 +231,10 @@ class Pruner:
                                  f"{extra[:5]}; load it into callbacks prepared with the same model and config")
         for name, entry in saved.items():
             layer = ours[name]
-            if tuple(entry["shape"]) != tuple(layer.weight.shape) or entry["pattern"] != str(layer.target.settings.pattern):
-                raise StateDictError(f"layer {name!r}: saved shape {tuple(entry['shape'])} / pattern {entry['pattern']!r}"
+            pattern = str(layer.target.settings.pattern)
+            if tuple(entry["shape"]) != tuple(layer.weight.shape) or entry["pattern"] != pattern:
+                raise StateDictError(f"layer {name!r}: saved shape {tuple(entry['shape'])} / pattern "
+                                     f"{entry['pattern']!r}"
                                      f" differ from the model's {tuple(layer.weight.shape)} / "
                                      f"{layer.target.settings.pattern}")
             device = layer.weight.device

@@ -115,7 +115,8 @@ def _check_patterns_match(patterns: Sequence[str], all_names: List[str], where: 
         short = sorted({".".join(n.split(".")[-k:]) for n in all_names for k in (1, 2, 3)})
         near = difflib.get_close_matches(pat, short, n=3, cutoff=0.5) or difflib.get_close_matches(
             pat, all_names, n=3, cutoff=0.3)
-        hint = f"closest module names: {', '.join(near)}" if near else f"module names look like: {', '.join(all_names[:3])}"
+        hint = (f"closest module names: {', '.join(near)}" if near
+                else f"module names look like: {', '.join(all_names[:3])}")
         message = f"{where}[{i}]: {pat!r} matches no module of the model; {hint}"
         if warn_only:
             warnings.warn(f"slimtorch: {message}", stacklevel=4)

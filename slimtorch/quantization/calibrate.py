@@ -1,8 +1,8 @@
 """Calibration: run batches through the model with an observer on the input of each selected module.
 
 Batches are fed as docs/conventions.md says: a tensor as ``model(b)``, a mapping as ``model(**b)``, a tuple or list
-by its first element (the inputs of an (inputs, labels...) pair) under the same rules; ``input_fn(batch)`` overrides all of
-that and returns what the model takes (fed by the same rules). Tensors are moved to the model's device. Hooks are
+by its first element (the inputs of an (inputs, labels...) pair) under the same rules; ``input_fn(batch)`` overrides
+all of that and returns what the model takes (fed by the same rules). Tensors are moved to the model's device. Hooks are
 always removed and every submodule's train/eval mode restored, even when calibration fails.
 """
 from __future__ import annotations

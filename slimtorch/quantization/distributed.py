@@ -1,21 +1,21 @@
 r"""Distributed calibration: under torch.distributed, ``quantize`` reduces every statistic the calibration data feeds
 across the data-parallel ranks, so that every rank builds the same quantized model from its own shard of the data.
 
-| statistic (where)                                  | reduction                              | equal to one rank on all shards |
-|----------------------------------------------------|----------------------------------------|---------------------------------|
-| minmax ranges, per tensor or channel (observers)   | all_reduce MIN / MAX                   | bitwise                         |
-| percentile / entropy / mse histograms (observers)  | MAX of the power-of-two range R, merge | bitwise (any order, any split)  |
-|                                                    | up to it, SUM of the int64 counts      |                                 |
-| moving_average ranges (observers)                  | mean of the ranks' running min / max   | no (order-dependent by nature)  |
-| SmoothQuant channel min / max (ChannelStats)       | all_reduce MIN / MAX                   | bitwise                         |
-| SmoothQuant alpha="auto" errors per alpha, layer   | SUM of squared error and squared ref   | same data: to float rounding    |
-| bias correction input means (weight_tuning)        | SUM of input sums and counts (or of    | to float rounding               |
-|                                                    | count-weighted output shifts)          |                                 |
-| BN-fold / SmoothQuant exactness checks             | MAX of the output change, so every     | rank's own first batch          |
-|                                                    | rank keeps or reverts the same folds   |                                 |
-| accuracy search: sensitivity errors                | SUM of squared error and squared ref   | to float rounding               |
-| accuracy search: eval_fn metric, timeout           | gathered (mean where ranks differ,     | -                               |
-|                                                    | with a warning); timeout: any rank     |                                 |
+| statistic (where)                          | reduction                              | vs one rank on all shards      |
+|--------------------------------------------|----------------------------------------|--------------------------------|
+| minmax ranges per tensor/channel           | all_reduce MIN / MAX                   | bitwise                        |
+| percentile/entropy/mse histograms          | MAX of the power-of-two range R, merge | bitwise (any order, any split) |
+|                                            | up to it, SUM of the int64 counts      |                                |
+| moving_average ranges                      | mean of the ranks' running min / max   | no (order-dependent by nature) |
+| SmoothQuant channel min/max (ChannelStats) | all_reduce MIN / MAX                   | bitwise                        |
+| SmoothQuant alpha="auto" errors            | SUM of squared error and squared ref   | same data: to float rounding   |
+| bias correction input means (weight_tuning)| SUM of input sums and counts (or of    | to float rounding              |
+|                                            | count-weighted output shifts)          |                                |
+| BN-fold / SmoothQuant exactness checks     | MAX of the output change, so every     | rank's own first batch         |
+|                                            | rank keeps or reverts the same folds   |                                |
+| accuracy search: sensitivity errors        | SUM of squared error and squared ref   | to float rounding              |
+| accuracy search: eval_fn metric, timeout   | gathered (mean where ranks differ,     | -                              |
+|                                            | with a warning); timeout: any rank     |                                |
 
 Float sums run in float64, gathered and added in rank order, so every rank gets the same bits whatever the
 backend's reduction algorithm. Besides the statistics, three checks keep ranks from silently diverging:

@@ -223,7 +223,8 @@ def _why_not(name: str, bn: nn.Module, prods: Optional[Set[Optional[str]]], conv
     if bn.running_mean is None or bn.running_var is None:
         return "track_running_stats=False: it normalizes with batch statistics, which no fold can reproduce"
     if None in prods:
-        return "its input is not the direct output of a Conv1d/Conv2d/Linear (e.g. an activation or a view sits between)"
+        return ("its input is not the direct output of a Conv1d/Conv2d/Linear (e.g. an activation or a view sits "
+                "between)")
     if len(prods) > 1:
         return f"it is called on the outputs of several modules ({sorted(prods)})"
     conv_name = next(iter(prods))
@@ -306,7 +307,8 @@ def _fold_verified(model: nn.Module, run: Callable[[], Any], tol: Optional[float
             ref, pairs, skipped = _discover(model, run)
         except (TypeError, RuntimeError, ValueError) as e:
             raise ConfigError(f"fold_batchnorm: the example forward of {type(model).__name__} failed "
-                              f"({type(e).__name__}: {e}); pass inputs it accepts, or a run_once(model) callable") from e
+                              f"({type(e).__name__}: {e}); pass inputs it accepts, or a run_once(model) "
+                              "callable") from e
     if sync.active:  # fold only what every rank can fold, in rank 0's order
         everyone = sync.gather(pairs)
         common = [p for p in everyone[0] if all(p in theirs for theirs in everyone)]

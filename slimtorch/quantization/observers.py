@@ -25,8 +25,8 @@ ranges (a moving average has no order-free merge).
 """
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
 import math
+from abc import ABC, abstractmethod
 from typing import Optional, Tuple
 
 import torch
@@ -74,7 +74,8 @@ class Observer(ABC):
     def __init__(self, dtype: str = "int8", symmetric: bool = True, per_channel_axis: Optional[int] = None,
                  eps: float = DEFAULT_EPS):
         if per_channel_axis is not None and not self.per_channel_ok:
-            raise CalibrationError(f"{type(self).__name__} is per-tensor only; use minmax or moving_average per channel")
+            raise CalibrationError(f"{type(self).__name__} is per-tensor only; use minmax or moving_average per "
+                                   "channel")
         choose_qparams(torch.tensor(0.0), torch.tensor(0.0), dtype=dtype, symmetric=symmetric)  # validates the pair
         self.dtype, self.symmetric, self.axis, self.eps = dtype, symmetric, per_channel_axis, eps
         self.reset()
@@ -105,8 +106,8 @@ class Observer(ABC):
             return x.amin(), x.amax()
         flat = x.movedim(self.axis, 0).reshape(x.shape[self.axis], -1)  # [C, everything else]
         if self.min_val is not None and self.min_val.numel() != flat.shape[0]:
-            raise CalibrationError(f"the observed tensor has {flat.shape[0]} channels on axis {self.axis}, earlier ones "
-                             f"had {self.min_val.numel()}")
+            raise CalibrationError(f"the observed tensor has {flat.shape[0]} channels on axis {self.axis}, earlier "
+                                   f"ones had {self.min_val.numel()}")
         return flat.amin(1), flat.amax(1)
 
     def _range(self) -> Tuple[Tensor, Tensor]:
@@ -189,7 +190,8 @@ class HistogramObserver(Observer):
     def __init__(self, dtype: str = "int8", symmetric: bool = True, per_channel_axis: Optional[int] = None,
                  bins: int = 2048, eps: float = DEFAULT_EPS):
         if bins < 2 or bins & (bins - 1):
-            raise CalibrationError(f"bins must be a power of two >= 2 (doubling the range merges bin pairs), got {bins}")
+            raise CalibrationError(f"bins must be a power of two >= 2 (doubling the range merges bin pairs), "
+                                   f"got {bins}")
         self.bins = bins
         super().__init__(dtype, symmetric, per_channel_axis, eps)
 

@@ -47,8 +47,9 @@ def choose_qparams(min_val: Tensor, max_val: Tensor, *, dtype: str = "int8", sym
         raise CalibrationError(f"min_val and max_val must have the same 0-d or 1-d shape, got {tuple(min_val.shape)} "
                          f"and {tuple(max_val.shape)}")
     if not (torch.isfinite(min_val).all() and torch.isfinite(max_val).all()):
-        raise CalibrationError(f"cannot choose quantization parameters from a non-finite range (min={min_val.tolist()}, "
-                         f"max={max_val.tolist()}); the observed values contain NaN or inf")
+        raise CalibrationError(f"cannot choose quantization parameters from a non-finite range "
+                               f"(min={min_val.tolist()}, max={max_val.tolist()}); the observed values contain NaN or "
+                               "inf")
     if (min_val > max_val).any():
         raise CalibrationError(f"min_val > max_val: min={min_val.tolist()}, max={max_val.tolist()}")
     min_neg = torch.clamp(min_val, max=0.0)  # the range always includes 0
@@ -77,8 +78,8 @@ def _broadcast(param: Tensor, x: Tensor, axis: Optional[int]) -> Tensor:
         return param.reshape(())
     axis = axis % x.dim() if x.dim() else 0
     if param.dim() != 1 or param.numel() != x.shape[axis]:
-        raise CalibrationError(f"per-channel qparams of shape {tuple(param.shape)} do not match axis {axis} of a tensor "
-                         f"of shape {tuple(x.shape)}")
+        raise CalibrationError(f"per-channel qparams of shape {tuple(param.shape)} do not match axis {axis} of a "
+                               f"tensor of shape {tuple(x.shape)}")
     shape = [1] * x.dim()
     shape[axis] = -1
     return param.reshape(shape)

@@ -17,8 +17,17 @@ from ..errors import CalibrationError
 from .calibrate import calibrate, model_device
 from .distributed import LOCAL, reduce_channel_stats
 from .qdq import op_type
-from .smoothquant import (ChannelStats, GroupResult, SmoothQuantReport, _check_alpha, _scale_, _weight_absmax,
-                          find_smoothing_groups, search_alpha, smoothing_scales)
+from .smoothquant import (
+    ChannelStats,
+    GroupResult,
+    SmoothQuantReport,
+    _check_alpha,
+    _scale_,
+    _weight_absmax,
+    find_smoothing_groups,
+    search_alpha,
+    smoothing_scales,
+)
 
 
 def input_groups(model: nn.Module, first_batch: Any, linear_names: Sequence[str],
@@ -66,7 +75,8 @@ def smooth_explicit(model: nn.Module, loader: Iterable, *, linear_names: Sequenc
             continue  # never called: quantize() leaves it in float anyway
         mods = [modules[n] for n in names]
         a = search_alpha(st, mods, act_dtype, act_symmetric, sync.sum_ordered)[0] if alpha == "auto" else float(alpha)
-        s = smoothing_scales(st.absmax, _weight_absmax(mods).to(st.absmax.device), a)  # s_j = max|X_j|^a / max|W_j|^(1-a)
+        # s_j = max|X_j|^a / max|W_j|^(1-a)
+        s = smoothing_scales(st.absmax, _weight_absmax(mods).to(st.absmax.device), a)
         inv = (1.0 / s).to(torch.float32)
         for n, m in zip(names, mods):
             _scale_(m.weight, s, 0 if op_type(m) == "Conv1D" else 1, divide=False)  # W[:, j] * s_j

@@ -32,9 +32,9 @@ from torch import Tensor, nn
 from ..errors import CalibrationError, ConfigError
 from .calibrate import calibrate, feed, model_device, to_device
 from .distributed import LOCAL, reduce_channel_stats
-from .smooth_report import GroupResult, SmoothQuantReport  # noqa: F401 - re-exported: part of this module's API
 from .primitives import SYMMETRIC_INT8_QMAX, choose_qparams, fake_quantize
 from .qdq import op_type
+from .smooth_report import GroupResult, SmoothQuantReport  # noqa: F401 - re-exported: part of this module's API
 
 ALPHA_GRID = tuple(round(0.05 * i, 2) for i in range(21))  # 0.0, 0.05, ..., 1.0
 Pairs = Sequence[Tuple[str, Sequence[str]]]

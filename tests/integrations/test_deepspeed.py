@@ -6,7 +6,6 @@ update and its final weights within float tolerance, and pruned zeros in DeepSpe
 """
 import pytest
 import torch
-from torch import nn
 
 import slimtorch as st
 from tests._multiproc import ROOT, WORLD, spawn, torchrun

@@ -18,8 +18,7 @@ import torch
 
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
-from transformers import (BertConfig, BertForSequenceClassification, Trainer, TrainerCallback,  # noqa: E402
-                          TrainingArguments)
+from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 import slimtorch as st  # noqa: E402
@@ -440,7 +439,8 @@ trainer = make_trainer(model, out, [cb], max_steps=10, per_device_train_batch_si
                        ddp_find_unused_parameters=False, save_strategy="steps", save_steps=5)
 trainer.train()
 torch.save({{"masks": {{l.name: l.mask for l in cb.callbacks.pruner.layers}}, "weights": model.state_dict(),
-            "step": cb.step, "global_step": trainer.state.global_step, "wrapper": type(trainer.model_wrapped).__name__}},
+            "step": cb.step, "global_step": trainer.state.global_step,
+            "wrapper": type(trainer.model_wrapped).__name__}},
            os.path.join(out, f"rank{{torch.distributed.get_rank()}}.pt"))
 torch.distributed.barrier()
 torch.distributed.destroy_process_group()

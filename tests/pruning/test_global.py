@@ -45,7 +45,8 @@ def test_ties_go_to_the_earlier_layer():
 
 
 def test_units_of_different_sizes_reach_the_target_within_one_unit():
-    wide, narrow = allocation.Units(torch.tensor([1.0, 5.0]), 64, 128), allocation.Units(torch.tensor([2.0, 3.0, 4.0]), 8, 24)
+    wide = allocation.Units(torch.tensor([1.0, 5.0]), 64, 128)
+    narrow = allocation.Units(torch.tensor([2.0, 3.0, 4.0]), 8, 24)
     counts = allocation.allocate([wide, narrow], 0.5, [0, 0], [1, 1])
     pruned = counts[0] * 64 + counts[1] * 8
     assert abs(pruned - 0.5 * 152) <= 64 and counts == [1, 1]

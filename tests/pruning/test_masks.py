@@ -30,7 +30,8 @@ def test_block_mask_drops_whole_blocks_and_exact_count(pattern, sparsity):
 
 def test_block_mask_drops_the_lowest_mean_blocks():
     scores = torch.tensor([[1.0, 9.0], [2.0, 8.0], [3.0, 0.5], [4.0, 0.4]])
-    keep = masks.block_mask(scores, BlockPattern(2, 1), 0.5)  # blocks: col0 rows0-1 (1.5), rows2-3 (3.5); col1: 8.5, 0.45
+    # blocks: col0 rows0-1 (1.5), rows2-3 (3.5); col1: 8.5, 0.45
+    keep = masks.block_mask(scores, BlockPattern(2, 1), 0.5)
     assert keep.tolist() == [[False, True], [False, True], [True, False], [True, False]]
 
 
@@ -155,7 +156,8 @@ def test_lowest_k_never_picks_nan_first():
     assert masks.lowest_k(values, 3).tolist() == [False, True, True, True]
 
 
-from hypothesis import given, settings, strategies as hst  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as hst  # noqa: E402
 
 
 @settings(max_examples=200, deadline=None, derandomize=True)

@@ -11,9 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-import slimtorch
 from slimtorch import ConfigError, PatternShapeError, prepare_pruning, sparsity_report
-from slimtorch.config import BlockPattern, NMPattern
+from slimtorch.config import NMPattern
 
 SP = "compression_training.sparse_pruning"
 
@@ -322,4 +321,5 @@ def test_settings_resolved_per_layer():
     assert by_name["encoder.layer.0.intermediate.dense"].method == "snip_momentum"
     # shared_parameters states no dense_ratio: the layers in no group stay dense (no silent 90% fallback)
     assert "pooler" not in by_name and set(by_name) == {f"encoder.layer.{i}.intermediate.dense" for i in range(2)}
-    assert left_out(cb)["pooler"].startswith("in no different_groups entry, and shared_parameters states no dense_ratio")
+    assert left_out(cb)["pooler"].startswith(
+        "in no different_groups entry, and shared_parameters states no dense_ratio")

@@ -15,8 +15,16 @@ from torch import nn
 import slimtorch as st
 from slimtorch import CalibrationError, ConfigError, EvaluationError
 from slimtorch.config.quant_schema import AccuracyCriterion
-from slimtorch.quantization.accuracy import (NO_CANDIDATE, Stop, Trials, as_metric, floating_tensors, rank, search,
-                                             threshold)
+from slimtorch.quantization.accuracy import (
+    NO_CANDIDATE,
+    Stop,
+    Trials,
+    as_metric,
+    floating_tensors,
+    rank,
+    search,
+    threshold,
+)
 from slimtorch.quantization.qdq import QDQConv2d, QDQLinear, _QDQBase
 
 from .cnn_data import batches as tuple_batches

@@ -1,6 +1,5 @@
 """Calibration: feeding rules, observed ranges, hooks removed, modes restored, device moves, errors."""
 import copy
-
 import sys
 
 import pytest

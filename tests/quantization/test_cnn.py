@@ -7,8 +7,15 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import slimtorch
 
-from .cnn_data import (accuracy, digits_data, image_crops, load_efficientnet_lite0, predict, torch_threads,
-                       train_digits_cnn)
+from .cnn_data import (
+    accuracy,
+    digits_data,
+    image_crops,
+    load_efficientnet_lite0,
+    predict,
+    torch_threads,
+    train_digits_cnn,
+)
 
 STATIC = {"compression_inference": {"static_quantization": {"enabled": True}}}
 

@@ -7,11 +7,11 @@ import torch
 import slimtorch as st
 from slimtorch.errors import ConfigError
 from slimtorch.quantization.distributed import LOCAL, resolve, tensor_fingerprint
-
 from tests._multiproc import ROOT, WORLD, spawn, torchrun
 
 from . import _calib_workers as W
 from .cnn_data import torch_threads, train_digits_cnn
+
 
 def launch(fn, tmp_path, timeout=150.0):
     """Run ``fn(rank, WORLD, init_file, out_dir)`` on 2 processes -> each rank's saved results."""

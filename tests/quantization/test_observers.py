@@ -7,10 +7,17 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as hs
 
 from slimtorch.errors import CalibrationError
-
-from slimtorch.quantization.observers import (OBSERVERS, EntropyObserver, HistogramObserver, MinMaxObserver,
-                                              MovingAverageMinMaxObserver, MSEObserver, PercentileObserver,
-                                              range_above, rebin_counts)
+from slimtorch.quantization.observers import (
+    OBSERVERS,
+    EntropyObserver,
+    HistogramObserver,
+    MinMaxObserver,
+    MovingAverageMinMaxObserver,
+    MSEObserver,
+    PercentileObserver,
+    range_above,
+    rebin_counts,
+)
 from slimtorch.quantization.primitives import choose_qparams, fake_quantize
 
 
@@ -223,7 +230,8 @@ def test_subnormal_and_zero_inputs_keep_exact_bins():
     o.observe(torch.zeros(5))
     assert o.R == 0.0 and int(o.pos[0]) == 5
     o.observe(torch.tensor([1e-45, -3e-44]))  # subnormal float32: R = 2**-144, bins computed in float64
-    assert o.R == 2.0 ** -144 and o.pos.nonzero().flatten().tolist() == [0, 64] and o.neg.nonzero().flatten().tolist() == [1344]
+    assert o.R == 2.0 ** -144
+    assert o.pos.nonzero().flatten().tolist() == [0, 64] and o.neg.nonzero().flatten().tolist() == [1344]
     o.observe(torch.tensor([2.0]))  # everything tiny folds into bin 0
     assert o.R == 4.0 and int(o.pos[0]) == 6 and int(o.neg[0]) == 1 and int(o.pos[1024]) == 1
     assert float(o.qparams()[0]) > 0

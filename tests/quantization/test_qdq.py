@@ -7,7 +7,7 @@ from torch import nn
 
 from slimtorch.errors import CalibrationError, ConfigError, StateDictError
 from slimtorch.quantization.observers import MinMaxObserver
-from slimtorch.quantization.qdq import (QDQConv1D, QDQConv1d, QDQConv2d, QDQLinear, op_type, qdq_class_for)
+from slimtorch.quantization.qdq import QDQConv1D, QDQConv1d, QDQConv2d, QDQLinear, op_type, qdq_class_for
 
 
 def mlp():

@@ -11,8 +11,7 @@ from slimtorch.errors import CalibrationError, ConfigError
 from slimtorch.quantization.calibrate import calibrate
 from slimtorch.quantization.observers import MinMaxObserver
 from slimtorch.quantization.qdq import QDQLinear, qdq_class_for
-from slimtorch.quantization.smoothquant import (ALPHA_GRID, ChannelStats, find_smoothing_groups, smooth,
-                                                smoothing_scales)
+from slimtorch.quantization.smoothquant import ALPHA_GRID, ChannelStats, find_smoothing_groups, smooth, smoothing_scales
 from tests.conftest import token_batches
 
 

@@ -10,8 +10,15 @@ from slimtorch.errors import ConfigError
 from slimtorch.quantization.observers import MinMaxObserver
 from slimtorch.quantization.primitives import fake_quantize
 from slimtorch.quantization.qdq import QDQConv1D, qdq_class_for
-from slimtorch.quantization.weight_tuning import (correct_bias, input_importance, mse_weight_scale, output_shift,
-                                                  set_weight_scale, weight_quant_delta, weight_quant_error)
+from slimtorch.quantization.weight_tuning import (
+    correct_bias,
+    input_importance,
+    mse_weight_scale,
+    output_shift,
+    set_weight_scale,
+    weight_quant_delta,
+    weight_quant_error,
+)
 
 
 def _minmax_scale(w, axis=0):
