@@ -26,7 +26,7 @@ STATE_VERSION = 1
 class LayerState:
     """One pruned layer: its target description, keep-mask, criterion state and a cast copy of the mask."""
 
-    def __init__(self, target: TargetLayer):
+    def __init__(self, target: TargetLayer, ranked: Optional[Tensor] = None):
         self.target = target
         self.mask: Optional[Tensor] = None       # bool, weight's shape; None = not pruned yet
         self.bias_mask: Optional[Tensor] = None  # bool [out], only for whole-row patterns
@@ -34,11 +34,11 @@ class LayerState:
         self._cast: Optional[Tensor] = None      # mask in the weight's dtype, for a fused multiply
         self._spare: Optional[Tensor] = None     # reused buffer for the next criterion state
         self._warned_no_grad = False
-        # DeepSpeed's l1: the keep-mask ranked from the weights at prepare time, held (1 byte a weight) until the
-        # schedule applies it at start_step
+        # DeepSpeed's l1: the keep-mask ranked from the weights at prepare time (or earlier, before an engine cast
+        # them: ``ranked``), held (1 byte a weight) until the schedule applies it at start_step
         self.ranked: Optional[Tensor] = None
         if target.settings.ranks_at_prepare:
-            self.ranked = self._rank_now()
+            self.ranked = self._rank_now() if ranked is None else ranked.to(self.weight.device)
         # updates before a pruning step whose gradients still matter: fixed by the settings, so computed once
         self._window = criteria.observation_window(target.settings.method, target.settings.beta)
 
@@ -84,12 +84,9 @@ class Pruner:
 
     def __init__(self, layers: List[TargetLayer], access: Optional[ParamAccess] = None,
                  ranked: Optional[Dict[str, Tensor]] = None):
-        self.layers = [LayerState(t) for t in layers]
+        self.layers = [LayerState(t, (ranked or {}).get(t.name)) for t in layers]
         self.access = access or ParamAccess()  # where gradients come from and masked weights go to
         self._last_observed: List[LayerState] = []
-        for layer in self.layers:  # rankings made earlier (before an engine cast the weights) win
-            if ranked and layer.name in ranked and layer.ranked is not None:
-                layer.ranked = ranked[layer.name].to(layer.weight.device)
 
     # ------------------------------------------------------------ per update
     def observe(self, step: int) -> None:
