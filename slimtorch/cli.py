@@ -70,7 +70,7 @@ def _check(path: str, model_spec: Optional[str] = None) -> int:
 
 
 def _check_on_model(cfg, model_spec: str) -> int:
-    from .errors import SlimError
+    from .errors import NothingToPruneError, SlimError
     from .pruning.targets import describe_plan, plan_targets
     from .quantize_cli import load_model
 
@@ -79,7 +79,7 @@ def _check_on_model(cfg, model_spec: str) -> int:
         plan = plan_targets(model, cfg.sparse_pruning)
     except SlimError as err:
         print(err, file=sys.stderr)
-        return 1 if "prunes no layer" in str(err) else 2
+        return 1 if isinstance(err, NothingToPruneError) else 2
     for line in describe_plan(plan, cfg.sparse_pruning):
         print(f"  {line}")
     return 0

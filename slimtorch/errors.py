@@ -13,6 +13,10 @@ class ConfigError(SlimError, ValueError):
     """A config, or a config that does not fit the model it is applied to."""
 
 
+class NothingToPruneError(ConfigError):
+    """A valid config that selects no layer of the model it is applied to (``slimtorch check`` exits 1 on it)."""
+
+
 class PatternShapeError(ConfigError):
     """A layer the user named explicitly cannot hold its sparsity pattern (shape does not divide)."""
 

@@ -140,3 +140,11 @@ def test_check_reads_an_inc_config(capsys):
     assert main(["check", str(ref / "inc_glue_2in4.json")]) == 0
     out = capsys.readouterr().out
     assert "shared_parameters: snip_momentum 2:4 dense_ratio 0.5 (sparsity 50.0%; global" in out
+
+
+def test_check_with_a_model_that_the_config_leaves_untouched_exits_1(tmp_path, capsys):
+    path = tmp_path / "ds_config.json"
+    path.write_text(json.dumps({"compression_training": {"sparse_pruning": {"shared_parameters": {
+        "enabled": True, "method": "magnitude", "dense_ratio": 0.5, "op_types": ["Conv2d"]}}}}))
+    assert main(["check", str(path), "--model", "tests.reference.protocol:tiny_bert"]) == 1
+    assert "the config prunes no layer of this model" in capsys.readouterr().err

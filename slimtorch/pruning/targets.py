@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from torch import nn
 
 from ..config.schema import PruningSettings, SparsePruningConfig
-from ..errors import ConfigError, PatternShapeError
+from ..errors import ConfigError, NothingToPruneError, PatternShapeError
 from . import masks
 
 SP_PATH = "compression_training.sparse_pruning"
@@ -187,7 +187,7 @@ def plan_targets(model: nn.Module, config: SparsePruningConfig) -> TargetPlan:
     _check_groups_used(plan, config)
     if not plan.layers:
         reasons = sorted({lo.reason for lo in plan.left_out}) or ["the model has no Linear, Conv1d, Conv2d or Conv1D"]
-        raise ConfigError(f"{SP_PATH}: the config prunes no layer of this model ({'; '.join(reasons)}). Give "
+        raise NothingToPruneError(f"{SP_PATH}: the config prunes no layer of this model ({'; '.join(reasons)}). Give "
                           "shared_parameters a dense_ratio to prune the default targets, or list layers in "
                           "different_groups")
     return plan

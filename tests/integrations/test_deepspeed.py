@@ -181,19 +181,14 @@ def test_zero_3_partitioned_parameters_are_refused_at_prepare():
 def test_l1_under_a_bf16_engine_ranks_the_float_weights_as_deepspeed_does(tmp_path):
     """DeepSpeed's init_compression ranks |w| before its engine casts the model; slimtorch ranks the float weights
     before deepspeed.initialize too, so bf16 rounding (which reorders near-equal weights) changes nothing."""
-    import math
+    from tests.reference.protocol import ceil_top_k
 
     tmp = spawn(D.l1_in_bf16, tmp_path, 2)
     ranks = [torch.load(tmp / f"rank{r}.pt") for r in range(2)]
     assert ranks[0]["dtype"] == "torch.bfloat16"
     assert torch.equal(ranks[0]["mask"], ranks[1]["mask"])
 
-    def top(weight):
-        keep = torch.zeros(weight.numel(), dtype=torch.bool)
-        order = weight.abs().flatten().float().argsort(descending=True, stable=True)
-        keep[order[:math.ceil(0.3 * weight.numel())]] = True
-        return keep.reshape(weight.shape)
-
     start = ranks[0]["start"]
-    assert torch.equal(ranks[0]["mask"], top(start))
-    assert not torch.equal(top(start), top(start.to(torch.bfloat16)))  # ranking the cast weights would differ
+    assert torch.equal(ranks[0]["mask"], ceil_top_k(start, 0.3))
+    # ranking the cast weights would differ
+    assert not torch.equal(ceil_top_k(start, 0.3), ceil_top_k(start.to(torch.bfloat16), 0.3))

@@ -515,7 +515,7 @@ torch.distributed.destroy_process_group()
 def test_deepspeed_trainer_in_bf16_ranks_l1_on_the_float_weights(tmp_path):
     """As DeepSpeed's init_compression: the l1 masks come from the float model the Trainer was given, not from the
     bf16 copy the engine trains (bf16 rounding would reorder near-equal weights)."""
-    import math
+    from tests.reference.protocol import ceil_top_k
 
     pytest.importorskip("deepspeed")
     script = tmp_path / "train.py"
@@ -525,15 +525,9 @@ def test_deepspeed_trainer_in_bf16_ranks_l1_on_the_float_weights(tmp_path):
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     assert rank0["dtype"] == "torch.bfloat16"
 
-    def top(weight):
-        keep = torch.zeros(weight.numel(), dtype=torch.bool)
-        keep[weight.abs().flatten().float().argsort(descending=True, stable=True)[:math.ceil(0.3 * weight.numel())]] \
-            = True
-        return keep.reshape(weight.shape)
-
     differs = 0
     for name, weight in rank0["start"].items():
-        assert torch.equal(rank0["masks"][name].cpu(), top(weight)), name
+        assert torch.equal(rank0["masks"][name].cpu(), ceil_top_k(weight, 0.3)), name
         assert torch.equal(rank0["masks"][name], rank1["masks"][name]), name
-        differs += int((top(weight) != top(weight.to(torch.bfloat16))).sum())
+        differs += int((ceil_top_k(weight, 0.3) != ceil_top_k(weight.to(torch.bfloat16), 0.3)).sum())
     assert differs > 0  # ranking the engine's bf16 weights would have chosen other masks

@@ -8,7 +8,6 @@ lr 0.5, so the weights move far between prepare and the last update). The config
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pytest
@@ -44,11 +43,6 @@ def final_masks(model):
             for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
 
 
-def ceil_top_k(weight, dense_ratio):
-    keep = torch.zeros(weight.numel(), dtype=torch.bool)
-    keep[weight.abs().flatten().argsort(descending=True)[:math.ceil(dense_ratio * weight.numel())]] = True
-    return keep.reshape(weight.shape)
-
 
 @pytest.mark.parametrize("name", L1_CONFIGS)
 def test_l1_masks_equal_deepspeeds_bit_for_bit(name, reference):
@@ -80,7 +74,7 @@ def test_ranking_at_start_step_instead_would_not_match(reference):
     theirs = P.unpack_masks(ref["masks"])
     weights = dict(model.named_parameters())
     differ = [layer for layer in ref["pruned_layers"]
-              if not torch.equal(ceil_top_k(weights[layer + ".weight"].detach(), 0.4), theirs[layer])]
+              if not torch.equal(P.ceil_top_k(weights[layer + ".weight"].detach(), 0.4), theirs[layer])]
     assert differ == ref["pruned_layers"]
 
 

@@ -12,6 +12,7 @@ from torch import nn
 import slimtorch as st
 from slimtorch import ConfigError
 from slimtorch.pruning.callbacks import masks_of
+from tests.reference.protocol import ceil_top_k
 
 
 def model():
@@ -39,11 +40,6 @@ def train(net, opt, steps, seed=1):
         loss.backward()
         opt.step()
 
-
-def ceil_top_k(weight, dense_ratio):
-    keep = torch.zeros(weight.numel(), dtype=torch.bool)
-    keep[weight.abs().flatten().argsort(descending=True)[:math.ceil(dense_ratio * weight.numel())]] = True
-    return keep.reshape(weight.shape)
 
 
 def test_l1_ranks_once_at_prepare_and_applies_at_schedule_offset():

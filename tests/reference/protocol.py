@@ -80,6 +80,16 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, data, after_step=N
             after_step(i)
 
 
+def ceil_top_k(weight: torch.Tensor, dense_ratio: float) -> torch.Tensor:
+    """DeepSpeed's l1 keep-mask: the ``ceil(dense_ratio * n)`` largest |w| (computed in float32)."""
+    import math
+
+    keep = torch.zeros(weight.numel(), dtype=torch.bool)
+    order = weight.abs().flatten().float().argsort(descending=True, stable=True)
+    keep[order[:math.ceil(dense_ratio * weight.numel())]] = True
+    return keep.reshape(weight.shape)
+
+
 def pack_masks(masks: Dict[str, torch.Tensor]) -> Dict[str, Dict[str, object]]:
     """Bool masks -> {name: {"shape", "bits"}} with the bits packed 8 to a byte (small reference files)."""
     import numpy as np
