@@ -15,11 +15,14 @@ class PathValueError(ValueError):
         self.subpath = subpath
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
+    """Every config section: unknown keys are errors, no type coercion, immutable once loaded."""
+
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
-def _check_regexes(patterns: Optional[List[str]]) -> Optional[List[str]]:
+def check_regexes(patterns: Optional[List[str]]) -> Optional[List[str]]:
+    """``patterns`` unchanged if every entry compiles as a regular expression; a ValueError naming the bad one."""
     for i, pat in enumerate(patterns or []):
         try:
             re.compile(pat)

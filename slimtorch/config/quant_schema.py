@@ -8,14 +8,14 @@ from typing import List, Literal, Optional, Union
 
 from pydantic import Field, field_validator, model_validator
 
-from .base import PathValueError, _check_regexes, _Strict
+from .base import PathValueError, StrictModel, check_regexes
 
 OpType = Literal["Linear", "Conv1d", "Conv2d", "Conv1D"]
 ALL_OP_TYPES: List[str] = ["Linear", "Conv1d", "Conv2d", "Conv1D"]
 Observer = Literal["minmax", "moving_average", "percentile", "entropy", "mse"]
 
 
-class WeightQuant(_Strict):
+class WeightQuant(StrictModel):
     """Weights: int8, symmetric (zero point 0, so pruned zeros stay exactly 0; what TensorRT needs)."""
 
     dtype: Literal["int8"] = "int8"
@@ -25,7 +25,7 @@ class WeightQuant(_Strict):
     observer: Literal["minmax", "mse"] = "minmax"
 
 
-class _ActivationBase(_Strict):
+class _ActivationBase(StrictModel):
     # uint8 asymmetric is the default: ONNX Runtime's fast int8 path on x86 (U8S8) and the accurate choice for
     # one-sided inputs (after GELU/ReLU). int8 symmetric is what TensorRT takes; see docs/quantization.md.
     dtype: Literal["int8", "uint8"] = "uint8"
@@ -58,7 +58,7 @@ class DynamicActivationQuant(_ActivationBase):
     granularity: Literal["per_tensor", "per_token"] = "per_tensor"
 
 
-class SmoothQuantConfig(_Strict):
+class SmoothQuantConfig(StrictModel):
     enabled: bool = False
     alpha: Union[float, Literal["auto"]] = 0.5
     folding: bool = True
@@ -76,7 +76,7 @@ class SmoothQuantConfig(_Strict):
         return value
 
 
-class AccuracyCriterion(_Strict):
+class AccuracyCriterion(StrictModel):
     """How much of ``eval_fn``'s metric quantization may cost; layers go back to float until it holds.
 
     Met when ``metric >= baseline - allowed`` (``higher_is_better``; else ``metric <= baseline + allowed``), with
@@ -92,7 +92,7 @@ class AccuracyCriterion(_Strict):
     timeout: float = Field(default=0, ge=0)
 
 
-class _QuantSection(_Strict):
+class _QuantSection(StrictModel):
     enabled: bool = False
     weight: WeightQuant = Field(default_factory=WeightQuant)
     op_types: List[OpType] = Field(default_factory=lambda: list(ALL_OP_TYPES), min_length=1)
@@ -104,7 +104,7 @@ class _QuantSection(_Strict):
     @field_validator("excluded_modules")
     @classmethod
     def _valid_regexes(cls, value):
-        return _check_regexes(value)
+        return check_regexes(value)
 
 
 class StaticQuantization(_QuantSection):
@@ -120,7 +120,7 @@ class DynamicQuantization(_QuantSection):
     activation: DynamicActivationQuant = Field(default_factory=DynamicActivationQuant)
 
 
-class CompressionInference(_Strict):
+class CompressionInference(StrictModel):
     static_quantization: Optional[StaticQuantization] = None
     dynamic_quantization: Optional[DynamicQuantization] = None
 

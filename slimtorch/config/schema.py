@@ -10,7 +10,7 @@ from typing import Dict, List, Literal, Optional, Union
 
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 
-from .base import PathValueError, _check_regexes, _Strict  # noqa: F401  (PathValueError re-exported)
+from .base import PathValueError, StrictModel, check_regexes  # noqa: F401  (PathValueError re-exported)
 from .patterns import NMPattern, Pattern, parse_pattern
 from .quant_schema import CompressionInference
 
@@ -49,7 +49,7 @@ def _check_pattern(text: Optional[str]) -> Optional[str]:
     return text
 
 
-class GroupParams(_Strict):
+class GroupParams(StrictModel):
     """Keys a ``different_groups`` entry may override; unset keys come from ``shared_parameters``."""
 
     method: Optional[Method] = None
@@ -89,10 +89,10 @@ class SharedPruningParams(GroupParams):
     @field_validator("modules", "excluded_modules")
     @classmethod
     def _valid_regexes(cls, value):
-        return _check_regexes(value)
+        return check_regexes(value)
 
 
-class PruningGroup(_Strict):
+class PruningGroup(StrictModel):
     """One ``different_groups`` entry: its own params for the layers its ``modules`` select."""
 
     params: GroupParams = Field(default_factory=GroupParams)
@@ -104,7 +104,7 @@ class PruningGroup(_Strict):
     @field_validator("modules", "excluded_modules")
     @classmethod
     def _valid_regexes(cls, value):
-        return _check_regexes(value)
+        return check_regexes(value)
 
 
 @dataclass(frozen=True)
@@ -138,7 +138,7 @@ class PruningSettings:
         return self.method in DEEPSPEED_METHODS
 
 
-class SparsePruningConfig(_Strict):
+class SparsePruningConfig(StrictModel):
     """``compression_training.sparse_pruning``."""
 
     shared_parameters: SharedPruningParams = Field(default_factory=SharedPruningParams)
@@ -271,11 +271,11 @@ class SparsePruningConfig(_Strict):
         return low, high
 
 
-class CompressionTraining(_Strict):
+class CompressionTraining(StrictModel):
     sparse_pruning: Optional[SparsePruningConfig] = None
 
 
-class CompressionConfig(_Strict):
+class CompressionConfig(StrictModel):
     """What :func:`slimtorch.load_config` returns: the compression sections of a (DeepSpeed) config."""
 
     compression_training: CompressionTraining = Field(default_factory=CompressionTraining)
