@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 import slimtorch as st  # noqa: E402
-from slimtorch.pruning.callbacks import masks_of  # noqa: E402
+from slimtorch.pruning.registry import masks_of  # noqa: E402
 from tests.reference import compare as C  # noqa: E402
 from tests.reference import protocol as P  # noqa: E402
 

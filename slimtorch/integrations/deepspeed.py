@@ -39,6 +39,7 @@ from ..errors import ConfigError, SlimError, UnsupportedModelError
 from ..pruning.access import ParamAccess
 from ..pruning.callbacks import PruningCallbacks, prepare_for_engine
 from ..pruning.distributed import refuse_sharded
+from ..pruning.drivers import wrap_step
 from ..pruning.pruner import rank_at_prepare
 from ..pruning.targets import plan_targets
 
@@ -237,11 +238,12 @@ def drive_from_optimizer_step(optimizer: Any, callbacks: PruningCallbacks) -> No
     Trainer lets a callback reach.
 
     ``engine.step()`` calls ``engine.optimizer.step()`` once per update, at the accumulation boundary, before the
-    reduced gradients are released; this instance's ``step`` is wrapped so the callbacks observe before it and
-    apply the masks after it. An fp16 overflow sets ``optimizer.overflow``: that update is not counted.
+    reduced gradients are released; this instance's ``step`` is wrapped (:func:`slimtorch.pruning.drivers.wrap_step`)
+    so the callbacks observe before it and apply the masks after it. An fp16 overflow sets ``optimizer.overflow``:
+    that update is not counted.
     """
     access = callbacks.pruner.access  # a DeepSpeedAccess of this optimizer: it knows when DeepSpeed skipped
-    optimizer.step = callbacks._wrap_step(optimizer.step, lambda: access.update_applied() is False)
+    optimizer.step = wrap_step(optimizer.step, callbacks.lifecycle, skipped=lambda: access.update_applied() is False)
 
 
 def _keep_in_checkpoints(engine: Any, callbacks: PruningCallbacks) -> None:

@@ -9,8 +9,8 @@ from torch import nn
 
 from ..config.patterns import NMPattern
 from . import masks
-from .callbacks import is_active, masks_of, plan_of
 from .distributed import unwrap
+from .registry import is_active, masks_of, plan_of
 from .targets import layer_layout, supported_layers
 
 

@@ -14,8 +14,15 @@ With f = (t - start) / (end - start) clipped to [0, 1] and d = dense_ratio:
 from __future__ import annotations
 
 import math
+from typing import Callable, Dict
 
-DECAY_KINDS = ("exp", "cos", "linear", "cube")
+#: sparsity_decay_type -> s(f, d), the sparsity at fraction f of the window for dense_ratio d
+DECAYS: Dict[str, Callable[[float, float], float]] = {
+    "exp": lambda f, d: 1.0 - d ** f,
+    "cos": lambda f, d: (1.0 - d) * (1.0 - math.cos(math.pi * f / 2.0)),
+    "linear": lambda f, d: (1.0 - d) * f,
+    "cube": lambda f, d: (1.0 - d) * (1.0 - (1.0 - f) ** 3),
+}
 
 
 def schedule_fraction(step: int, start: int, end: int) -> float:
@@ -27,17 +34,10 @@ def schedule_fraction(step: int, start: int, end: int) -> float:
 
 def sparsity_at(step: int, start: int, end: int, dense_ratio: float, kind: str) -> float:
     """Target sparsity at ``step`` for a schedule that reaches ``1 - dense_ratio`` at ``end``."""
-    f = schedule_fraction(step, start, end)
-    d = dense_ratio
-    if kind == "exp":
-        return 1.0 - d ** f
-    if kind == "cos":
-        return (1.0 - d) * (1.0 - math.cos(math.pi * f / 2.0))
-    if kind == "linear":
-        return (1.0 - d) * f
-    if kind == "cube":
-        return (1.0 - d) * (1.0 - (1.0 - f) ** 3)
-    raise ValueError(f"unknown sparsity_decay_type {kind!r}; use one of {', '.join(DECAY_KINDS)}")
+    decay = DECAYS.get(kind)
+    if decay is None:
+        raise ValueError(f"unknown sparsity_decay_type {kind!r}; use one of {', '.join(DECAYS)}")
+    return decay(schedule_fraction(step, start, end), dense_ratio)
 
 
 def is_pruning_step(step: int, start: int, end: int, frequency: int) -> bool:

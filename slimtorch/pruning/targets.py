@@ -14,7 +14,7 @@ import difflib
 import re
 import warnings
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from torch import nn
 
@@ -51,24 +51,42 @@ class TargetPlan:
     left_out: List[LeftOut]
 
 
+@dataclass(frozen=True)
+class LayerKind:
+    """A supported layer type: which modules it is, how its weight is viewed, and its input channels per group."""
+
+    matches: Callable[[nn.Module], bool]
+    layout: str
+    in_per_group: Callable[[nn.Module], int]
+
+
+def _is_transformers_conv1d(module: nn.Module) -> bool:
+    # by name, so slimtorch never imports transformers unless the user does
+    return type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers")
+
+
+#: ``op_types`` name -> the layer type it names
+LAYER_KINDS: Dict[str, LayerKind] = {
+    "Linear": LayerKind(lambda m: isinstance(m, nn.Linear), masks.LINEAR, lambda m: m.in_features),
+    "Conv1d": LayerKind(lambda m: isinstance(m, nn.Conv1d), masks.CONV, lambda m: m.in_channels // m.groups),
+    "Conv2d": LayerKind(lambda m: isinstance(m, nn.Conv2d), masks.CONV, lambda m: m.in_channels // m.groups),
+    # Conv1D stores [in, out]
+    "Conv1D": LayerKind(_is_transformers_conv1d, masks.TRANSPOSED, lambda m: m.weight.shape[0]),
+}
+
+
+def layer_type(module: nn.Module) -> Optional[str]:
+    """The ``op_types`` name of a supported layer, ``None`` for anything else."""
+    return next((name for name, kind in LAYER_KINDS.items() if kind.matches(module)), None)
+
+
 def layer_layout(module: nn.Module) -> Optional[Tuple[str, int]]:
     """(layout, input channels per group) for a supported layer, ``None`` for anything else."""
-    if isinstance(module, nn.Linear):
-        return masks.LINEAR, module.in_features
-    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
-        return masks.CONV, module.in_channels // module.groups
-    if type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers"):
-        return masks.TRANSPOSED, module.weight.shape[0]  # Conv1D stores [in, out]
-    return None
-
-
-def layer_type(module: nn.Module) -> str:
-    """The ``op_types`` name of a supported layer."""
-    if isinstance(module, nn.Conv2d):
-        return "Conv2d"
-    if isinstance(module, nn.Conv1d):
-        return "Conv1d"
-    return "Linear" if isinstance(module, nn.Linear) else "Conv1D"
+    name = layer_type(module)
+    if name is None:
+        return None
+    kind = LAYER_KINDS[name]
+    return kind.layout, kind.in_per_group(module)
 
 
 def supported_layers(model: nn.Module) -> List[Tuple[str, nn.Module]]:

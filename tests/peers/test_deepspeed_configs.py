@@ -15,7 +15,7 @@ import torch
 
 import slimtorch as st
 from slimtorch import ConfigError
-from slimtorch.pruning.callbacks import masks_of
+from slimtorch.pruning.registry import masks_of
 from tests.reference import protocol as P
 
 REF = Path(__file__).resolve().parents[1] / "reference"

@@ -312,7 +312,7 @@ def test_conv_model_nm_groups_along_input_channels():
 
 
 def test_history_stays_bounded_on_long_schedules():
-    from slimtorch.pruning.callbacks import HISTORY_EVENTS_PER_LAYER
+    from slimtorch.pruning.lifecycle import HISTORY_EVENTS_PER_LAYER
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     cb = st.prepare_pruning(model, config(method="magnitude", start_step=0, end_step=200, frequency=1), optimizer=opt)

@@ -11,7 +11,7 @@ from torch import nn
 
 import slimtorch as st
 from slimtorch import ConfigError
-from slimtorch.pruning.callbacks import masks_of
+from slimtorch.pruning.registry import masks_of
 from tests.reference.protocol import ceil_top_k
 
 
