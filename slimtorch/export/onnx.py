@@ -1,7 +1,7 @@
 """``export_onnx``: a float or QDQ model to an ONNX file that onnx.checker accepts and ONNX Runtime runs.
 
 Uses torch's TorchScript-based exporter (``dynamo=False``): its custom-op ``symbolic`` hook is how the QDQ modules
-write QuantizeLinear/DequantizeLinear (see :mod:`slimtorch.export.qdq_symbolic`). Before returning, the file is
+write QuantizeLinear/DequantizeLinear (see :mod:`slimtorch.quantization.qdq_onnx`). Before returning, the file is
 checked with ``onnx.checker`` and run in ONNX Runtime on ``example_inputs``; its outputs must agree with PyTorch's.
 """
 from __future__ import annotations
@@ -15,9 +15,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from ..batches import describe, model_device
 from ..errors import ExportError
-from ..quantization.calibrate import describe, model_device
-from ..quantization.qdq import _QDQBase
+from ..quantization.passes import preserved_modes
+from ..quantization.qdq import QDQModule
 
 # How closely ONNX Runtime must reproduce PyTorch. A float model: relative L2 error 1e-4 (round-off). A QDQ model's
 # activations sit on an int8 grid: where round-off (another summation order in ONNX Runtime's kernels) lands a value
@@ -48,9 +49,7 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
         raise ExportError(f"opset {opset} is too old: per-channel DequantizeLinear needs opset >= 13 (default 17)")
     args, kwargs, names = _normalise_inputs(model, example_inputs, input_names)
     path = os.fspath(path)
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
+    with preserved_modes(model, "eval"):  # exported in eval mode; every submodule's mode restored after
         with torch.no_grad():
             try:
                 expected = model(*args, **kwargs)
@@ -70,10 +69,7 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
             except Exception as e:
                 raise ExportError(f"torch.onnx.export failed for {type(model).__name__} with inputs "
                                   f"{describe(example_inputs)}: {type(e).__name__}: {e}") from e
-    finally:
-        for m, training in modes.items():
-            m.training = training
-    quantized = any(isinstance(m, _QDQBase) for m in model.modules())
+    quantized = any(isinstance(m, QDQModule) for m in model.modules())
     if quantized:
         _share_identical_qdq(onnx, path)
     if verify:

@@ -32,8 +32,8 @@ from torch import Tensor, nn
 
 from ..config.quant_schema import AccuracyCriterion
 from ..errors import CalibrationError, ConfigError, EvaluationError
-from .calibrate import describe, feed, model_device, to_device
 from .distributed import LOCAL
+from .passes import feed_batches, preserved_modes
 from .report import AccuracySearch, FloatLayer, LayerSensitivity, QuantizationReport, Trial
 
 RANKING_BATCHES = 4  # calibration batches the sensitivity ranking runs: enough to order layers, cheap per layer
@@ -251,15 +251,12 @@ def call_eval_fn(eval_fn: EvalFn, model: nn.Module, candidate: str, sync: Any = 
 
     Distributed (``sync``): an error on any rank is raised on every rank, and every rank gets the same metric
     (the mean of the ranks' values when they differ, with a warning)."""
-    modes = [(m, m.training) for m in model.modules()]
     with sync.guard(f"eval_fn on {candidate}"):
         try:
-            value = eval_fn(model)
+            with preserved_modes(model, None):  # eval_fn may switch modes; the search's next candidate must not see it
+                value = eval_fn(model)
         except Exception as e:
             raise EvaluationError(f"eval_fn raised while evaluating {candidate}: {type(e).__name__}: {e}") from e
-        finally:
-            for m, training in modes:
-                m.training = training
         metric = as_metric(value, candidate)
     return sync.agreed_metric(metric, candidate)
 
@@ -280,43 +277,33 @@ def rank_layers(model: nn.Module, swap: Swapper, loader: Iterable, check_time: C
         if not batches:
             raise CalibrationError("the calibration loader yielded no batches; the accuracy search ranks layers on "
                                    "them")
-    device = model_device(model)
-    modes = [(m, m.training) for m in model.modules()]
-
-    def outputs(i: int, batch: Any) -> List[Tensor]:
-        try:
-            return [t.detach() for t in floating_tensors(feed(model, to_device(batch, device)))]
-        except Exception as e:
-            raise CalibrationError(f"sensitivity ranking: calibration batch {i} ({describe(batch)}) could not be "
-                                   f"fed to {type(model).__name__}: {type(e).__name__}: {e}") from e
+    what = "sensitivity ranking: calibration"
+    refs: List[List[Tensor]] = []
 
     def error(fallback: Iterable[str]) -> float:
         swap.set(fallback)
-        num = den = 0.0
+        sums = torch.zeros(2, dtype=torch.float64)
+
+        def add(i: int, y: Any) -> None:  # batch by batch: one output held at a time besides the references
+            sums.add_(torch.tensor(squared_error(floating_tensors(y), refs[i]), dtype=torch.float64))
+
         with sync.guard("the sensitivity ranking"):
-            for i, (b, ref) in enumerate(zip(batches, refs)):
-                a, d = squared_error(outputs(i, b), ref)
-                num, den = num + a, den + d
-        num, den = sync.sum_ordered(torch.tensor([num, den], dtype=torch.float64)).tolist()
+            feed_batches(model, batches, what=what, on_output=add)
+        num, den = sync.sum_ordered(sums).tolist()
         return num / max(den, 1e-30)
 
-    try:
-        model.eval()
-        with torch.no_grad():
-            swap.set(swap.names)
-            with sync.guard("the sensitivity ranking"):
-                refs = [outputs(i, b) for i, b in enumerate(batches)]
-            if not any(refs):
-                raise CalibrationError(f"{type(model).__name__} returns no floating-point tensor; the sensitivity "
-                                       "ranking compares the model's float outputs with the quantized ones")
-            base = error(())
-            errors = []
-            for n in swap.names:
-                check_time()
-                errors.append(error((n,)))
-    finally:
-        for m, training in modes:
-            m.training = training
+    swap.set(swap.names)
+    with sync.guard("the sensitivity ranking"):
+        feed_batches(model, batches, what=what,
+                     on_output=lambda i, y: refs.append([t.detach() for t in floating_tensors(y)]))
+    if not any(refs):
+        raise CalibrationError(f"{type(model).__name__} returns no floating-point tensor; the sensitivity "
+                               "ranking compares the model's float outputs with the quantized ones")
+    base = error(())
+    errors = []
+    for n in swap.names:
+        check_time()
+        errors.append(error((n,)))
     return base, rank(swap.names, base, errors)
 
 

@@ -25,9 +25,10 @@ from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
+from ..batches import model_device, to_device
 from ..errors import ConfigError
-from .calibrate import model_device, to_device
 from .distributed import LOCAL
+from .passes import hooks_attached, preserved_modes
 
 FOLDABLE_CONVS = (nn.Conv1d, nn.Conv2d, nn.Linear)
 FOLDABLE_BNS = (nn.BatchNorm1d, nn.BatchNorm2d)
@@ -184,21 +185,11 @@ def _discover(model: nn.Module, run: Callable[[], Any]) -> Tuple[Any, List[Tuple
             stack.append(f"bn:{name}")  # pushed last: reads of x inside the BN count as the BN's
         return hook
 
-    handles = []
-    try:
-        for n, m in named.items():
-            if n in bns:
-                handles.append(m.register_forward_pre_hook(bn_in(n)))
-            else:
-                handles.append(m.register_forward_pre_hook(push(n or "the model's forward")))
-            handles.append(m.register_forward_hook(pop))
-            if n in convs:  # registered after pop: the conv's own frame is off the stack when its output is tracked
-                handles.append(m.register_forward_hook(conv_out(n)))
-        with _ConsumerTrace(tracked, consumers, stack):
-            out = run()
-    finally:
-        for h in handles:
-            h.remove()
+    pre = [(m, bn_in(n) if n in bns else push(n or "the model's forward")) for n, m in named.items()]
+    # pop before conv_out: the conv's own frame is off the stack when its output is tracked
+    post = [(m, hook) for n, m in named.items() for hook in ([pop, conv_out(n)] if n in convs else [pop])]
+    with hooks_attached(pre, post), _ConsumerTrace(tracked, consumers, stack):
+        out = run()
     for t in _tensors(out):  # a pre-BN value returned by the model is read by the caller
         conv = _lookup(tracked, t)
         if conv is not None:
@@ -291,14 +282,9 @@ def fold_batchnorm(model: nn.Module, inputs: Inputs, *, tol: Optional[float] = N
     """
     if not any(isinstance(m, FOLDABLE_BNS) for m in model.modules()):
         return FoldResult()  # nothing to fold: no forward needed
-    modes = {m: m.training for m in model.modules()}
-    try:
-        model.eval()  # eval statistics are what is folded; a train-mode forward would also update them
-        with torch.no_grad():
-            return _fold_verified(model, _runner(model, inputs), tol, sync if sync is not None else LOCAL)
-    finally:
-        for m, training in modes.items():
-            m.training = training
+    # eval statistics are what is folded; a train-mode forward would also update them
+    with preserved_modes(model, "eval"), torch.no_grad():
+        return _fold_verified(model, _runner(model, inputs), tol, sync if sync is not None else LOCAL)
 
 
 def _fold_verified(model: nn.Module, run: Callable[[], Any], tol: Optional[float], sync) -> FoldResult:

@@ -117,3 +117,14 @@ def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, *, dtype: str = 
     q, s, z = _quantize_float(x, scale, zero_point, dtype, axis, quant_min, quant_max)
     out = (q - z) * s  # same ops, same order as dequantize: identical result
     return out if not x.is_floating_point() or x.dtype == torch.float32 else out.to(x.dtype)
+
+
+def fake_quantize_dynamic(x: Tensor, dtype: str, symmetric: bool, granularity: str) -> Tensor:
+    """Quantize-dequantize with qparams from ``x`` itself: one range per tensor, or per token (row of the last axis)."""
+    xd = x.detach()
+    if granularity == "tensor":
+        s, z = choose_qparams(xd.amin(), xd.amax(), dtype=dtype, symmetric=symmetric)
+        return fake_quantize(x, s, z, dtype=dtype)
+    rows = x.reshape(-1, x.shape[-1])
+    s, z = choose_qparams(rows.detach().amin(1), rows.detach().amax(1), dtype=dtype, symmetric=symmetric)
+    return fake_quantize(rows, s, z, dtype=dtype, axis=0).reshape(x.shape)

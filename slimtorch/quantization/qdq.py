@@ -24,7 +24,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import CalibrationError, ConfigError, StateDictError
-from .primitives import DTYPES, SYMMETRIC_INT8_QMAX, choose_qparams, dequantize, fake_quantize, quantize
+from .primitives import (
+    DTYPES,
+    SYMMETRIC_INT8_QMAX,
+    choose_qparams,
+    dequantize,
+    fake_quantize,
+    fake_quantize_dynamic,
+    quantize,
+)
+from .qdq_onnx import export_conv, export_linear
 
 WEIGHT_GRANULARITIES = ("per_channel", "per_tensor")
 ACT_GRANULARITIES = ("tensor", "token")
@@ -34,17 +43,6 @@ _FP32_BUFFERS = ("weight_scale", "input_scale", "input_smooth")
 def _is_hf_conv1d(module: nn.Module) -> bool:
     # matched by name so slimtorch does not import transformers (slow) just to recognise the class
     return any(c.__name__ == "Conv1D" for c in type(module).__mro__) and hasattr(module, "nf")
-
-
-def fake_quantize_dynamic(x: Tensor, dtype: str, symmetric: bool, granularity: str) -> Tensor:
-    """Quantize-dequantize with qparams from ``x`` itself: one range per tensor, or per token (row of the last axis)."""
-    xd = x.detach()
-    if granularity == "tensor":
-        s, z = choose_qparams(xd.amin(), xd.amax(), dtype=dtype, symmetric=symmetric)
-        return fake_quantize(x, s, z, dtype=dtype)
-    rows = x.reshape(-1, x.shape[-1])
-    s, z = choose_qparams(rows.detach().amin(1), rows.detach().amax(1), dtype=dtype, symmetric=symmetric)
-    return fake_quantize(rows, s, z, dtype=dtype, axis=0).reshape(x.shape)
 
 
 _DTYPE_CODES = ("int8", "uint8")
@@ -65,8 +63,10 @@ def decode_spec(spec: Tensor) -> dict:
                 act_granularity=ACT_GRANULARITIES[codes[3]])
 
 
-class _QDQBase(nn.Module):
-    """Shared weight storage, activation fake-quantization, dtype-safe ``_apply`` and shape-tolerant loading."""
+class QDQModule(nn.Module):
+    """Base class of the QDQ layers: int8 weight storage, activation fake-quantization, dtype-safe ``_apply`` and
+    shape-tolerant loading. ``isinstance(m, QDQModule)`` tells a quantized layer; subclasses set ``weight_axis``
+    (the per-channel axis of their stored weight) and implement ``forward``."""
 
     weight_axis = 0
     dynamic_token_ok = True
@@ -189,7 +189,7 @@ class _QDQBase(nn.Module):
         return q
 
 
-class QDQLinear(_QDQBase):
+class QDQLinear(QDQModule):
     """nn.Linear with an int8 weight [out, in]."""
 
     def __init__(self, weight: Tensor, bias: Optional[Tensor], **kw):
@@ -198,7 +198,6 @@ class QDQLinear(_QDQBase):
 
     def forward(self, x: Tensor) -> Tensor:
         if torch.onnx.is_in_onnx_export():
-            from ..export.qdq_symbolic import export_linear
             return export_linear(self, x)
         return self._eager_forward(x)
 
@@ -206,7 +205,7 @@ class QDQLinear(_QDQBase):
         return F.linear(self.quantize_input(x), self.dequantized_weight(x.dtype), self.bias)
 
 
-class QDQConv1D(_QDQBase):
+class QDQConv1D(QDQModule):
     """transformers' Conv1D (y = x @ W + b, W stored [in, out]): the weight keeps that layout, channels on axis 1."""
 
     weight_axis = 1
@@ -217,7 +216,6 @@ class QDQConv1D(_QDQBase):
 
     def forward(self, x: Tensor) -> Tensor:
         if torch.onnx.is_in_onnx_export():
-            from ..export.qdq_symbolic import export_linear
             return export_linear(self, x)
         return self._eager_forward(x)
 
@@ -226,7 +224,7 @@ class QDQConv1D(_QDQBase):
         return y if self.bias is None else y + self.bias
 
 
-class _QDQConvNd(_QDQBase):
+class _QDQConvNd(QDQModule):
     dynamic_token_ok = False  # a conv input has no token rows; dynamic convs use per-tensor qparams
     _conv = None
 
@@ -235,7 +233,7 @@ class _QDQConvNd(_QDQBase):
         super().__init__(weight, bias, **kw)
         self.pre_pad = None if pre_pad is None else list(pre_pad)  # F.pad widths applied before the conv
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
-        self.padding_mode, self._reversed_padding = padding_mode, reversed_padding
+        self.padding_mode, self.reversed_padding = padding_mode, reversed_padding
         self.out_channels = weight.shape[0]
 
     @classmethod
@@ -248,9 +246,8 @@ class _QDQConvNd(_QDQBase):
         if self.pre_pad is not None:  # TensorFlow-style "SAME" convs (EfficientNet ports): zeros are on the grid
             x = F.pad(x, self.pre_pad)
         if self.padding_mode != "zeros":  # as nn.ConvNd: pad explicitly (reflect/replicate/circular), then no padding
-            x = F.pad(x, self._reversed_padding, mode=self.padding_mode)
+            x = F.pad(x, self.reversed_padding, mode=self.padding_mode)
         if torch.onnx.is_in_onnx_export():
-            from ..export.qdq_symbolic import export_conv
             return export_conv(self, x, self._onnx_conv_attrs(x))
         return self._conv_after_padding(x)
 

@@ -3,8 +3,7 @@ r"""Post-training weight tuning for int8 QDQ layers: MSE weight scales and bias 
 | function                 | what                                                                                  |
 |--------------------------|---------------------------------------------------------------------------------------|
 | mse_weight_scale         | per-channel symmetric int8 scale s_c = r_c * max\|W_c\| / 127, r_c in [min_ratio, 1]  |
-|                          | chosen to minimize sum_j w_j (W_cj - fq(W_cj))^2 (w_j = 1, or an input importance)    |
-| weight_quant_error       | W - dequantize(quantize(W)) for given per-channel (or per-tensor) scales              |
+|                          | chosen to minimize sum_j (W_cj - fq(W_cj))^2                                          |
 | output_shift             | E[op(x, dW)] per output channel from the mean input (exact: the op is linear in x)    |
 | set_weight_scale         | re-quantize a QDQ layer's int8 weight with new scales (zero point stays 0)            |
 | correct_bias             | empirical bias correction of a QDQ model: b_c += E[op(x_q, W_float - W_int8)]_c       |
@@ -16,19 +15,20 @@ also sees what quantization upstream did to the input mean. Zero points stay 0, 
 """
 from __future__ import annotations
 
-import itertools
 from typing import Any, Callable, Dict, Iterable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..batches import first_tensor, model_device
 from ..errors import CalibrationError, ConfigError
-from .calibrate import describe, feed, model_device, to_device
+from .distributed import LOCAL, reduce_mean_inputs
+from .passes import feed_batches, hooks_attached
 from .primitives import DEFAULT_EPS, SYMMETRIC_INT8_QMAX, quantize
+from .qdq import QDQ_MODULES, QDQModule
 
-__all__ = ["mse_weight_scale", "weight_quant_error", "output_shift", "set_weight_scale", "correct_bias",
-           "input_importance"]
+__all__ = ["mse_weight_scale", "output_shift", "set_weight_scale", "correct_bias", "weight_quant_delta"]
 
 
 def _channels_first(w: Tensor, axis: int) -> Tensor:
@@ -36,27 +36,19 @@ def _channels_first(w: Tensor, axis: int) -> Tensor:
 
 
 def mse_weight_scale(weight: Tensor, axis: Optional[int] = 0, *, num_steps: int = 50, min_ratio: float = 0.5,
-                     importance: Optional[Tensor] = None, qmax: int = SYMMETRIC_INT8_QMAX,
+                     qmax: int = SYMMETRIC_INT8_QMAX,
                      chunk_elements: int = 1 << 24) -> Tensor:
-    """Symmetric int8 scale(s) minimizing the (importance-weighted) squared rounding + clipping error.
+    """Symmetric int8 scale(s) minimizing the squared rounding + clipping error.
 
     Searches ``s = r * amax / qmax`` for ``num_steps`` ratios ``r`` evenly spaced in ``[min_ratio, 1]`` (``r = 1``,
     the minmax scale, is always a candidate, so the error is never larger than minmax's). ``axis``: the channel axis
-    (1-d result, one scale per channel) or None (0-d, one scale for the tensor). ``importance``: optional non-negative
-    weights broadcastable to ``weight`` (e.g. E[x^2] of the input feature each weight multiplies). Quantized values
-    are clamped to ``[-qmax, qmax]``, as the QDQ layers store them.
+    (1-d result, one scale per channel) or None (0-d, one scale for the tensor). Quantized values are clamped to
+    ``[-qmax, qmax]``, as the QDQ layers store them.
     """
     if not 0 < min_ratio <= 1 or num_steps < 1:
         raise ConfigError(f"mse_weight_scale needs 0 < min_ratio <= 1 and num_steps >= 1, got {min_ratio}, {num_steps}")
     w = weight.detach().to(torch.float32)
-    imp = None if importance is None else torch.broadcast_to(torch.as_tensor(importance, dtype=torch.float32,
-                                                                             device=w.device), w.shape)
-    if axis is None:
-        flat = w.reshape(1, -1)
-        imp_flat = None if imp is None else imp.reshape(1, -1)
-    else:
-        flat = _channels_first(w, axis)
-        imp_flat = None if imp is None else _channels_first(imp, axis)
+    flat = w.reshape(1, -1) if axis is None else _channels_first(w, axis)
     if not torch.isfinite(flat).all():
         raise CalibrationError("cannot choose a weight scale: the weight contains NaN or inf")
     amax = flat.abs().amax(1)
@@ -69,8 +61,7 @@ def mse_weight_scale(weight: Tensor, axis: Optional[int] = 0, *, num_steps: int 
         r = ratios[start:start + per_ratio]
         s = torch.clamp(r[:, None] * amax[None, :] / qmax, min=DEFAULT_EPS)  # [R, C]
         q = torch.clamp(torch.round(flat[None] / s[..., None]), -qmax, qmax) * s[..., None]
-        d = (q - flat[None]) ** 2
-        err = (d if imp_flat is None else d * imp_flat[None]).sum(-1)  # [R, C]
+        err = ((q - flat[None]) ** 2).sum(-1)  # [R, C]
         e_min, idx = err.min(0)
         better = e_min < best_err  # strict: ties keep the larger (earlier) ratio, minmax first
         best_err = torch.where(better, e_min, best_err)
@@ -78,20 +69,25 @@ def mse_weight_scale(weight: Tensor, axis: Optional[int] = 0, *, num_steps: int 
     return best if axis is not None else best.reshape(())
 
 
-def _broadcast_scale(scale: Tensor, w: Tensor, axis: Optional[int]) -> Tensor:
-    if scale.dim() == 0 or axis is None:
-        return scale.reshape(())
-    shape = [1] * w.dim()
-    shape[axis] = -1
-    return scale.reshape(shape)
+def _linear_shift(x: Tensor, d: Tensor, **conv) -> Tensor:
+    return F.linear(x, d)
 
 
-def weight_quant_error(weight: Tensor, scale: Tensor, axis: Optional[int] = 0,
-                       qmax: int = SYMMETRIC_INT8_QMAX) -> Tensor:
-    """``W - dequantize(quantize(W))`` for symmetric int8 with ``scale`` (0-d, or 1-d along ``axis``), in float32."""
-    w = weight.detach().to(torch.float32)
-    s = _broadcast_scale(scale.to(torch.float32), w, axis)
-    return w - torch.clamp(torch.round(w / s), -qmax, qmax) * s
+def _conv1d_hf_shift(x: Tensor, d: Tensor, **conv) -> Tensor:
+    return x @ d  # transformers' Conv1D: delta [in, out]
+
+
+def _conv_shift(op: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    def shift(x: Tensor, d: Tensor, **conv) -> Tensor:
+        y = op(x[None], d, None, conv.get("stride", 1), 0, conv.get("dilation", 1), conv.get("groups", 1))
+        return y[0].reshape(y.shape[1], -1).mean(1)  # the mean over the output positions
+    return shift
+
+
+#: the output shift of each op type, as the config's ``op_types`` name them
+OUTPUT_SHIFTS: Dict[str, Callable[..., Tensor]] = {
+    "Linear": _linear_shift, "Conv1D": _conv1d_hf_shift, "Conv1d": _conv_shift(F.conv1d),
+    "Conv2d": _conv_shift(F.conv2d)}
 
 
 def output_shift(kind: str, mean_input: Tensor, weight_delta: Tensor, **conv) -> Tensor:
@@ -101,22 +97,14 @@ def output_shift(kind: str, mean_input: Tensor, weight_delta: Tensor, **conv) ->
     "Conv1d"/"Conv2d" (``mean_input`` [C, *spatial] = the batch mean of the padded input, delta the conv weight;
     ``conv``: stride, dilation, groups; the result is the mean over the output positions).
     """
-    d = weight_delta.to(torch.float32)
-    x = mean_input.to(torch.float32)
-    if kind == "Linear":
-        return F.linear(x, d)
-    if kind == "Conv1D":
-        return x @ d
-    if kind in ("Conv1d", "Conv2d"):
-        op = F.conv1d if kind == "Conv1d" else F.conv2d
-        y = op(x[None], d, None, conv.get("stride", 1), 0, conv.get("dilation", 1), conv.get("groups", 1))
-        return y[0].reshape(y.shape[1], -1).mean(1)
-    raise ConfigError(f"output_shift: unknown op kind {kind!r}")
+    if kind not in OUTPUT_SHIFTS:
+        raise ConfigError(f"output_shift: unknown op kind {kind!r}")
+    return OUTPUT_SHIFTS[kind](mean_input.to(torch.float32), weight_delta.to(torch.float32), **conv)
 
 
-def set_weight_scale(qdq: nn.Module, weight: Tensor, scale: Tensor) -> None:
+def set_weight_scale(qdq: QDQModule, weight: Tensor, scale: Tensor) -> None:
     """Re-quantize ``qdq``'s int8 weight from the float ``weight`` with ``scale`` (per channel on the layer's weight
-    axis, or 0-d), zero point 0, range [-127, 127]: what ``_QDQBase`` stores, with another scale."""
+    axis, or 0-d), zero point 0, range [-127, 127]: what :class:`QDQModule` stores, with another scale."""
     w = weight.detach().to(torch.float32).to(qdq.weight_int8.device)
     if tuple(w.shape) != tuple(qdq.weight_int8.shape):
         raise ConfigError(f"set_weight_scale: weight {tuple(w.shape)} does not match the layer's "
@@ -128,23 +116,21 @@ def set_weight_scale(qdq: nn.Module, weight: Tensor, scale: Tensor) -> None:
     qdq.weight_scale = scale
 
 
-def _kind(qdq: nn.Module) -> str:
-    from .qdq import QDQ_MODULES
-
+def _kind(qdq: QDQModule) -> str:
     for k, cls in QDQ_MODULES.items():
         if type(qdq) is cls or isinstance(qdq, cls):
             return k
     raise ConfigError(f"{type(qdq).__name__} is not a slimtorch QDQ layer")
 
 
-def _op_input(qdq: nn.Module, x: Tensor) -> Tensor:
+def _op_input(qdq: QDQModule, x: Tensor) -> Tensor:
     """What the layer's weight op sees: the fake-quantized input, padded as the layer's forward() pads it."""
     xq = qdq.quantize_input(x.detach()).to(torch.float32)
     if getattr(qdq, "pre_pad", None) is not None:
         xq = F.pad(xq, qdq.pre_pad)
     if hasattr(qdq, "padding_mode"):
         if qdq.padding_mode != "zeros":
-            xq = F.pad(xq, qdq._reversed_padding, mode=qdq.padding_mode)
+            xq = F.pad(xq, qdq.reversed_padding, mode=qdq.padding_mode)
         else:
             pad = qdq.padding
             if pad == "same":
@@ -186,8 +172,6 @@ def correct_bias(model: nn.Module, float_weights: Dict[str, Tensor], loader: Ite
     bias. Returns ``{name: max |correction|}`` of the corrected layers. ``sync`` (distributed calibration): the
     input means are those of every rank's batches together (quantization/distributed.py).
     """
-    from .distributed import LOCAL, reduce_mean_inputs
-
     sync = LOCAL if sync is None else sync
     if num_batches < 1:
         raise ConfigError(f"correct_bias: num_batches must be >= 1, got {num_batches}")
@@ -203,7 +187,7 @@ def correct_bias(model: nn.Module, float_weights: Dict[str, Tensor], loader: Ite
         qdq, st = layers[name], stats[name]
 
         def hook(module, args, kwargs):
-            x = next((v for v in list(args) + list(kwargs.values()) if isinstance(v, Tensor)), None)
+            x = first_tensor(args, kwargs)
             if x is None:
                 return None
             xq = _op_input(qdq, x)
@@ -238,27 +222,10 @@ def correct_bias(model: nn.Module, float_weights: Dict[str, Tensor], loader: Ite
         st.shift_count += st.count
         st.sum, st.count = None, 0
 
-    modes = {m: m.training for m in model.modules()}
-    handles = [m.register_forward_pre_hook(make_hook(n), with_kwargs=True) for n, m in layers.items()]
     device = model_device(model)
-    seen = 0
     with sync.guard("bias correction"):
-        try:
-            model.eval()
-            with torch.no_grad():
-                for i, batch in enumerate(itertools.islice(loader, num_batches)):
-                    inputs = input_fn(batch) if input_fn is not None else batch
-                    try:
-                        feed(model, to_device(inputs, device))
-                    except Exception as e:
-                        raise CalibrationError(f"bias correction batch {i} ({describe(inputs)}) could not be fed to "
-                                               f"{type(model).__name__}: {type(e).__name__}: {e}") from e
-                    seen += 1
-        finally:
-            for h in handles:
-                h.remove()
-            for m, training in modes.items():
-                m.training = training
+        with hooks_attached(pre=[(m, make_hook(n)) for n, m in layers.items()], with_kwargs=True):
+            seen = feed_batches(model, loader, what="bias correction", num_batches=num_batches, input_fn=input_fn)
         if seen == 0:
             raise CalibrationError("bias correction: the loader yielded no batches")
     reduce_mean_inputs(sync, stats, _flush, {n: q.weight_int8.shape[q.weight_axis] for n, q in layers.items()}, device)
@@ -278,70 +245,10 @@ def correct_bias(model: nn.Module, float_weights: Dict[str, Tensor], loader: Ite
     return report
 
 
-def weight_quant_delta(qdq: nn.Module, float_weight: Tensor) -> Tensor:
+def weight_quant_delta(qdq: QDQModule, float_weight: Tensor) -> Tensor:
     """``W_float - W_int8 * scale`` of a QDQ layer, in its stored layout."""
     w = float_weight.detach().to(torch.float32).to(qdq.weight_int8.device)
     if tuple(w.shape) != tuple(qdq.weight_int8.shape):
         raise ConfigError(f"float weight {tuple(w.shape)} does not match the QDQ layer's "
                           f"{tuple(qdq.weight_int8.shape)}")
     return w - qdq.dequantized_weight(torch.float32)
-
-
-@torch.no_grad()
-def input_importance(model: nn.Module, names: Iterable[str], loader: Iterable, *, num_batches: int = 100,
-                     input_fn: Optional[Callable[[Any], Any]] = None) -> Dict[str, Tensor]:
-    """E[x^2] per input feature of each named Linear/Conv (``x`` the module's input; for convs per input channel,
-    over positions), shaped to broadcast against the module's weight: importance weights for
-    :func:`mse_weight_scale`."""
-    named = dict(model.named_modules())
-    names = list(names)
-    sums: Dict[str, Tensor] = {}
-    counts: Dict[str, int] = {n: 0 for n in names}
-
-    def make_hook(name):
-        def hook(module, args, kwargs):
-            x = next((v for v in list(args) + list(kwargs.values()) if isinstance(v, Tensor)), None)
-            if x is None:
-                return None
-            x = x.detach().to(torch.float32)
-            if isinstance(module, (nn.Conv1d, nn.Conv2d)) or hasattr(module, "groups"):
-                c = x.movedim(1, 0).reshape(x.shape[1], -1)
-            else:
-                c = x.reshape(-1, x.shape[-1]).t()
-            s = (c * c).sum(1)
-            sums[name] = s if name not in sums else sums[name] + s
-            counts[name] += c.shape[1]
-            return None
-        return hook
-
-    handles = [named[n].register_forward_pre_hook(make_hook(n), with_kwargs=True) for n in names]
-    device = model_device(model)
-    modes = {m: m.training for m in model.modules()}
-    try:
-        model.eval()
-        for batch in itertools.islice(loader, num_batches):
-            feed(model, to_device(input_fn(batch) if input_fn is not None else batch, device))
-    finally:
-        for h in handles:
-            h.remove()
-        for m, training in modes.items():
-            m.training = training
-    out = {}
-    for n in names:
-        if n not in sums:
-            continue
-        m = named[n]
-        e = sums[n] / counts[n]
-        w = m.weight
-        if isinstance(m, (nn.Conv1d, nn.Conv2d)):
-            groups = m.groups
-            cin_g = w.shape[1]
-            # weight [out, in/groups, k...]: output channel o of group g reads inputs g*cin_g .. (g+1)*cin_g
-            g_of_out = torch.arange(w.shape[0], device=e.device) // (w.shape[0] // groups)
-            idx = g_of_out[:, None] * cin_g + torch.arange(cin_g, device=e.device)[None]
-            out[n] = e[idx].reshape(w.shape[0], cin_g, *([1] * (w.dim() - 2)))
-        elif type(m).__name__ == "Conv1D":
-            out[n] = e[:, None]  # weight [in, out]
-        else:
-            out[n] = e[None, :]  # weight [out, in]
-    return out

@@ -176,7 +176,7 @@ def _unreduced_observers(rank: int, real):
 def disagreeing_ranks(rank: int, world: int, init_file: str, out_dir: str) -> None:
     """Cases where rank 1 differs; each rank records the error it raised. The job goes on after each error, so
     the ranks must still be in step: every rank raised at the same synchronisation point."""
-    from slimtorch.quantization import api
+    from slimtorch.quantization import steps
 
     _init(rank, world, init_file)
     try:
@@ -215,12 +215,12 @@ def disagreeing_ranks(rank: int, world: int, init_file: str, out_dir: str) -> No
             q = st.quantize(cnn, config(), calib_dataloader=data, eval_fn=lambda m: 0.9 + 0.02 * rank, progress=False)
         out["eval_differs"] = {"baseline": st.quantization_report(q).accuracy.baseline,
                                "warnings": [str(w.message) for w in caught if "eval_fn returned" in str(w.message)]}
-        real = api.reduce_observers
-        api.reduce_observers = _unreduced_observers(rank, real)
+        real = steps.reduce_observers
+        steps.reduce_observers = _unreduced_observers(rank, real)
         try:
             out["unreduced"] = _outcome(lambda: st.quantize(cnn, config(), calib_dataloader=data, progress=False))
         finally:
-            api.reduce_observers = real
+            steps.reduce_observers = real
         out["after"] = _outcome(lambda: _result(st.quantize(cnn, config(), calib_dataloader=data, progress=False)))
         torch.save(out, f"{out_dir}/rank{rank}.pt")
     finally:

@@ -25,7 +25,7 @@ from slimtorch.quantization.accuracy import (
     search,
     threshold,
 )
-from slimtorch.quantization.qdq import QDQConv2d, QDQLinear, _QDQBase
+from slimtorch.quantization.qdq import QDQConv2d, QDQLinear, QDQModule
 
 from .cnn_data import batches as tuple_batches
 from .cnn_data import digits_data, torch_threads, train_digits_cnn
@@ -127,7 +127,7 @@ def float_layers(model):
 
 
 def qdq_layers(model):
-    return sorted(n for n, m in model.named_modules() if isinstance(m, _QDQBase))
+    return sorted(n for n, m in model.named_modules() if isinstance(m, QDQModule))
 
 
 def same_state(a, b):
@@ -463,7 +463,7 @@ def test_mistakes_raise_clear_errors_and_leave_model_alone(trained_mlp, calib, c
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert [m.training for m in model.modules()] == modes
-    assert not any(isinstance(m, _QDQBase) for m in model.modules())
+    assert not any(isinstance(m, QDQModule) for m in model.modules())
 
 
 # -- all-MiniLM-L6-v2: sentence embeddings within 0.005 of the float model's (slow) ---------------------------------

@@ -6,8 +6,9 @@ import pytest
 import torch
 from torch import nn
 
+from slimtorch.batches import describe, to_device
 from slimtorch.errors import CalibrationError, ConfigError
-from slimtorch.quantization.calibrate import calibrate, describe, to_device
+from slimtorch.quantization.calibrate import calibrate
 from slimtorch.quantization.observers import MinMaxObserver
 
 

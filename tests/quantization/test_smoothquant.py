@@ -279,8 +279,8 @@ def test_no_groups_is_an_empty_report():
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(alpha=1.5), "alpha must be a number in"), (dict(alpha=-0.1), "alpha"), (dict(alpha="best"), "alpha"),
-    (dict(alpha=True), "alpha"), (dict(alpha=0.5, folding=False), "folding=false"),
-    (dict(alpha=0.5, act_dtype="int4"), "activation scheme"), (dict(alpha=0.5, num_batches=0), ">= 1"),
+    (dict(alpha=True), "alpha"), (dict(alpha=0.5, act_dtype="int4"), "activation scheme"),
+    (dict(alpha=0.5, num_batches=0), ">= 1"),
 ])
 def test_config_errors(kwargs, match):
     kwargs = {"num_batches": 1, **kwargs}

@@ -12,12 +12,10 @@ from slimtorch.quantization.primitives import fake_quantize
 from slimtorch.quantization.qdq import QDQConv1D, qdq_class_for
 from slimtorch.quantization.weight_tuning import (
     correct_bias,
-    input_importance,
     mse_weight_scale,
     output_shift,
     set_weight_scale,
     weight_quant_delta,
-    weight_quant_error,
 )
 
 
@@ -25,9 +23,16 @@ def _minmax_scale(w, axis=0):
     return w.movedim(axis, 0).reshape(w.shape[axis], -1).abs().amax(1) / 127
 
 
-def _err(w, s, axis=0, imp=None):
-    d = weight_quant_error(w, s, axis) ** 2
-    d = d if imp is None else d * imp
+def _quant_error(w, s, axis=0):
+    """W - dequantize(quantize(W)), symmetric int8 with scale s (per channel along axis, or 0-d)."""
+    shape = [1] * w.dim()
+    shape[axis] = -1
+    s = s.reshape(()) if s.dim() == 0 else s.reshape(shape)
+    return w - torch.clamp(torch.round(w / s), -127, 127) * s
+
+
+def _err(w, s, axis=0):
+    d = _quant_error(w, s, axis) ** 2
     return d.movedim(axis, 0).reshape(w.shape[axis], -1).sum(1)
 
 
@@ -54,19 +59,12 @@ def test_mse_scale_per_tensor_axis_one_and_chunking():
     assert torch.equal(mse_weight_scale(w, 0, chunk_elements=1), mse_weight_scale(w, 0))
 
 
-def test_mse_scale_keeps_zeros_and_follows_importance():
+def test_mse_scale_keeps_zeros():
     torch.manual_seed(2)
     w = torch.randn(4, 32)
     w[:, ::2] = 0.0  # pruned
     s = mse_weight_scale(w, 0)
-    assert (weight_quant_error(w, s)[w == 0] == 0).all()  # zero point 0: a pruned weight stays exactly 0
-    imp = torch.ones(1, 32)
-    imp[0, 0] = 0.0
-    w2 = torch.randn(4, 32) * 0.1
-    w2[:, 0] = 5.0  # the outlier multiplies an input that is always 0: clipping it costs nothing
-    s_imp = mse_weight_scale(w2, 0, importance=imp)
-    assert (s_imp < _minmax_scale(w2) * 0.6).all()
-    assert (_err(w2, s_imp, imp=imp) <= _err(w2, _minmax_scale(w2), imp=imp) + 1e-9).all()
+    assert (_quant_error(w, s)[w == 0] == 0).all()  # zero point 0: a pruned weight stays exactly 0
 
 
 @pytest.mark.parametrize("bad", [dict(min_ratio=0.0), dict(min_ratio=1.5), dict(num_steps=0)])
@@ -204,17 +202,12 @@ def test_correct_bias_errors_and_untouched_when_never_called():
     assert torch.equal(model[0].bias, bias)
 
 
-def test_weight_quant_delta_and_input_importance():
+def test_weight_quant_delta():
     torch.manual_seed(7)
     net = nn.Sequential(nn.Conv2d(2, 4, 3, groups=2), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3)).eval()
     x = torch.randn(6, 2, 6, 6)
-    imp = input_importance(net, ["0", "3"], [x[:3], x[3:]])
-    assert imp["0"].shape == (4, 1, 1, 1) and imp["3"].shape == (1, 64)
-    per_in = (x ** 2).mean((0, 2, 3))
-    assert torch.allclose(imp["0"].flatten(), per_in[[0, 0, 1, 1]])  # output channel -> its group's input
     with torch.no_grad():
         h = torch.relu(net[0](x)).flatten(1)
-    assert torch.allclose(imp["3"][0], (h ** 2).mean(0), atol=1e-5)
     q = _qdq(net[3], h)
     assert torch.allclose(weight_quant_delta(q, net[3].weight), net[3].weight - q.dequantized_weight())
 
@@ -225,7 +218,7 @@ def test_digits_cnn_bias_correction_and_mse_do_not_hurt():
 
     import slimtorch
     from slimtorch.quantization.fold import fold_batchnorm
-    from slimtorch.quantization.qdq import _QDQBase
+    from slimtorch.quantization.qdq import QDQModule
 
     from .cnn_data import accuracy, digits_data, torch_threads, train_digits_cnn
 
@@ -238,7 +231,7 @@ def test_digits_cnn_bias_correction_and_mse_do_not_hurt():
         folded = copy.deepcopy(model)
         fold_batchnorm(folded, data.x_train[:64])
         fnamed = dict(folded.named_modules())
-        layers = {n: m for n, m in q.named_modules() if isinstance(m, _QDQBase)}
+        layers = {n: m for n, m in q.named_modules() if isinstance(m, QDQModule)}
         base_acc = accuracy(q, data.x_test, data.y_test)
         for n, m in layers.items():
             set_weight_scale(m, fnamed[n].weight, mse_weight_scale(fnamed[n].weight, m.weight_axis))

@@ -13,21 +13,15 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import torch
 from torch import Tensor, nn
 
-from ..errors import CalibrationError
-from .calibrate import calibrate, model_device
-from .distributed import LOCAL, reduce_channel_stats
-from .qdq import op_type
-from .smoothquant import (
-    ChannelStats,
-    GroupResult,
-    SmoothQuantReport,
-    _check_alpha,
-    _scale_,
-    _weight_absmax,
-    find_smoothing_groups,
-    search_alpha,
-    smoothing_scales,
-)
+from ...batches import model_device
+from ...errors import CalibrationError
+from ..calibrate import calibrate
+from ..distributed import LOCAL, reduce_channel_stats
+from .alpha import search_alpha
+from .discovery import find_smoothing_groups
+from .report import GroupResult, SmoothQuantReport
+from .scales import check_alpha, input_axis, scale_channels_, smoothing_scales, weight_absmax
+from .stats import ChannelStats
 
 
 def input_groups(model: nn.Module, first_batch: Any, linear_names: Sequence[str],
@@ -54,7 +48,7 @@ def smooth_explicit(model: nn.Module, loader: Iterable, *, linear_names: Sequenc
     ``({name: 1/s}, hook handles, report)``: the hooks divide each Linear's input by ``s`` so calibration sees
     what the QDQ layer will quantize; the caller removes them and gives each QDQ layer its ``1/s``."""
     if alpha != "auto":
-        _check_alpha(alpha)
+        check_alpha(alpha)
     with sync.guard("SmoothQuant"):
         first = next(iter(loader), None)
         if first is None:
@@ -76,10 +70,10 @@ def smooth_explicit(model: nn.Module, loader: Iterable, *, linear_names: Sequenc
         mods = [modules[n] for n in names]
         a = search_alpha(st, mods, act_dtype, act_symmetric, sync.sum_ordered)[0] if alpha == "auto" else float(alpha)
         # s_j = max|X_j|^a / max|W_j|^(1-a)
-        s = smoothing_scales(st.absmax, _weight_absmax(mods).to(st.absmax.device), a)
+        s = smoothing_scales(st.absmax, weight_absmax(mods).to(st.absmax.device), a)
         inv = (1.0 / s).to(torch.float32)
         for n, m in zip(names, mods):
-            _scale_(m.weight, s, 0 if op_type(m) == "Conv1D" else 1, divide=False)  # W[:, j] * s_j
+            scale_channels_(m.weight, s, input_axis(m), divide=False)  # W[:, j] * s_j
             inverse[n] = inv
             handles.append(m.register_forward_pre_hook(_divide_input(inv)))
         report.groups.append(GroupResult("(explicit Mul)", "mul", list(names), a, float(s.max()), float(s.median()),
@@ -88,6 +82,7 @@ def smooth_explicit(model: nn.Module, loader: Iterable, *, linear_names: Sequenc
 
 
 def _divide_input(inv: Tensor):
+    """A pre-hook that multiplies a module's first input by ``inv`` (1/s), its other inputs passed through."""
     def hook(module, args):
         x = args[0]
         return (x * inv.to(device=x.device, dtype=x.dtype),) + tuple(args[1:])

@@ -1,8 +1,8 @@
 """How QDQ modules appear in an ONNX graph: autograd Functions whose ``symbolic`` writes the QDQ nodes.
 
 Eager PyTorch never calls these (the modules run their own math); during ``torch.onnx.export`` the modules call
-:func:`export_forward`, whose ``forward`` computes the same result as the eager module (so tracing sees the right
-shapes) and whose ``symbolic`` emits, for a static Linear::
+:func:`export_linear` or :func:`export_conv`, whose Function's ``forward`` computes the same result as the eager
+module (so tracing sees the right shapes) and whose ``symbolic`` emits, for a static Linear::
 
     x -> QuantizeLinear(s_x, z_x) -> DequantizeLinear(s_x, z_x) --\
                                                                    MatMul -> Add(bias)
@@ -18,6 +18,8 @@ from typing import Tuple
 
 import torch
 from torch import Tensor
+
+from .primitives import dequantize, fake_quantize, fake_quantize_dynamic
 
 _ONNX_DTYPE = {"int8": torch.int8, "uint8": torch.uint8}
 
@@ -67,9 +69,6 @@ def _fake_quant(g, x, act_dtype: str, symmetric: bool, per_token: bool):
 
 
 def _eager_input(x: Tensor, mode: str, act_dtype: str, symmetric: bool, scale: float, zero_point: int) -> Tensor:
-    from ..quantization.primitives import fake_quantize
-    from ..quantization.qdq import fake_quantize_dynamic
-
     if mode == "static":
         return fake_quantize(x, torch.tensor(scale, dtype=torch.float32, device=x.device),
                              torch.tensor(zero_point, dtype=torch.int32, device=x.device), dtype=act_dtype)
@@ -77,8 +76,6 @@ def _eager_input(x: Tensor, mode: str, act_dtype: str, symmetric: bool, scale: f
 
 
 def _eager_weight(w_int8: Tensor, w_scale: Tensor, axis: int, dtype: torch.dtype) -> Tensor:
-    from ..quantization.primitives import dequantize
-
     zero = torch.zeros_like(w_scale, dtype=torch.int32)
     return dequantize(w_int8, w_scale, zero, axis=axis if w_scale.dim() == 1 else None).to(dtype)
 

@@ -1,11 +1,25 @@
-"""SmoothQuant's report: the groups smoothed (alpha, scales, activation range before and after) and those skipped."""
+"""SmoothQuant's result types: a group found by discovery (SmoothGroup), one smoothed (GroupResult), and the report
+of a run: the groups smoothed (alpha, scales, activation range before and after) and those skipped."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, List, Union
+from typing import List, Optional, Union
 
-if TYPE_CHECKING:
-    from .smoothquant import SmoothGroup
+
+@dataclass
+class SmoothGroup:
+    """``prev``'s output channels feed the input channels of ``linears``; ``skip_reason`` None means foldable.
+
+    kind: "layernorm" (a norm), "linear" (a Linear/Conv1D) or "none" (no previous op: the Linear is reported only).
+    source: "identity" (the Linears read prev's output tensor itself), "pair" (found by trying a Linear -> Linear
+    pair through other ops), "explicit" (extra_pairs) or "none".
+    """
+
+    prev: str
+    kind: str
+    linears: List[str]
+    source: str = "identity"
+    skip_reason: Optional[str] = None
 
 
 @dataclass
@@ -34,6 +48,8 @@ def _short(name: str, ref: str) -> str:
 
 @dataclass
 class SmoothQuantReport:
+    """What one SmoothQuant run did; ``str()`` is a table of the groups smoothed and the reasons others were not."""
+
     alpha: Union[float, str]
     groups: List[GroupResult] = field(default_factory=list)
     skipped: List[SmoothGroup] = field(default_factory=list)
