@@ -75,8 +75,7 @@ def load_config(source: ConfigSource) -> CompressionConfig:
         config = CompressionConfig.model_validate(doc)
     except ValidationError as exc:
         raise ConfigError(_format_errors(exc, renamed)) from None
-    config._notes = tuple(notes)
-    return config
+    return config.with_notes(notes)
 
 
 def read_document(source: Union[Dict[str, Any], str, os.PathLike]) -> Dict[str, Any]:

@@ -289,6 +289,11 @@ class CompressionConfig(StrictModel):
         """Lines saying how the loader read the source where that is not obvious (DeepSpeed defaults, INC keys)."""
         return self._notes
 
+    def with_notes(self, notes) -> "CompressionConfig":
+        """This config, carrying ``notes`` (set once, by the loader that read it)."""
+        self._notes = tuple(notes)
+        return self
+
     @property
     def sparse_pruning(self) -> Optional[SparsePruningConfig]:
         return self.compression_training.sparse_pruning
