@@ -120,9 +120,51 @@ class DynamicQuantization(_QuantSection):
     activation: DynamicActivationQuant = Field(default_factory=DynamicActivationQuant)
 
 
+class GPTQSettings(StrictModel):
+    """GPTQ (Frantar et al. 2022): quantize a layer's columns one at a time and push each column's rounding error
+    onto the columns not yet quantized, weighted by the inverse Hessian ``H = 2/n X^T X`` of the layer's inputs."""
+
+    # added to H's diagonal as a fraction of its mean: keeps H invertible where few tokens or dead inputs leave it
+    # singular; larger values move GPTQ towards round-to-nearest
+    dampening: float = Field(default=0.01, gt=0.0, le=1.0)
+    block_size: int = Field(default=128, ge=1)  # columns updated lazily together (speed only, same result)
+    act_order: bool = False  # quantize the columns with the largest H_ii first; groups keep the original order
+
+
+class WeightOnlyQuantization(StrictModel):
+    """Weight-only int4/int8 for decoder LLMs, block by block (``slimtorch.oneshot``); activations stay float.
+
+    Only the Linears inside the repeated blocks are quantized (embeddings, final norm and lm_head stay float);
+    ``group_size`` -1 is one scale per output channel. See docs/llm.md.
+    """
+
+    enabled: bool = False
+    bits: Literal[4, 8] = 4
+    symmetric: bool = True
+    group_size: int = 128
+    algorithm: Literal["rtn", "gptq"] = "gptq"
+    gptq: GPTQSettings = Field(default_factory=GPTQSettings)
+    excluded_modules: List[str] = Field(default_factory=list)
+    blocks: Optional[str] = None  # dotted path of the ModuleList of repeated blocks; None: found automatically
+
+    @field_validator("group_size")
+    @classmethod
+    def _group_size(cls, value):
+        if value != -1 and value < 1:
+            raise ValueError(f"group_size must be a positive number of input columns per scale, or -1 for one "
+                             f"scale per output channel; got {value}")
+        return value
+
+    @field_validator("excluded_modules")
+    @classmethod
+    def _valid_regexes(cls, value):
+        return check_regexes(value)
+
+
 class CompressionInference(StrictModel):
     static_quantization: Optional[StaticQuantization] = None
     dynamic_quantization: Optional[DynamicQuantization] = None
+    weight_only_quantization: Optional[WeightOnlyQuantization] = None
 
     @model_validator(mode="after")
     def _one_mode(self):
@@ -130,7 +172,18 @@ class CompressionInference(StrictModel):
                 and self.dynamic_quantization is not None and self.dynamic_quantization.enabled):
             raise PathValueError("dynamic_quantization.enabled", "static_quantization and dynamic_quantization are "
                                  "both enabled; enable one of them (static needs a calibration loader, dynamic not)")
+        if (self.weight_only_quantization is not None and self.weight_only_quantization.enabled
+                and self.active is not None):
+            raise PathValueError("weight_only_quantization.enabled", "weight_only_quantization and "
+                                 "static/dynamic_quantization are both enabled; enable one of them (W8A8 with GPTQ "
+                                 "weights is not available in this slimtorch version)")
         return self
+
+    @property
+    def weight_only(self) -> Optional[WeightOnlyQuantization]:
+        """The weight-only section when it is enabled, else None."""
+        section = self.weight_only_quantization
+        return section if section is not None and section.enabled else None
 
     @property
     def active(self) -> Optional[Union[StaticQuantization, DynamicQuantization]]:

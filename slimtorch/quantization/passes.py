@@ -7,6 +7,7 @@ step that runs the model does it inside :func:`preserved_modes`.
 | preserved_modes   | eval (or train) mode inside; every submodule's own mode back afterwards, also on errors  |
 | hooks_attached    | forward (pre-)hooks on some modules for the duration of a block, always removed          |
 | feed_batches      | up to N batches through the model: input_fn, device, feeding rules, no_grad, errors      |
+| progress_bar      | a tqdm bar on stderr, or plain progress lines without tqdm                              |
 | ReplayableLoader  | the user's loader with ``calib_input_fn`` applied, iterable more than once               |
 
 Batches are fed as docs/conventions.md says (:func:`slimtorch.batches.feed`).
@@ -60,24 +61,25 @@ def hooks_attached(pre: Sequence[Hook] = (), post: Sequence[Hook] = (), *, with_
 class _TextProgress:
     """Progress lines on stderr, every tenth of the run, where tqdm is not installed."""
 
-    def __init__(self, total: int, label: str):
-        self.total, self.label, self.n, self.every = total, label, 0, max(1, total // 10)
+    def __init__(self, total: int, label: str, unit: str):
+        self.total, self.label, self.unit, self.n, self.every = total, label, unit, 0, max(1, total // 10)
 
     def update(self, k: int) -> None:
         self.n += k
         if self.n % self.every == 0 or self.n == self.total:
-            print(f"{self.label}: {self.n}/{self.total} batches", file=sys.stderr, flush=True)
+            print(f"{self.label}: {self.n}/{self.total} {self.unit}s", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         pass
 
 
-def _progress_bar(total: int, label: str):
+def progress_bar(total: int, label: str, unit: str = "batch"):
+    """A tqdm bar on stderr (``update(k)``, ``close()``), or progress lines where tqdm is not installed."""
     try:
         from tqdm.auto import tqdm
     except ImportError:
-        return _TextProgress(total, label)
-    return tqdm(total=total, desc=label, unit="batch", file=sys.stderr, leave=False)
+        return _TextProgress(total, label, unit)
+    return tqdm(total=total, desc=label, unit=unit, file=sys.stderr, leave=False)
 
 
 def feed_batches(model: nn.Module, batches: Iterable, *, what: str, num_batches: Optional[int] = None,
@@ -102,7 +104,7 @@ def feed_batches(model: nn.Module, batches: Iterable, *, what: str, num_batches:
         except TypeError:  # a generator, or a loader whose length is unknown
             total = num_batches
         known = [t for t in (total, num_batches) if t is not None]
-        bar = _progress_bar(min(known) if known else 0, progress)
+        bar = progress_bar(min(known) if known else 0, progress)
     seen = 0
     try:
         with preserved_modes(model, "eval"), torch.no_grad():

@@ -82,7 +82,7 @@ class AccuracySearch:
 class QuantizationReport:
     """Returned by :func:`slimtorch.quantization_report`; ``str()`` gives a table."""
 
-    mode: str                                   # "static" or "dynamic"
+    mode: str                                   # "static", "dynamic" or "weight-only" (slimtorch.oneshot)
     quantized: List[QuantizedLayer] = field(default_factory=list)
     left_float: List[FloatLayer] = field(default_factory=list)
     folded_batchnorm: List[tuple] = field(default_factory=list)
@@ -95,7 +95,7 @@ class QuantizationReport:
     def __str__(self) -> str:
         head = (f"slimtorch {self.mode} quantization: {len(self.quantized)} layers quantized, "
                 f"{len(self.left_float)} left in float")
-        if self.mode == "static":
+        if self.mode != "dynamic":
             head += f", {self.calibration_batches} calibration batches"
         head += f", {self.seconds:.1f} s"
         rows = [("layer", "op", "weight", "scheme / reason")]
