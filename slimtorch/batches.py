@@ -8,7 +8,7 @@ rules.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -23,15 +23,24 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def to_device(obj: Any, device: torch.device) -> Any:
-    """``obj`` with every tensor inside (dicts, lists, tuples, nested) moved to ``device``."""
+def to_device(obj: Any, device: torch.device,
+              memo: Optional[Dict[int, Tuple[torch.Tensor, torch.Tensor]]] = None) -> Any:
+    """``obj`` with every tensor inside (dicts, lists, tuples, nested) moved to ``device``.
+
+    ``memo`` (id -> (tensor, moved tensor)), shared across calls, moves a tensor met several times once: it stays one
+    tensor on ``device`` as it was one before (e.g. the attention mask every decoder block receives). The memo
+    holds the original too, so its id cannot be reused by another tensor while the memo lives."""
     if isinstance(obj, torch.Tensor):
-        return obj.to(device)
+        if memo is None:
+            return obj.to(device)
+        if id(obj) not in memo:
+            memo[id(obj)] = (obj, obj.to(device))
+        return memo[id(obj)][1]
     if isinstance(obj, Mapping):
-        return {k: to_device(v, device) for k, v in obj.items()}
+        return {k: to_device(v, device, memo) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(to_device(v, device) for v in obj) if not hasattr(obj, "_fields") else \
-            type(obj)(*(to_device(v, device) for v in obj))  # namedtuples take positional fields
+        return type(obj)(to_device(v, device, memo) for v in obj) if not hasattr(obj, "_fields") else \
+            type(obj)(*(to_device(v, device, memo) for v in obj))  # namedtuples take positional fields
     return obj
 
 

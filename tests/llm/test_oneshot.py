@@ -1,0 +1,167 @@
+"""slimtorch.oneshot on tiny random-init decoders: block inputs captured exactly, RTN and GPTQ through the block
+pipeline, the caller's model untouched, and every user mistake a clear error."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import slimtorch as st
+from slimtorch.llm.blocks import capture_block_inputs, find_blocks
+from slimtorch.llm.grid import WeightGrid, dequantize, quantize_rtn
+from slimtorch.llm.modules import WeightOnlyLinear
+from slimtorch.llm.oneshot import linear_weight
+
+from .tiny_models import TINY_MODELS, random_tokens
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def config(**section):
+    return {"compression_inference": {"weight_only_quantization": {"enabled": True, **section}}}
+
+
+def calibration(model, batches=4, length=32, seed=0):
+    vocab = model.config.vocab_size
+    return [random_tokens(vocab, 2, length, seed + i) for i in range(batches)]
+
+
+def last_block_output(model, ids):
+    """What the last block returns inside the model's own forward."""
+    _, blocks = find_blocks(model)
+    seen = []
+    handle = blocks[-1].register_forward_hook(lambda m, a, out: seen.append(out[0] if isinstance(out, tuple) else out))
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+    handle.remove()
+    return seen[0]
+
+
+@pytest.mark.parametrize("arch", sorted(TINY_MODELS))
+def test_captured_inputs_replay_the_models_own_forward(arch):
+    """Running the blocks one after the other from the captured calls gives exactly what the model computes
+    (Gemma3: its sliding-window and full-attention layers each get their own mask and rotary embeddings)."""
+    model = TINY_MODELS[arch]().eval()
+    ids = random_tokens(model.config.vocab_size, 2, 16, seed=5)
+    path, blocks = find_blocks(model)
+    captured = capture_block_inputs(model, blocks, [ids], where=path)
+    assert len(captured) == 1 and len(captured.calls[0]) == len(blocks)
+    hidden = captured.hidden
+    with torch.no_grad():
+        for i, block in enumerate(blocks):
+            (call,) = captured.inputs_of(i, hidden)
+            out = block(*call.args, **call.kwargs)
+            hidden = [out[0] if isinstance(out, tuple) else out]
+    torch.testing.assert_close(hidden[0], last_block_output(model, ids), rtol=0, atol=0)
+
+
+def test_capture_leaves_the_blocks_as_they_were():
+    model = TINY_MODELS["llama"]()
+    ids = random_tokens(model.config.vocab_size, 2, 16, seed=5)
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    path, blocks = find_blocks(model)
+    capture_block_inputs(model, blocks, [ids], where=path)
+    assert all("forward" not in vars(b) and not b._forward_pre_hooks and not b._forward_hooks for b in blocks)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=0, atol=0)
+
+
+def test_gemma3_layers_get_their_own_attention_masks():
+    model = TINY_MODELS["gemma3"]()
+    types = model.config.layer_types
+    assert len(set(types)) == 2, types  # the tiny config mixes sliding and full attention
+    ids = random_tokens(model.config.vocab_size, 1, 48, seed=1)  # longer than the sliding window
+    path, blocks = find_blocks(model)
+    calls = capture_block_inputs(model, blocks, [ids], where=path).calls[0]
+    masks = [c.kwargs["attention_mask"] for c in calls]
+    for i in range(len(blocks)):
+        for j in range(len(blocks)):
+            same = masks[i] is masks[j] or (masks[i] is not None and masks[j] is not None
+                                             and torch.equal(masks[i], masks[j]))
+            assert same == (types[i] == types[j]), (i, j, types)
+
+
+@pytest.mark.parametrize("arch", sorted(TINY_MODELS))
+def test_rtn_through_the_pipeline_is_rtn_of_every_block_weight(arch):
+    model = TINY_MODELS[arch]()
+    grid = WeightGrid(4, True, 32)
+    q_model = st.oneshot(model, config(algorithm="rtn", group_size=32), calibration(model), progress=False)
+    float_layers = dict(model.named_modules())
+    quantized = {n: m for n, m in q_model.named_modules() if isinstance(m, WeightOnlyLinear)}
+    assert quantized and all(".lm_head" not in n and n != "lm_head" for n in quantized)
+    for name, layer in quantized.items():
+        q, scale, zero = quantize_rtn(linear_weight(float_layers[name]), grid)
+        torch.testing.assert_close(layer.dequantized_weight(), dequantize(q, scale, zero, 32), rtol=0, atol=0)
+    report = st.quantization_report(q_model)
+    assert report.mode == "weight-only" and len(report.quantized) == len(quantized)
+    assert any("outside the repeated blocks" in f.reason for f in report.left_float)
+
+
+def _logit_error(reference, model, ids):
+    with torch.no_grad():
+        ref, out = reference(input_ids=ids).logits, model(input_ids=ids).logits
+    return float(((out - ref) ** 2).mean() / (ref ** 2).mean())
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_gptq_through_the_pipeline_beats_rtn_on_held_out_tokens(arch):
+    model = TINY_MODELS[arch]()
+    calib = calibration(model, batches=8, length=64)
+    held_out = random_tokens(model.config.vocab_size, 4, 64, seed=99)
+    errors = {algo: _logit_error(model, st.oneshot(model, config(algorithm=algo, group_size=32), calib,
+                                                   progress=False), held_out) for algo in ("rtn", "gptq")}
+    assert errors["gptq"] < 0.8 * errors["rtn"], errors
+
+
+def test_the_callers_model_is_untouched_unless_inplace():
+    model = TINY_MODELS["llama"]()
+    before = copy.deepcopy(model.state_dict())
+    q_model = st.oneshot(model, config(algorithm="rtn", group_size=32), calibration(model), progress=False)
+    assert q_model is not model
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not any(isinstance(m, WeightOnlyLinear) for m in model.modules())
+    same = st.oneshot(model, config(algorithm="rtn", group_size=32), calibration(model), inplace=True,
+                      progress=False)
+    assert same is model and any(isinstance(m, WeightOnlyLinear) for m in model.modules())
+
+
+def test_blocks_are_found_or_named():
+    model = TINY_MODELS["llama"]()
+    assert find_blocks(model)[0] == "model.layers"
+    assert find_blocks(TINY_MODELS["gpt2"]())[0] == "transformer.h"
+    with pytest.raises(st.ConfigError, match="blocks: .*'model.nothing'.*e.g. 'model.layers'"):
+        st.oneshot(model, config(blocks="model.nothing"), calibration(model), progress=False)
+    with pytest.raises(st.UnsupportedModelError, match="no repeated blocks found in Sequential.*Set "
+                                                       "compression_inference.weight_only_quantization.blocks"):
+        st.oneshot(nn.Sequential(nn.Linear(4, 4), nn.ReLU()), config(), [torch.zeros(1, 4)], progress=False)
+
+
+def test_group_size_that_does_not_divide_a_width_is_an_error_before_any_work():
+    model = TINY_MODELS["llama"]()
+    width = model.config.hidden_size
+    with pytest.raises(st.ConfigError, match=rf"model\.layers\.0\.self_attn\.q_proj.*{width}"):
+        st.oneshot(model, config(group_size=width + 1), calibration(model), progress=False)
+
+
+class _NaNActivation(nn.Module):
+    def forward(self, x):
+        return x * float("nan")
+
+
+def test_nan_in_a_block_names_the_block():
+    model = TINY_MODELS["llama"]()
+    model.model.layers[1].mlp.act_fn = _NaNActivation()
+    with pytest.raises(st.CalibrationError, match=r"model\.layers\.1 returned NaN or inf"):
+        st.oneshot(model, config(algorithm="rtn", group_size=32), calibration(model), progress=False)
+
+
+def test_wrong_entry_point_and_empty_data_are_errors():
+    model = TINY_MODELS["llama"]()
+    with pytest.raises(st.ConfigError, match="call slimtorch.oneshot"):
+        st.quantize(model, config(), calib_dataloader=calibration(model))
+    with pytest.raises(st.ConfigError, match="weight_only_quantization: not enabled"):
+        st.oneshot(model, {"compression_inference": {"dynamic_quantization": {"enabled": True}}}, [],
+                   progress=False)
+    with pytest.raises(st.CalibrationError, match="yielded no batches"):
+        st.oneshot(model, config(), [], progress=False)
