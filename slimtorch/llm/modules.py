@@ -22,8 +22,9 @@ class WeightOnlyLinear(nn.Module):
     """A Linear whose weight is stored as ``bits``-bit integers with per-group scales (and zero points)."""
 
     def __init__(self, q: Tensor, scale: Tensor, zero: Tensor, bias: Optional[Tensor], grid: WeightGrid,
-                 g_idx: Optional[Tensor] = None):
+                 g_idx: Optional[Tensor] = None, source_op: str = "Linear"):
         super().__init__()
+        self.source_op = source_op  # "Linear" or "Conv1D" (GPT-2): what the layer was, for checkpoint writers
         self.out_features, self.in_features = q.shape
         self.bits, self.symmetric, self.group_size = grid.bits, grid.symmetric, grid.group_size
         self.register_buffer("weight_int", q.to(grid.storage_dtype))

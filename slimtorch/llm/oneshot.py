@@ -75,7 +75,7 @@ def oneshot(model: nn.Module, config: Any, calib_data: Iterable, *, inplace: boo
             quantized = _compress_block(block, plan[i], inputs, grid, section, where)
             for name, (q, scale, zero, g_idx) in quantized.items():
                 linear = plan[i][name]
-                _replace(block, name, WeightOnlyLinear(q, scale, zero, linear.bias, grid, g_idx))
+                _replace(block, name, WeightOnlyLinear(q, scale, zero, linear.bias, grid, g_idx, op_type(linear)))
                 report.quantized.append(QuantizedLayer(f"{where}.{name}", op_type(linear),
                                                        tuple(linear.weight.shape), _scheme_text(section)))
             hidden = _run(block, inputs, where)  # the next block's inputs come from the compressed block

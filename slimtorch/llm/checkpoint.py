@@ -1,0 +1,121 @@
+"""Save a model compressed by :func:`slimtorch.oneshot` as a Hugging Face directory in the compressed-tensors format,
+which transformers (with the ``compressed-tensors`` package installed) and vLLM load.
+
+What is written, per quantized Linear (the ``pack-quantized`` format, packed by the ``compressed-tensors`` library):
+
+| tensor              | dtype / shape                            | holds                                              |
+|---------------------|------------------------------------------|----------------------------------------------------|
+| ``weight_packed``   | int32 [out, in * bits / 32]              | the integers, ``32 / bits`` per int32              |
+| ``weight_scale``    | float32 [out, groups]                    | one scale per (output row, group)                  |
+| ``weight_shape``    | int64 [2]                                | ``[out, in]``                                      |
+
+Every other tensor (embeddings, norms, lm_head, biases) is written as the model holds it, and ``config.json`` gains a
+``quantization_config`` (``quant_method: "compressed-tensors"``) built with the library's own pydantic models: one
+config group targeting ``Linear``, the Linears left float listed in ``ignore``.
+
+compressed-tensors stores signed integers (int4 in [-8, 7]); slimtorch's symmetric grid is the same grid, so the
+integers are written unchanged and the loaded model computes exactly what the slimtorch model computes.
+
+Not written (each an error that says so): asymmetric grids (compressed-tensors 0.20 packs their zero points on save,
+but transformers 5.25 expects them unpacked on load and refuses the checkpoint), GPT-2's Conv1D layers
+(compressed-tensors compresses ``nn.Linear`` only), and column permutations (``weight_g_idx``).
+
+Memory: the model's tensors are referenced, not copied; the packed integers add ``bits / 32`` of an int32 per weight.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Dict, List, Union
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError, UnsupportedModelError
+from .modules import WeightOnlyLinear
+
+#: the tensors of WeightOnlyLinear that compressed-tensors' tensors replace
+_SLIMTORCH_TENSORS = ("weight_int", "weight_scale", "weight_zero", "weight_g_idx")
+
+
+def save_compressed(model: nn.Module, directory: Union[str, Path]) -> Path:
+    """Write ``model`` (a transformers model returned by :func:`slimtorch.oneshot`) to ``directory`` with
+    ``save_pretrained``, its quantized Linears in compressed-tensors' ``pack-quantized`` format; returns the path.
+
+    ``AutoModelForCausalLM.from_pretrained(directory)`` loads it back where ``compressed-tensors`` is installed.
+    The model is not changed.
+    """
+    try:
+        import compressed_tensors
+        from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+    except ImportError:
+        raise ConfigError("save_compressed needs the compressed-tensors package: pip install compressed-tensors") \
+            from None
+    if not (hasattr(model, "save_pretrained") and hasattr(model, "config")):
+        raise ConfigError(f"save_compressed writes a transformers model (with save_pretrained and a config); got "
+                          f"{type(model).__name__}")
+    quantized = {name: m for name, m in model.named_modules() if isinstance(m, WeightOnlyLinear)}
+    if not quantized:
+        raise ConfigError(f"{type(model).__name__} holds no weight-only quantized layer; compress it with "
+                          "slimtorch.oneshot first (model.save_pretrained saves a float model)")
+    scheme = _one_scheme(quantized)
+    _check_writable(model, quantized)
+
+    state = {}
+    for key, tensor in model.state_dict().items():
+        module, _, leaf = key.rpartition(".")
+        if module in quantized and leaf in _SLIMTORCH_TENSORS:
+            continue
+        state[key] = tensor
+    for name, layer in quantized.items():
+        state[f"{name}.weight_packed"] = pack_to_int32(layer.weight_int.to(torch.int8), layer.bits)
+        state[f"{name}.weight_scale"] = layer.weight_scale
+        state[f"{name}.weight_shape"] = torch.tensor([layer.out_features, layer.in_features])
+
+    directory = Path(directory)
+    model.save_pretrained(directory, state_dict=state)
+    config_path = directory / "config.json"
+    config = json.loads(config_path.read_text())
+    config["quantization_config"] = _quantization_config(model, quantized, scheme, compressed_tensors.__version__)
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
+    return directory
+
+
+def _one_scheme(quantized: Dict[str, WeightOnlyLinear]):
+    schemes = {(m.bits, m.symmetric, m.group_size) for m in quantized.values()}
+    if len(schemes) > 1:
+        raise ConfigError(f"the model mixes weight schemes {sorted(schemes, key=str)} (bits, symmetric, group); "
+                          "save_compressed writes one config group: compress the model with one scheme")
+    return schemes.pop()
+
+
+def _check_writable(model: nn.Module, quantized: Dict[str, WeightOnlyLinear]) -> None:
+    first, layer = next(iter(quantized.items()))
+    if not layer.symmetric:
+        raise ConfigError(
+            f"{first}: asymmetric weights cannot be saved in the compressed-tensors format yet: compressed-tensors "
+            "0.20 packs their zero points on save and transformers 5.25 refuses them on load; quantize with "
+            "symmetric: true, or keep the model in memory")
+    permuted = [name for name, m in quantized.items() if m.weight_g_idx is not None]
+    if permuted:
+        raise ConfigError(f"{permuted[0]} holds a column permutation (weight_g_idx); save_compressed writes groups of "
+                          "consecutive columns only")
+    conv1d = [name for name, m in quantized.items() if m.source_op == "Conv1D"]
+    if conv1d:
+        raise UnsupportedModelError(
+            f"{conv1d[0]} was a transformers Conv1D (GPT-2 style, weight stored [in, out]); compressed-tensors "
+            f"saves nn.Linear only, so {type(model).__name__} cannot be written in its format")
+
+
+def _quantization_config(model: nn.Module, quantized: Dict[str, WeightOnlyLinear], scheme, version: str) -> dict:
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
+
+    bits, symmetric, group_size = scheme
+    weights = QuantizationArgs(num_bits=bits, type="int", symmetric=symmetric,
+                               strategy="channel" if group_size is None else "group", group_size=group_size)
+    ignore: List[str] = [name for name, m in model.named_modules()
+                         if isinstance(m, nn.Linear) and name not in quantized]
+    config = QuantizationConfig(config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights)},
+                                format="pack-quantized", quantization_status="compressed", ignore=ignore)
+    return {"version": version, "quant_method": "compressed-tensors", "sparsity_config": {}, "transform_config": {},
+            **config.model_dump(exclude={"quant_method"})}

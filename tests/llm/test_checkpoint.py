@@ -1,0 +1,67 @@
+"""save_compressed: the compressed-tensors directory loads in transformers and computes exactly what the slimtorch
+model computes; what cannot be written is a clear error."""
+import json
+
+import pytest
+import torch
+
+import slimtorch as st
+
+from .tiny_models import TINY_MODELS, random_tokens
+
+pytest.importorskip("compressed_tensors")
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def compress(arch, **section):
+    model = TINY_MODELS[arch]()
+    calib = [random_tokens(model.config.vocab_size, 2, 32, seed) for seed in range(4)]
+    cfg = {"compression_inference": {"weight_only_quantization": {"enabled": True, "algorithm": "rtn",
+                                                                  "group_size": 32, **section}}}
+    return model, st.oneshot(model, cfg, calib, progress=False)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma3"])
+@pytest.mark.parametrize("bits,group_size", [(4, 32), (4, -1), (8, 64)])
+def test_transformers_loads_what_slimtorch_computes(arch, bits, group_size, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    _, q_model = compress(arch, bits=bits, group_size=group_size)
+    st.save_compressed(q_model, tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ids = random_tokens(q_model.config.vocab_size, 2, 24, seed=99)
+    with torch.no_grad():
+        expected, got = q_model(input_ids=ids).logits, loaded(input_ids=ids).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+    config = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    weights = config["config_groups"]["group_0"]["weights"]
+    assert config["quant_method"] == "compressed-tensors" and config["format"] == "pack-quantized"
+    assert (weights["num_bits"], weights["symmetric"]) == (bits, True)
+    assert weights["strategy"] == ("channel" if group_size == -1 else "group")
+    assert "lm_head" in config["ignore"]
+
+
+def test_int4_weights_are_packed_eight_to_an_int32(tmp_path):
+    from safetensors.torch import load_file
+
+    _, q_model = compress("llama", bits=4, group_size=32)
+    st.save_compressed(q_model, tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    packed = tensors["model.layers.0.mlp.down_proj.weight_packed"]
+    assert packed.dtype == torch.int32 and tuple(packed.shape) == (128, 256 // 8)
+    assert tuple(tensors["model.layers.0.mlp.down_proj.weight_scale"].shape) == (128, 256 // 32)
+    assert "model.layers.0.mlp.down_proj.weight" not in tensors
+
+
+def test_what_cannot_be_written_is_an_error(tmp_path):
+    _, asymmetric = compress("llama", symmetric=False)
+    with pytest.raises(st.ConfigError, match="asymmetric weights cannot be saved.*symmetric: true"):
+        st.save_compressed(asymmetric, tmp_path / "a")
+    _, gpt2 = compress("gpt2")
+    with pytest.raises(st.UnsupportedModelError, match=r"transformer\.h\.0\..*Conv1D.*nn\.Linear only"):
+        st.save_compressed(gpt2, tmp_path / "b")
+    float_model, _ = compress("llama")
+    with pytest.raises(st.ConfigError, match="no weight-only quantized layer.*oneshot first"):
+        st.save_compressed(float_model, tmp_path / "c")
+    assert not any((tmp_path / d).exists() for d in "abc")  # nothing half-written
