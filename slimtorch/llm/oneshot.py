@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from ..batches import first_tensor, model_device
+from ..batches import model_device
 from ..config import load_config
 from ..config.quant_schema import WeightOnlyQuantization
 from ..errors import CalibrationError, ConfigError
@@ -33,6 +33,7 @@ from ..quantization.selection import excluded_by
 from .blocks import BlockInput, block_output, capture_block_inputs, find_blocks
 from .gptq import HessianAccumulator, gptq_quantize
 from .grid import WeightGrid, check_group_size, quantize_rtn
+from .hessians import BlockHessians
 from .modules import WeightOnlyLinear
 
 SECTION_PATH = "compression_inference.weight_only_quantization"
@@ -115,24 +116,15 @@ ALGORITHMS: Dict[str, Tuple[bool, Callable[..., Quantized]]] = {"rtn": (False, _
 def _compress_block(block: nn.Module, linears: Dict[str, nn.Module], inputs: List[BlockInput], grid: WeightGrid,
                     section: WeightOnlyQuantization, where: str) -> Dict[str, Quantized]:
     needs_hessian, quantize_one = ALGORITHMS[section.algorithm]
-    hessians: Dict[str, HessianAccumulator] = {}
-    if needs_hessian:
-        hessians = {n: HessianAccumulator(where=f"{where}.{n}") for n in linears}
-
-        def accumulate(name: str):
-            def hook(module, args, kwargs):
-                x = first_tensor(args, kwargs)
-                if x is not None:
-                    hessians[name].add(x.detach())
-            return hook
-
-        with hooks_attached(pre=[(m, accumulate(n)) for n, m in linears.items()], with_kwargs=True):
+    hessians = BlockHessians(where) if needs_hessian else None
+    if hessians is not None:
+        with hooks_attached(pre=[(m, hessians.hook(n)) for n, m in linears.items()], with_kwargs=True):
             _run(block, inputs, where)
     out = {}
     with torch.no_grad():
         for name, linear in linears.items():
-            out[name] = quantize_one(linear, hessians.get(name), grid, section, f"{where}.{name}")
-            hessians.pop(name, None)  # one Hessian less held while the next Linear is quantized
+            hessian = hessians.take(name) if hessians is not None else None
+            out[name] = quantize_one(linear, hessian, grid, section, f"{where}.{name}")
     return out
 
 

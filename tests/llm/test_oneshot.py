@@ -165,3 +165,34 @@ def test_wrong_entry_point_and_empty_data_are_errors():
                    progress=False)
     with pytest.raises(st.CalibrationError, match="yielded no batches"):
         st.oneshot(model, config(), [], progress=False)
+
+
+def test_linears_reading_one_input_share_one_hessian():
+    from slimtorch.llm.blocks import capture_block_inputs
+    from slimtorch.llm.gptq import HessianAccumulator
+    from slimtorch.llm.hessians import BlockHessians
+    from slimtorch.quantization.passes import hooks_attached
+
+    model = TINY_MODELS["llama"]()
+    path, blocks = find_blocks(model)
+    captured = capture_block_inputs(model, blocks, calibration(model), where=path)
+    block = blocks[0]
+    linears = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
+    hessians = BlockHessians(f"{path}.0")
+    separate = {n: HessianAccumulator() for n in linears}
+
+    def own(name):
+        return lambda module, args: separate[name].add(args[0])
+
+    with hooks_attached(pre=[(m, hessians.hook(n)) for n, m in linears.items()], with_kwargs=True), \
+            hooks_attached(pre=[(m, own(n)) for n, m in linears.items()]), torch.no_grad():
+        for call in captured.inputs_of(0, captured.hidden):
+            block(*call.args, **call.kwargs)
+    assert sorted(map(sorted, hessians.shared().values())) == [
+        ["mlp.down_proj"], ["mlp.gate_proj", "mlp.up_proj"],
+        ["self_attn.k_proj", "self_attn.q_proj", "self_attn.v_proj"], ["self_attn.o_proj"]]
+    for name in linears:
+        taken = hessians.take(name)
+        assert taken.tokens == separate[name].tokens == 4 * 2 * 32
+        torch.testing.assert_close(taken.hessian, separate[name].hessian, rtol=0, atol=0)
+    assert not hessians.shared()  # every Hessian freed once taken
