@@ -103,7 +103,7 @@ def _gptq(linear: nn.Module, hessian: Optional[HessianAccumulator], grid: Weight
           section: WeightOnlyQuantization, where: str) -> Quantized:
     s = section.gptq
     r = gptq_quantize(linear_weight(linear), hessian.hessian, grid, dampening=s.dampening,
-                      block_size=s.block_size, act_order=s.act_order, static_groups=s.act_order, where=where,
+                      block_size=s.block_size, act_order=s.act_order, static_groups=s.static_groups, where=where,
                       tokens=hessian.tokens)
     return r.q, r.scale, r.zero, r.g_idx
 
