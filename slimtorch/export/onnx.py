@@ -48,11 +48,12 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
     if opset < 13:
         raise ExportError(f"opset {opset} is too old: per-channel DequantizeLinear needs opset >= 13 (default 17)")
     args, kwargs, names = _normalise_inputs(model, example_inputs, input_names)
+    constants = _cache_off(model, kwargs)
     path = os.fspath(path)
     with preserved_modes(model, "eval"):  # exported in eval mode; every submodule's mode restored after
         with torch.no_grad():
             try:
-                expected = model(*args, **kwargs)
+                expected = model(*args, **kwargs, **constants)
             except Exception as e:
                 raise ExportError(f"{type(model).__name__} cannot run on example_inputs {describe(example_inputs)}: "
                                   f"{type(e).__name__}: {e}") from e
@@ -61,14 +62,15 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
             try:
-                target, flat = (_KeywordAdapter(model, list(kwargs)), tuple(kwargs.values())) if kwargs else \
-                    (model, tuple(args))
+                target = _Adapter(model, len(args), list(kwargs), constants)
+                flat = tuple(args) + tuple(kwargs.values())
                 torch.onnx.export(target, flat, path, dynamo=False,
                                   opset_version=opset, input_names=names, output_names=out_names,
                                   dynamic_axes=axes, do_constant_folding=True)
             except Exception as e:
                 raise ExportError(f"torch.onnx.export failed for {type(model).__name__} with inputs "
-                                  f"{describe(example_inputs)}: {type(e).__name__}: {e}") from e
+                                  f"{describe(example_inputs)}: {type(e).__name__}: {e}"
+                                  f"{_mask_hint(model, kwargs)}") from e
     quantized = any(isinstance(m, QDQModule) for m in model.modules())
     if quantized:
         _share_identical_qdq(onnx, path)
@@ -112,15 +114,36 @@ def verify_onnx(path: str, quantized: bool, args, kwargs, names, expected, *, on
                               "not compute what the model does. Report this with the model and inputs.")
 
 
-class _KeywordAdapter(nn.Module):
-    """Positional graph inputs -> the model's keyword arguments (the TorchScript exporter traces positionally)."""
+class _Adapter(nn.Module):
+    """Positional graph inputs -> the model's positional and keyword arguments, plus constant keywords that are not
+    graph inputs (``use_cache=False``); the TorchScript exporter traces positionally."""
 
-    def __init__(self, model: nn.Module, names: List[str]):
+    def __init__(self, model: nn.Module, positional: int, names: List[str], constants: Dict[str, Any]):
         super().__init__()
-        self.model, self.names = model, names
+        self.model, self.positional, self.names, self.constants = model, positional, names, constants
 
     def forward(self, *values):
-        return self.model(**dict(zip(self.names, values)))
+        args, keywords = values[:self.positional], values[self.positional:]
+        return self.model(*args, **dict(zip(self.names, keywords)), **self.constants)
+
+
+def _mask_hint(model: nn.Module, kwargs: Dict[str, Tensor]) -> str:
+    """A causal LM exported without an attention mask makes transformers build one with ops the exporter lacks
+    (aten::diff, in its packed-sequence check); passing the mask as an input avoids them."""
+    if not _cache_off(model, kwargs) or "attention_mask" in kwargs:
+        return ""
+    return (". A transformers causal LM exports with its attention mask as an input: pass example_inputs="
+            "{'input_ids': ids, 'attention_mask': torch.ones_like(ids)}")
+
+
+def _cache_off(model: nn.Module, kwargs: Dict[str, Tensor]) -> Dict[str, Any]:
+    """``{"use_cache": False}`` for a model whose forward takes ``use_cache`` (a transformers causal LM), so that it
+    returns no KV-cache object, which an ONNX graph cannot carry; {} otherwise."""
+    try:
+        takes = "use_cache" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        takes = False
+    return {"use_cache": False} if takes and "use_cache" not in kwargs else {}
 
 
 def _share_identical_qdq(onnx, path: str) -> None:
