@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Union
+from typing import List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -135,6 +135,36 @@ class GPTQResult:
     error: float
 
 
+def prepared_hessian(hessian: Tensor, device: torch.device, where: str = "") -> Tuple[Tensor, Tensor]:
+    """``(H, dead)``: a float32 copy of ``hessian`` on ``device`` with ``H_ii = 1`` for every dead input (one that
+    never fired: nothing to compensate with it, and its weight does not matter: the caller zeroes it), and the
+    indices of those inputs. CalibrationError when every input is dead."""
+    H = hessian.detach().to(device=device, dtype=torch.float32, copy=True)
+    dead = torch.nonzero(H.diagonal() == 0).squeeze(1)
+    if dead.numel() == H.shape[0]:
+        raise CalibrationError(f"{where or 'a Linear'}: its Hessian is all zeros: no calibration token (or only zero "
+                               "inputs) reached it; check that the calibration data runs through this Linear")
+    H[dead, dead] = 1.0
+    return H, dead
+
+
+def upper_inverse_factor(H: Tensor, dampening: float, where: str = "") -> Tensor:
+    """``U = cholesky((H + dampening * mean(diag H) * I)^-1, upper)``, the factor GPTQ and SparseGPT walk along.
+    Dampens ``H`` in place; each [in, in] intermediate is dropped as soon as the next exists (two at a time)."""
+    damp = dampening * float(H.diagonal().mean())
+    H.diagonal().add_(damp)
+    lower, info = torch.linalg.cholesky_ex(H)
+    if int(info) != 0:
+        raise _not_positive_definite(where, H.shape[0], dampening, damp)
+    inverse = torch.cholesky_inverse(lower)
+    del lower
+    U, info = torch.linalg.cholesky_ex(inverse, upper=True)
+    del inverse
+    if int(info) != 0 or not bool(torch.isfinite(U).all()):
+        raise _not_positive_definite(where, H.shape[0], dampening, damp)
+    return U
+
+
 def _check_finite(tensor: Tensor, what: str, where: str) -> None:
     finite = torch.isfinite(tensor)
     if not bool(finite.all()):
@@ -190,12 +220,7 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, grid: WeightGrid, *, dampenin
 
     device = weight.device
     W = weight.detach().to(dtype=torch.float32, copy=True)
-    H = hessian.detach().to(device=device, dtype=torch.float32, copy=True)
-    dead = torch.nonzero(H.diagonal() == 0).squeeze(1)
-    if dead.numel() == in_features:
-        raise CalibrationError(f"{name}: its Hessian is all zeros: no calibration token (or only zero inputs) "
-                               f"reached it; check that the calibration data runs through this Linear")
-    H[dead, dead] = 1.0  # an input that never fired: nothing to compensate with it, and its weight does not matter
+    H, dead = prepared_hessian(hessian, device, where)
     W[:, dead] = 0.0
     keep = (W != 0).to(torch.float32) if preserve_zeros else None
 
@@ -218,19 +243,8 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, grid: WeightGrid, *, dampenin
     position_group: List[int] = ((perm // size).tolist() if (act_order and not dynamic) else
                                  [p // size for p in range(in_features)])
 
-    damp = dampening * float(H.diagonal().mean())
-    H.diagonal().add_(damp)
-    # U = cholesky(H^-1, upper); each [in, in] intermediate is dropped as soon as the next exists (two at a time)
-    lower, info = torch.linalg.cholesky_ex(H)
+    U = upper_inverse_factor(H, dampening, where)
     del H
-    if int(info) != 0:
-        raise _not_positive_definite(where, in_features, dampening, damp)
-    inverse = torch.cholesky_inverse(lower)
-    del lower
-    U, info = torch.linalg.cholesky_ex(inverse, upper=True)
-    del inverse
-    if int(info) != 0 or not bool(torch.isfinite(U).all()):
-        raise _not_positive_definite(where, in_features, dampening, damp)
 
     Q = torch.empty_like(W)  # the integers, in processing order
     squared_errors = torch.zeros(out_features, dtype=torch.float32, device=device)

@@ -1,0 +1,124 @@
+r"""One-shot pruning of a Linear from its calibration inputs: SparseGPT, Wanda and magnitude. Pure functions.
+
+Every function takes ``weight [out, in]`` and returns the pruned weight (float32, same shape) with exact zeros, and
+reads the sparsity as either
+
+* ``NMPattern(n, m)``: keep ``n`` of every ``m`` consecutive input weights of each row ("2:4" keeps 2 of 4, as
+  everywhere in slimtorch), or
+* an unstructured ``sparsity`` in [0, 1): that fraction of each row's weights is zeroed (``floor(sparsity * in)``
+  per row, so every row ends with the same count; SparseGPT: ``floor(sparsity * columns)`` per row in each block of
+  ``block_size`` columns).
+
+Scores (lowest pruned), all compared within a row (or within each group of ``m`` for N:M):
+
+| method    | score of weight (i, j)              | weights changed afterwards                                   |
+|-----------|-------------------------------------|--------------------------------------------------------------|
+| magnitude | ``|W_ij|``                          | no                                                           |
+| wanda     | ``|W_ij| * ||X_j||_2``             | no (Sun et al. 2023; ``||X_j||^2`` is ``n/2 * H_jj``)        |
+| sparsegpt | ``W_ij^2 / [H^-1]_jj^2`` (OBS)      | yes: each pruned column's error is pushed onto the columns   |
+|           |                                     | not yet visited, as GPTQ does (Frantar & Alistarh 2023)      |
+
+SparseGPT chooses its unstructured mask block by block (``block_size`` columns at a time, from the weights as
+updated so far: the paper's adaptive mask selection; the reference ranks a block over all its rows at once, we rank
+within each row so that every row keeps the same fraction, as Wanda does); with N:M it chooses each group of ``m``
+when its first column is reached. Dampening, dead inputs and the
+Cholesky factor are GPTQ's (slimtorch.llm.gptq); the Hessian is not modified.
+"""
+from __future__ import annotations
+
+import math
+from typing import Union
+
+import torch
+from torch import Tensor
+
+from ..config.patterns import NMPattern
+from ..errors import CalibrationError, ConfigError
+from .gptq import prepared_hessian, upper_inverse_factor
+
+Sparsity = Union[NMPattern, float]
+
+
+def check_sparsity(target: Sparsity, in_features: int, where: str = "") -> None:
+    """ConfigError unless ``target`` is an N:M pattern whose ``m`` divides ``in_features`` or a fraction in [0, 1)."""
+    name = where or "a Linear"
+    if isinstance(target, NMPattern):
+        if in_features % target.m:
+            raise ConfigError(f"{name}: in_features {in_features} is not a multiple of {target.m}, so the N:M pattern "
+                              f"'{target}' cannot cover its rows; exclude the layer or pick an m that divides it")
+        return
+    if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0.0 <= float(target) < 1.0:
+        raise ConfigError(f"{name}: sparsity must be an N:M pattern or a fraction in [0, 1), got {target!r}")
+
+
+def _pruned_per_row(target: float, in_features: int) -> int:
+    return int(math.floor(float(target) * in_features + 1e-9))
+
+
+def _mask_lowest(scores: Tensor, target: Sparsity) -> Tensor:
+    """True where a weight is pruned: the lowest scores of each row (or of each row's groups of m)."""
+    out_features, in_features = scores.shape
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    if isinstance(target, NMPattern):
+        groups = scores.reshape(out_features, in_features // target.m, target.m)
+        lowest = torch.topk(groups, target.m - target.n, dim=2, largest=False).indices
+        return mask.reshape(groups.shape).scatter_(2, lowest, True).reshape(out_features, in_features)
+    k = _pruned_per_row(target, in_features)
+    if k:
+        mask.scatter_(1, torch.topk(scores, k, dim=1, largest=False).indices, True)
+    return mask
+
+
+def magnitude_prune(weight: Tensor, target: Sparsity, *, where: str = "") -> Tensor:
+    """Zero the smallest ``|W|`` of each row (or of each group of m)."""
+    check_sparsity(target, weight.shape[1], where)
+    w = weight.detach().to(torch.float32)
+    return w.masked_fill(_mask_lowest(w.abs(), target), 0.0)
+
+
+def wanda_prune(weight: Tensor, hessian: Tensor, target: Sparsity, *, where: str = "") -> Tensor:
+    """Zero the smallest ``|W_ij| * ||X_j||`` of each row (or group of m); ``||X_j||`` from ``diag(hessian)``."""
+    check_sparsity(target, weight.shape[1], where)
+    w = weight.detach().to(torch.float32)
+    norms = hessian.detach().diagonal().to(device=w.device, dtype=torch.float32).clamp_min(0).sqrt()
+    return w.masked_fill(_mask_lowest(w.abs() * norms, target), 0.0)
+
+
+def sparsegpt_prune(weight: Tensor, hessian: Tensor, target: Sparsity, *, dampening: float = 0.01,
+                    block_size: int = 128, where: str = "") -> Tensor:
+    """SparseGPT: prune by the OBS score and update the remaining weights to compensate (module docstring)."""
+    in_features = weight.shape[1]
+    check_sparsity(target, in_features, where)
+    if isinstance(target, NMPattern) and block_size % target.m:
+        raise ConfigError(f"{where or 'a Linear'}: block_size {block_size} must be a multiple of the pattern's m "
+                          f"({target.m}) so that no group of m straddles two blocks")
+    W = weight.detach().to(torch.float32, copy=True)
+    H, dead = prepared_hessian(hessian, W.device, where)
+    W[:, dead] = 0.0
+    U = upper_inverse_factor(H, dampening, where)
+    del H
+    for i1 in range(0, in_features, block_size):
+        i2 = min(i1 + block_size, in_features)
+        W1 = W[:, i1:i2].clone()
+        U1 = U[i1:i2, i1:i2]
+        d = U1.diagonal()
+        errors = torch.zeros_like(W1)
+        mask = torch.zeros_like(W1, dtype=torch.bool)
+        if not isinstance(target, NMPattern):  # the block's mask at once, from its weights as updated so far
+            mask = _mask_lowest(W1 ** 2 / d ** 2, target)
+        for i in range(i2 - i1):
+            if isinstance(target, NMPattern) and i % target.m == 0:
+                group = slice(i, i + target.m)
+                mask[:, group] = _mask_lowest(W1[:, group] ** 2 / d[group] ** 2, target)
+            w = W1[:, i]
+            q = w.masked_fill(mask[:, i], 0.0)
+            e = (w - q) / U1[i, i]
+            W1[:, i:] -= torch.outer(e, U1[i, i:])
+            W1[:, i] = q  # exactly q (the update leaves w - e * U_ii = q up to rounding): pruned weights exactly 0
+            errors[:, i] = e
+        W[:, i1:i2] = W1
+        if i2 < in_features:
+            W[:, i2:] -= errors @ U[i1:i2, i2:]
+    if not bool(torch.isfinite(W).all()):
+        raise CalibrationError(f"{where or 'a Linear'}: SparseGPT produced NaN or inf weights; raise dampening")
+    return W
