@@ -1,4 +1,5 @@
-"""Typed config of ``compression_inference``: static and dynamic post-training quantization.
+"""Typed config of ``compression_inference``: static and dynamic post-training quantization, and the decoder-LLM
+sections of ``slimtorch.oneshot`` (weight-only quantization, one-shot pruning).
 
 Key names follow docs/conventions.md; every key has a documented default, so ``{"enabled": true}`` is a whole section.
 """
@@ -9,6 +10,7 @@ from typing import List, Literal, Optional, Union
 from pydantic import Field, field_validator, model_validator
 
 from .base import PathValueError, StrictModel, check_regexes
+from .patterns import NMPattern, parse_pattern
 
 OpType = Literal["Linear", "Conv1d", "Conv2d", "Conv1D"]
 ALL_OP_TYPES: List[str] = ["Linear", "Conv1d", "Conv2d", "Conv1D"]
@@ -135,21 +137,31 @@ class GPTQSettings(StrictModel):
     static_groups: bool = True
 
 
-class WeightOnlyQuantization(StrictModel):
+class _OneShotSection(StrictModel):
+    """What the sections of ``slimtorch.oneshot`` share: the layers left alone and where the blocks are."""
+
+    enabled: bool = False
+    excluded_modules: List[str] = Field(default_factory=list)  # regexes on full module names, left float
+    blocks: Optional[str] = None  # dotted path of the ModuleList of repeated blocks; None: found automatically
+
+    @field_validator("excluded_modules")
+    @classmethod
+    def _valid_regexes(cls, value):
+        return check_regexes(value)
+
+
+class WeightOnlyQuantization(_OneShotSection):
     """Weight-only int4/int8 for decoder LLMs, block by block (``slimtorch.oneshot``); activations stay float.
 
     Only the Linears inside the repeated blocks are quantized (embeddings, final norm and lm_head stay float);
     ``group_size`` -1 is one scale per output channel. See docs/llm.md.
     """
 
-    enabled: bool = False
     bits: Literal[4, 8] = 4
     symmetric: bool = True
     group_size: int = 128
     algorithm: Literal["rtn", "gptq"] = "gptq"
     gptq: GPTQSettings = Field(default_factory=GPTQSettings)
-    excluded_modules: List[str] = Field(default_factory=list)
-    blocks: Optional[str] = None  # dotted path of the ModuleList of repeated blocks; None: found automatically
 
     @field_validator("group_size")
     @classmethod
@@ -159,16 +171,49 @@ class WeightOnlyQuantization(StrictModel):
                              f"scale per output channel; got {value}")
         return value
 
-    @field_validator("excluded_modules")
+
+class SparseGPTSettings(StrictModel):
+    dampening: float = Field(default=0.01, gt=0.0, le=1.0)  # as GPTQ's: a fraction of mean(diag H) added to it
+    block_size: int = Field(default=128, ge=1)  # columns whose unstructured mask is chosen together
+
+
+class OneShotPruning(_OneShotSection):
+    """Pruning without training for decoder LLMs, block by block (``slimtorch.oneshot``), alone or before
+    ``weight_only_quantization`` (pruned zeros stay zeros). See docs/llm.md.
+
+    The sparsity is an N:M ``pattern`` ("2:4" keeps 2 of every 4 consecutive input weights, as in ``sparse_pruning``)
+    or an unstructured ``dense_ratio`` (the fraction of each row's weights kept).
+    """
+
+    method: Literal["sparsegpt", "wanda", "magnitude"] = "sparsegpt"
+    pattern: Optional[str] = None
+    dense_ratio: Optional[float] = Field(default=None, gt=0.0, le=1.0)
+    sparsegpt: SparseGPTSettings = Field(default_factory=SparseGPTSettings)
+
+    @field_validator("pattern")
     @classmethod
-    def _valid_regexes(cls, value):
-        return check_regexes(value)
+    def _n_m_only(cls, value):
+        if value is None:
+            return value
+        if not isinstance(parse_pattern(value), NMPattern):
+            raise ValueError(f"one-shot pruning takes an N:M pattern such as '2:4' or '4:8', or no pattern and a "
+                             f"dense_ratio for unstructured sparsity; got '{value}' (block patterns are for "
+                             "training-time pruning, compression_training.sparse_pruning)")
+        return value
+
+    @model_validator(mode="after")
+    def _one_sparsity(self):
+        if self.enabled and (self.pattern is None) == (self.dense_ratio is None):
+            raise PathValueError("pattern", "give the sparsity as an N:M pattern (e.g. \"2:4\") or as an unstructured "
+                                 "dense_ratio (e.g. 0.5), exactly one of them")
+        return self
 
 
 class CompressionInference(StrictModel):
     static_quantization: Optional[StaticQuantization] = None
     dynamic_quantization: Optional[DynamicQuantization] = None
     weight_only_quantization: Optional[WeightOnlyQuantization] = None
+    oneshot_pruning: Optional[OneShotPruning] = None
 
     @model_validator(mode="after")
     def _one_mode(self):
@@ -181,7 +226,21 @@ class CompressionInference(StrictModel):
             raise PathValueError("weight_only_quantization.enabled", "weight_only_quantization and "
                                  "static/dynamic_quantization are both enabled; enable one of them (W8A8 with GPTQ "
                                  "weights is not available in this slimtorch version)")
+        if self.pruning is not None and self.active is not None:
+            raise PathValueError("oneshot_pruning.enabled", "oneshot_pruning runs in slimtorch.oneshot, "
+                                 "static/dynamic_quantization in slimtorch.quantize; enable one of them, or prune "
+                                 "with oneshot and quantize the result with quantize()")
+        blocks = {s.blocks for s in (self.weight_only, self.pruning) if s is not None and s.blocks is not None}
+        if len(blocks) > 1:
+            raise PathValueError("oneshot_pruning.blocks", f"weight_only_quantization and oneshot_pruning name "
+                                 f"different blocks ({sorted(blocks)}); they run in one pass over the same blocks")
         return self
+
+    @property
+    def pruning(self) -> Optional[OneShotPruning]:
+        """The one-shot pruning section when it is enabled, else None."""
+        section = self.oneshot_pruning
+        return section if section is not None and section.enabled else None
 
     @property
     def weight_only(self) -> Optional[WeightOnlyQuantization]:

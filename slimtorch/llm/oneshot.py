@@ -1,4 +1,6 @@
-"""``slimtorch.oneshot``: compress a decoder LLM block by block, on calibration text, without training.
+"""``slimtorch.oneshot``: compress a decoder LLM block by block, on calibration text, without training: prune
+(``oneshot_pruning``), quantize the weights (``weight_only_quantization``), or both (recipe.py says what each
+Linear gets).
 
 1. find the repeated blocks and capture what the first one receives for every calibration batch (blocks.py);
 2. for each block in turn: move it to the compute device; run it on its inputs with a hook on every target Linear
@@ -17,50 +19,45 @@ from __future__ import annotations
 import copy
 import re
 import time
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, List, Union
 
 import torch
 from torch import Tensor, nn
 
 from ..batches import model_device
 from ..config import load_config
-from ..config.quant_schema import WeightOnlyQuantization
 from ..errors import CalibrationError, ConfigError
 from ..quantization.passes import hooks_attached, preserved_modes, progress_bar
 from ..quantization.qdq import op_type
 from ..quantization.report import REPORT_ATTR, FloatLayer, QuantizationReport, QuantizedLayer
-from ..quantization.selection import excluded_by
 from .blocks import BlockInput, block_output, capture_block_inputs, find_blocks
-from .gptq import HessianAccumulator, gptq_quantize
-from .grid import WeightGrid, check_group_size, quantize_rtn
 from .hessians import BlockHessians
 from .modules import WeightOnlyLinear
+from .recipe import Recipe
 
-SECTION_PATH = "compression_inference.weight_only_quantization"
-Quantized = Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]  # (q, scale, zero, g_idx)
+SECTION_PATH = "compression_inference"
 
 
 def oneshot(model: nn.Module, config: Any, calib_data: Iterable, *, inplace: bool = False,
             device: Union[str, torch.device, None] = None, progress: bool = True) -> nn.Module:
-    """The model with the Linears of its repeated blocks quantized as the config's ``weight_only_quantization``
-    section says; ``model`` itself is left as it was unless ``inplace`` (then it is returned, changed).
+    """The model with the Linears of its repeated blocks pruned and/or weight-quantized as the config's
+    ``oneshot_pruning`` and ``weight_only_quantization`` sections say; ``model`` itself is left as it was unless
+    ``inplace`` (then it is returned, changed).
 
     ``calib_data``: an iterable of batches of token ids (``LongTensor [batch, tokens]``) or of dicts of model
     inputs (``input_ids``, ``attention_mask``); 128 samples of 512 to 2048 tokens is typical. ``device``: where each
     block is compressed (e.g. "cuda"); the model may stay on the CPU, and only one block visits the device at a
-    time. :func:`slimtorch.quantization_report` of the result lists every layer (mode "weight-only").
+    time. :func:`slimtorch.quantization_report` of the result lists every layer.
     """
     started = time.perf_counter()
-    section = _checked_section(model, config)
+    recipe = _checked_recipe(model, config)
     target = model if inplace else copy.deepcopy(model)
-    blocks_path, blocks = find_blocks(target, section.blocks, key=f"{SECTION_PATH}.blocks")
-    grid = WeightGrid(section.bits, section.symmetric, None if section.group_size == -1 else section.group_size)
-    report = QuantizationReport(mode="weight-only")
-    plan = [_targets(block, f"{blocks_path}.{i}", section, report) for i, block in enumerate(blocks)]
+    blocks_path, blocks = find_blocks(target, recipe.blocks, key=recipe.blocks_key)
+    report = QuantizationReport(mode=recipe.report_mode)
+    plan = [_targets(block, f"{blocks_path}.{i}", recipe, report) for i, block in enumerate(blocks)]
     for i, linears in enumerate(plan):  # every shape error before any work
         for name, linear in linears.items():
-            where = f"{SECTION_PATH}.group_size for {blocks_path}.{i}.{name}"
-            check_group_size(linear_weight(linear).shape[1], grid, where)
+            recipe.check_shapes(f"{blocks_path}.{i}.{name}", linear)
     report.left_float += _outside_blocks(target, blocks_path)
     compute = torch.device(device) if device is not None else model_device(target)
     captured = capture_block_inputs(target, blocks, calib_data, where=blocks_path, device=compute)
@@ -73,12 +70,7 @@ def oneshot(model: nn.Module, config: Any, calib_data: Iterable, *, inplace: boo
             home = model_device(block)
             block.to(compute)
             inputs = captured.inputs_of(i, hidden)
-            quantized = _compress_block(block, plan[i], inputs, grid, section, where)
-            for name, (q, scale, zero, g_idx) in quantized.items():
-                linear = plan[i][name]
-                _replace(block, name, WeightOnlyLinear(q, scale, zero, linear.bias, grid, g_idx, op_type(linear)))
-                report.quantized.append(QuantizedLayer(f"{where}.{name}", op_type(linear),
-                                                       tuple(linear.weight.shape), _scheme_text(section)))
+            _compress_block(block, plan[i], inputs, recipe, where, report)
             hidden = _run(block, inputs, where)  # the next block's inputs come from the compressed block
             del inputs
             block.to(home)
@@ -92,40 +84,23 @@ def oneshot(model: nn.Module, config: Any, calib_data: Iterable, *, inplace: boo
     return target
 
 
-# -- the algorithms -------------------------------------------------------------------------------------------
-def _rtn(linear: nn.Module, hessian: Optional[HessianAccumulator], grid: WeightGrid,
-         section: WeightOnlyQuantization, where: str) -> Quantized:
-    q, scale, zero = quantize_rtn(linear_weight(linear), grid)
-    return q, scale, zero, None
-
-
-def _gptq(linear: nn.Module, hessian: Optional[HessianAccumulator], grid: WeightGrid,
-          section: WeightOnlyQuantization, where: str) -> Quantized:
-    s = section.gptq
-    r = gptq_quantize(linear_weight(linear), hessian.hessian, grid, dampening=s.dampening,
-                      block_size=s.block_size, act_order=s.act_order, static_groups=s.static_groups, where=where,
-                      tokens=hessian.tokens)
-    return r.q, r.scale, r.zero, r.g_idx
-
-
-#: name -> (needs the inputs' Hessian, the function that quantizes one Linear)
-ALGORITHMS: Dict[str, Tuple[bool, Callable[..., Quantized]]] = {"rtn": (False, _rtn), "gptq": (True, _gptq)}
-
-
 # -- one block ------------------------------------------------------------------------------------------------
-def _compress_block(block: nn.Module, linears: Dict[str, nn.Module], inputs: List[BlockInput], grid: WeightGrid,
-                    section: WeightOnlyQuantization, where: str) -> Dict[str, Quantized]:
-    needs_hessian, quantize_one = ALGORITHMS[section.algorithm]
-    hessians = BlockHessians(where) if needs_hessian else None
+def _compress_block(block: nn.Module, linears: Dict[str, nn.Module], inputs: List[BlockInput], recipe: Recipe,
+                    where: str, report: QuantizationReport) -> None:
+    """Accumulate the Hessians the recipe needs (one pass over the block's inputs), then compress each Linear."""
+    hessians = BlockHessians(where) if recipe.needs_hessian else None
     if hessians is not None:
         with hooks_attached(pre=[(m, hessians.hook(n)) for n, m in linears.items()], with_kwargs=True):
             _run(block, inputs, where)
-    out = {}
     with torch.no_grad():
         for name, linear in linears.items():
+            full = f"{where}.{name}"
             hessian = hessians.take(name) if hessians is not None else None
-            out[name] = quantize_one(linear, hessian, grid, section, f"{where}.{name}")
-    return out
+            replacement = recipe.compress(full, linear, hessian)
+            if replacement is not None:
+                _replace(block, name, replacement)
+            report.quantized.append(QuantizedLayer(full, op_type(linear), tuple(linear.weight.shape),
+                                                   recipe.scheme(full)))
 
 
 def _run(block: nn.Module, inputs: List[BlockInput], where: str) -> List[Tensor]:
@@ -140,27 +115,19 @@ def _run(block: nn.Module, inputs: List[BlockInput], where: str) -> List[Tensor]
     return outputs
 
 
-# -- what is quantized ----------------------------------------------------------------------------------------
-def linear_weight(module: nn.Module) -> Tensor:
-    """A Linear's weight as [out, in] (transformers' Conv1D stores it as [in, out])."""
-    w = module.weight.detach()
-    return w.t() if op_type(module) == "Conv1D" else w
-
-
-def _targets(block: nn.Module, prefix: str, section: WeightOnlyQuantization,
-             report: QuantizationReport) -> Dict[str, nn.Module]:
-    """The block's Linear (and transformers Conv1D) layers by name inside the block, minus excluded_modules
-    (matched on full names); a subclass with its own forward() is left float, with the reason."""
+# -- what is compressed ---------------------------------------------------------------------------------------
+def _targets(block: nn.Module, prefix: str, recipe: Recipe, report: QuantizationReport) -> Dict[str, nn.Module]:
+    """The block's Linear (and transformers Conv1D) layers by name inside the block that some section compresses
+    (excluded_modules match full names); a subclass with its own forward() is left float, with the reason."""
     out = {}
     for name, module in block.named_modules():
         kind = op_type(module)
         if kind not in ("Linear", "Conv1D"):
             continue
         full = f"{prefix}.{name}"
-        hit = excluded_by(section.excluded_modules, full)
-        if hit is not None:
-            report.left_float.append(FloatLayer(full, kind, f"excluded_modules[{hit}] "
-                                                            f"({section.excluded_modules[hit]!r})"))
+        excluded = recipe.excluded(full)
+        if excluded is not None:
+            report.left_float.append(FloatLayer(full, kind, excluded))
         elif kind == "Linear" and type(module).forward is not nn.Linear.forward:
             report.left_float.append(FloatLayer(full, kind, f"{type(module).__name__} overrides forward()"))
         else:
@@ -174,27 +141,20 @@ def _outside_blocks(model: nn.Module, blocks_path: str) -> List[FloatLayer]:
             for n, m in model.named_modules() if op_type(m) in ("Linear", "Conv1D") and not inside.match(n)]
 
 
-def _checked_section(model: Any, config: Any) -> WeightOnlyQuantization:
+def _checked_recipe(model: Any, config: Any) -> Recipe:
     if not isinstance(model, nn.Module):
         raise ConfigError(f"oneshot() takes a torch.nn.Module, got {type(model).__name__}")
-    section = load_config(config).compression_inference.weight_only
-    if section is None:
-        raise ConfigError(f"{SECTION_PATH}: not enabled; oneshot() needs "
-                          '{"compression_inference": {"weight_only_quantization": {"enabled": true}}} in the config')
+    inference = load_config(config).compression_inference
+    if inference.weight_only is None and inference.pruning is None:
+        raise ConfigError(f"{SECTION_PATH}: neither weight_only_quantization nor oneshot_pruning is enabled; "
+                          'oneshot() needs e.g. {"compression_inference": {"weight_only_quantization": '
+                          '{"enabled": true}}} in the config')
     if any(isinstance(m, WeightOnlyLinear) for m in model.modules()):
         raise ConfigError(f"{type(model).__name__} already holds weight-only quantized layers; compress the float "
                           "model")
-    return section
+    return Recipe(quantization=inference.weight_only, pruning=inference.pruning)
 
 
 def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, child, new)
-
-
-def _scheme_text(section: WeightOnlyQuantization) -> str:
-    group = "per channel" if section.group_size == -1 else f"group {section.group_size}"
-    return (f"w int{section.bits} {'symmetric' if section.symmetric else 'asymmetric'} {group} "
-            f"({section.algorithm}), a float")
-
-

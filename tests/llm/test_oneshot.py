@@ -10,7 +10,7 @@ import slimtorch as st
 from slimtorch.llm.blocks import capture_block_inputs, find_blocks
 from slimtorch.llm.grid import WeightGrid, dequantize, quantize_rtn
 from slimtorch.llm.modules import WeightOnlyLinear
-from slimtorch.llm.oneshot import linear_weight
+from slimtorch.quantization.smoothquant.scales import linear_weight
 
 from .tiny_models import TINY_MODELS, random_tokens
 
@@ -164,7 +164,7 @@ def test_wrong_entry_point_and_empty_data_are_errors():
     model = TINY_MODELS["llama"]()
     with pytest.raises(st.ConfigError, match="call slimtorch.oneshot"):
         st.quantize(model, config(), calib_dataloader=calibration(model))
-    with pytest.raises(st.ConfigError, match="weight_only_quantization: not enabled"):
+    with pytest.raises(st.ConfigError, match="neither weight_only_quantization nor oneshot_pruning is enabled"):
         st.oneshot(model, {"compression_inference": {"dynamic_quantization": {"enabled": True}}}, [],
                    progress=False)
     with pytest.raises(st.CalibrationError, match="yielded no batches"):
