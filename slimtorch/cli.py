@@ -33,9 +33,14 @@ def _check(path: str, model_spec: Optional[str] = None) -> int:
             else f", {act.granularity}"
         print(f"{path}: valid; {kind}_quantization enabled: weights int8 {q.weight.granularity}, activations "
               f"{act.dtype} {'symmetric' if act.symmetric else 'asymmetric'}{extra}; op_types {q.op_types}")
+    inference = cfg.compression_inference
+    for key, section in (("weight_only_quantization", inference.weight_only), ("oneshot_pruning", inference.pruning)):
+        if section is not None:
+            print(f"{path}: valid; {key} enabled (slimtorch.oneshot): {_oneshot_summary(section)}")
+    oneshot = inference.weight_only is not None or inference.pruning is not None
     sp = cfg.sparse_pruning
     if not cfg.pruning_enabled:
-        if q is None:
+        if q is None and not oneshot:
             where = ("compression_training.sparse_pruning.shared_parameters.enabled is false" if sp is not None
                      else "no compression_training.sparse_pruning or compression_inference section")
             print(f"{path}: nothing to do: {where}; a compression section sits at the top level of the config, "
@@ -67,6 +72,15 @@ def _check(path: str, model_spec: Optional[str] = None) -> int:
         print("  (pass --model to list the layers each group prunes)")
         return 0
     return _check_on_model(cfg, model_spec)
+
+
+def _oneshot_summary(section) -> str:
+    if hasattr(section, "bits"):
+        group = "per channel" if section.group_size == -1 else f"group {section.group_size}"
+        return (f"int{section.bits} {'symmetric' if section.symmetric else 'asymmetric'} {group}, "
+                f"{section.algorithm}")
+    amount = section.pattern if section.pattern is not None else f"dense_ratio {section.dense_ratio:g}"
+    return f"{section.method} {amount}"
 
 
 def _check_on_model(cfg, model_spec: str) -> int:

@@ -148,3 +148,17 @@ def test_check_with_a_model_that_the_config_leaves_untouched_exits_1(tmp_path, c
         "enabled": True, "method": "magnitude", "dense_ratio": 0.5, "op_types": ["Conv2d"]}}}}))
     assert main(["check", str(path), "--model", "tests.reference.protocol:tiny_bert"]) == 1
     assert "the config prunes no layer of this model" in capsys.readouterr().err
+
+
+def test_oneshot_sections_are_checked_and_summarised(tmp_path, capsys):
+    path = tmp_path / "llm.json"
+    path.write_text(json.dumps({"compression_inference": {
+        "oneshot_pruning": {"enabled": True, "pattern": "2:4"},
+        "weight_only_quantization": {"enabled": True, "group_size": 64}}}))
+    assert main(["check", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "weight_only_quantization enabled (slimtorch.oneshot): int4 symmetric group 64, gptq" in out
+    assert "oneshot_pruning enabled (slimtorch.oneshot): sparsegpt 2:4" in out
+    path.write_text(json.dumps({"compression_inference": {"oneshot_pruning": {"enabled": True, "pattern": "4x1"}}}))
+    assert main(["check", str(path)]) == 2
+    assert "one-shot pruning takes an N:M pattern" in capsys.readouterr().err
