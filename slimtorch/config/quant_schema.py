@@ -130,7 +130,9 @@ class GPTQSettings(StrictModel):
     # singular; larger values move GPTQ towards round-to-nearest
     dampening: float = Field(default=0.01, gt=0.0, le=1.0)
     block_size: int = Field(default=128, ge=1)  # columns updated lazily together (speed only, same result)
-    act_order: bool = False  # quantize the columns with the largest H_ii first
+    # quantize the columns with the largest H_ii first (llm-compressor's default too); on SmolLM2-135M int4 group 64
+    # it took GPTQ's perplexity increase from +41% to +21% (RTN: +44%), per channel from +64% to +29% (RTN: +96%)
+    act_order: bool = True
     # group scales from the weights before GPTQ (groups stay runs of consecutive columns, also under act_order); false:
     # from the weights as GPTQ has updated them when the group's first column is reached (the paper's rule; with
     # act_order, groups then follow the processing order and the layer needs a column permutation, g_idx)
