@@ -163,6 +163,12 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, batches: Itera
 
     def stand_in(index: int):
         def forward(*args, **kwargs):
+            if not structure:  # block 0 never ran as a module: the model calls .forward() itself
+                raise UnsupportedModelError(
+                    f"{type(model).__name__} reached {where}[{index}] without calling {where}[0] as a module: its "
+                    "forward() calls the blocks' forward() directly (or skips some), so their inputs cannot be "
+                    "captured with hooks; name the ModuleList its forward() calls as modules in the config's blocks "
+                    "key, or wrap the model so that it calls block(...) rather than block.forward(...)")
             if index == len(blocks) - 1:
                 raise _Captured
             return _shaped_like(structure[0], BlockInput(args, kwargs).hidden)
@@ -182,6 +188,8 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, batches: Itera
                     model(**inputs)
                 except _Captured:
                     pass
+                except UnsupportedModelError:
+                    raise
                 except Exception as e:
                     raise CalibrationError(f"calibration batch {i} ({describe(inputs)}) could not be fed to "
                                            f"{type(model).__name__}: {type(e).__name__}: {e}") from e

@@ -217,3 +217,26 @@ def test_act_order_keeps_groups_in_column_order_unless_static_groups_is_off(tmp_
             assert torch.isfinite(q_model(input_ids=ids).logits).all()
     with pytest.raises(st.ConfigError, match="column permutation"):
         st.save_compressed(q_model, tmp_path)
+
+
+class _CallsForwardDirectly(nn.Module):
+    """Its forward calls each block's forward() itself, bypassing nn.Module.__call__ (and so every hook)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(64, 32)
+        self.layers = nn.ModuleList(nn.Linear(32, 32) for _ in range(3))
+
+    def forward(self, input_ids):
+        x = self.embed(input_ids)
+        for layer in self.layers:
+            x = layer.forward(x)
+        return x
+
+
+def test_blocks_the_forward_does_not_call_as_modules_are_an_error():
+    model = _CallsForwardDirectly()
+    with pytest.raises(st.UnsupportedModelError, match=r"reached layers\[1\] without calling layers\[0\] as a "
+                                                       r"module.*blocks key"):
+        st.oneshot(model, config(algorithm="rtn", group_size=32), [torch.randint(0, 64, (1, 8))], progress=False)
+    assert isinstance(model.layers[0], nn.Linear)  # untouched
