@@ -54,14 +54,16 @@ def min_tokens_for(in_features: int) -> int:
     return int(in_features)
 
 
-def check_enough_tokens(tokens: int, in_features: int, where: str = "") -> None:
-    """Raise :class:`CalibrationError` when ``tokens < min_tokens_for(in_features)``, saying how many are needed."""
+def check_enough_tokens(tokens: int, in_features: int, where: str = "", *, algorithm: str = "GPTQ",
+                        fallback: str = "use algorithm 'rtn' here") -> None:
+    """Raise :class:`CalibrationError` when ``tokens < min_tokens_for(in_features)``, saying how many are needed.
+    ``algorithm`` / ``fallback`` name what needs them and what works with fewer (SparseGPT: Wanda)."""
     need = min_tokens_for(in_features)
     if tokens < need:
         raise CalibrationError(
-            f"{where or 'a Linear'} saw {tokens} calibration tokens; GPTQ needs at least {need} (its in_features): "
-            f"the Hessian of n tokens has rank <= n, and a rank-deficient one makes GPTQ fit the few tokens seen, no "
-            f"better than round-to-nearest. Calibrate with more or longer samples, or use algorithm 'rtn' here")
+            f"{where or 'a Linear'} saw {tokens} calibration tokens; {algorithm} needs at least {need} (its "
+            f"in_features): the Hessian of n tokens has rank <= n, and a rank-deficient one makes {algorithm} fit the "
+            f"few tokens seen. Calibrate with more or longer samples, or {fallback}")
 
 
 class HessianAccumulator:

@@ -62,6 +62,10 @@ def oneshot(model: nn.Module, config: Any, calib_data: Iterable, *, inplace: boo
     compute = torch.device(device) if device is not None else model_device(target)
     captured = capture_block_inputs(target, blocks, calib_data, where=blocks_path, device=compute)
     report.calibration_batches = len(captured)
+    tokens = sum(h.shape[:-1].numel() for h in captured.hidden)
+    for i, linears in enumerate(plan):  # every layer sees every token: too few is an error before any change
+        for name, linear in linears.items():
+            recipe.check_tokens(f"{blocks_path}.{i}.{name}", linear, tokens)
     hidden = captured.hidden
     bar = progress_bar(len(blocks), "slimtorch oneshot", unit="block") if progress else None
     try:

@@ -18,7 +18,7 @@ from ..config.quant_schema import OneShotPruning, WeightOnlyQuantization
 from ..quantization.qdq import op_type
 from ..quantization.selection import excluded_by
 from ..quantization.smoothquant.scales import linear_weight
-from .gptq import HessianAccumulator, gptq_quantize
+from .gptq import HessianAccumulator, check_enough_tokens, gptq_quantize
 from .grid import WeightGrid, check_group_size, quantize_rtn
 from .modules import WeightOnlyLinear
 from .sparsegpt import Sparsity, check_sparsity, magnitude_prune, sparsegpt_prune, wanda_prune
@@ -125,6 +125,16 @@ class Recipe:
                                                       f"for {name}")
         if self.pruning is not None and self._applies(self.pruning, name):
             check_sparsity(self.sparsity, in_features, f"{SECTIONS.format('oneshot_pruning.pattern')} for {name}")
+
+    def check_tokens(self, name: str, module: nn.Module, tokens: int) -> None:
+        """CalibrationError when GPTQ or SparseGPT would run on layer ``name`` with fewer calibration tokens than
+        its input width (a rank-deficient Hessian), before any layer is changed."""
+        in_features = linear_weight(module).shape[1]
+        q, p = self.quantization, self.pruning
+        if p is not None and p.method == "sparsegpt" and self._applies(p, name):
+            check_enough_tokens(tokens, in_features, name, algorithm="SparseGPT", fallback="use method 'wanda'")
+        if q is not None and q.algorithm == "gptq" and self._applies(q, name):
+            check_enough_tokens(tokens, in_features, name)
 
     def compress(self, name: str, module: nn.Module, hessian: Optional[HessianAccumulator]) -> Optional[nn.Module]:
         """Prune and/or quantize ``module`` (layer ``name``): the WeightOnlyLinear that replaces it, or None when it

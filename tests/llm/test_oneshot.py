@@ -240,3 +240,16 @@ def test_blocks_the_forward_does_not_call_as_modules_are_an_error():
                                                        r"module.*blocks key"):
         st.oneshot(model, config(algorithm="rtn", group_size=32), [torch.randint(0, 64, (1, 8))], progress=False)
     assert isinstance(model.layers[0], nn.Linear)  # untouched
+
+
+@pytest.mark.parametrize("section", [config(algorithm="gptq", group_size=32),
+                                     {"compression_inference": {"oneshot_pruning": {"enabled": True,
+                                                                                    "pattern": "2:4"}}}])
+def test_too_few_tokens_names_the_layer_and_the_count_before_any_change_even_in_place(section):
+    model = TINY_MODELS["gpt2"]()
+    before = copy.deepcopy(model.state_dict())
+    few = [random_tokens(model.config.vocab_size, 1, 64, seed=0)]  # 64 tokens; c_attn reads 128 wide
+    with pytest.raises(st.CalibrationError, match=r"transformer\.h\.0\.attn\.c_attn saw 64 calibration tokens; "
+                                                  r"(GPTQ|SparseGPT) needs at least 128"):
+        st.oneshot(model, section, few, inplace=True, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -46,7 +46,7 @@ def assert_n_m(weight, n, m, quantized=False):
 @pytest.mark.parametrize("method", ["sparsegpt", "wanda", "magnitude"])
 def test_two_four_in_every_block_linear_and_nothing_else_changed(arch, method):
     model = TINY_MODELS[arch]()
-    pruned = st.oneshot(model, config(method=method, pattern="2:4"), calibration(model, batches=4, length=32),
+    pruned = st.oneshot(model, config(method=method, pattern="2:4"), calibration(model, batches=4, length=64),
                         progress=False)
     weights = block_weights(pruned)
     assert weights and all(not isinstance(m, WeightOnlyLinear) for m in pruned.modules())
