@@ -14,7 +14,7 @@ from .errors import (
                      UnsupportedModelError,
 )
 from .export import export_onnx
-from .llm import oneshot, perplexity, save_compressed
+from .llm import load_compressed, oneshot, perplexity, save_compressed
 from .pruning import PruningCallbacks, SparsityReport, prepare_pruning, sparsity_report
 from .quantization import QuantizationReport, load_quantized, quantization_report, quantize
 
@@ -24,7 +24,7 @@ __all__ = [
     "load_config", "CompressionConfig",
     "prepare_pruning", "PruningCallbacks", "sparsity_report", "SparsityReport",
     "quantize", "load_quantized", "quantization_report", "QuantizationReport", "export_onnx",
-    "oneshot", "save_compressed", "perplexity",
+    "oneshot", "save_compressed", "load_compressed", "perplexity",
     "SlimError", "ConfigError", "PatternShapeError", "LifecycleError", "StateDictError", "CalibrationError",
     "ExportError", "EvaluationError", "DistributedError", "UnsupportedModelError",
     "deepspeed", "__version__",

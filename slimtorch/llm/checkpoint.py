@@ -1,5 +1,6 @@
 """Save a model compressed by :func:`slimtorch.oneshot` as a Hugging Face directory in the compressed-tensors format,
-which transformers (with the ``compressed-tensors`` package installed) and vLLM load.
+which transformers (with the ``compressed-tensors`` package installed) and vLLM load; :func:`load_compressed` reads
+such a directory back as slimtorch modules (the integers stay integers).
 
 What is written, per quantized Linear (the ``pack-quantized`` format, packed by the ``compressed-tensors`` library):
 
@@ -26,12 +27,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict, List, Union
+from typing import Dict, List, Optional, Union
 
 import torch
 from torch import nn
 
 from ..errors import ConfigError, UnsupportedModelError
+from .grid import WeightGrid
 from .modules import WeightOnlyLinear
 
 #: the tensors of WeightOnlyLinear that compressed-tensors' tensors replace
@@ -119,3 +121,64 @@ def _quantization_config(model: nn.Module, quantized: Dict[str, WeightOnlyLinear
                                 format="pack-quantized", quantization_status="compressed", ignore=ignore)
     return {"version": version, "quant_method": "compressed-tensors", "sparsity_config": {}, "transform_config": {},
             **config.model_dump(exclude={"quant_method"})}
+
+
+def load_compressed(directory: Union[str, Path], *, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The causal LM saved in ``directory`` by :func:`save_compressed` (or any symmetric int4/int8 pack-quantized
+    compressed-tensors checkpoint with one config group), its quantized Linears rebuilt as
+    :class:`~slimtorch.llm.modules.WeightOnlyLinear` holding the saved integers and scales; the other tensors in
+    ``dtype``. Memory: the float model is built first (random init), then the quantized layers replace its Linears.
+    """
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    directory = Path(directory)
+    raw = json.loads((directory / "config.json").read_text())
+    grid = _saved_grid(raw.get("quantization_config"), directory)
+    config = AutoConfig.from_pretrained(directory)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    state: Dict[str, torch.Tensor] = {}
+    for file in sorted(directory.glob("*.safetensors")):
+        state.update(load_file(file))
+    for key in [k for k in state if k.endswith(".weight_packed")]:
+        name = key[: -len(".weight_packed")]
+        shape = [int(v) for v in state.pop(f"{name}.weight_shape")]
+        q = unpack_from_int32(state.pop(key), grid.bits, torch.Size(shape))
+        scale = state.pop(f"{name}.weight_scale").to(torch.float32)
+        bias = state.pop(f"{name}.bias", None)
+        layer = WeightOnlyLinear(q, scale, torch.zeros_like(scale, dtype=torch.int32), bias, grid)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, layer)
+    missing, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or []) if config.tie_word_embeddings else set()
+    missing = [k for k in missing if k not in tied and not k.startswith(tuple(f"{n}." for n in _quantized(model)))]
+    if missing or unexpected:
+        raise ConfigError(f"{directory}: the checkpoint does not match {type(model).__name__}: missing "
+                          f"{missing[:5]}, unexpected {unexpected[:5]}")
+    model.tie_weights()
+    return model
+
+
+def _quantized(model: nn.Module) -> List[str]:
+    return [name for name, m in model.named_modules() if isinstance(m, WeightOnlyLinear)]
+
+
+def _saved_grid(quantization: Optional[dict], directory: Path) -> WeightGrid:
+    """The weight grid a compressed-tensors ``quantization_config`` describes, or a ConfigError saying what it holds
+    that load_compressed does not read."""
+    if not quantization or quantization.get("quant_method") != "compressed-tensors":
+        raise ConfigError(f"{directory}/config.json has no compressed-tensors quantization_config; load a float "
+                          "checkpoint with transformers' from_pretrained")
+    groups = quantization.get("config_groups") or {}
+    if quantization.get("format") != "pack-quantized" or len(groups) != 1:
+        raise ConfigError(f"{directory}: load_compressed reads the pack-quantized format with one config group; this "
+                          f"checkpoint has format {quantization.get('format')!r} and {len(groups)} groups")
+    weights = next(iter(groups.values())).get("weights") or {}
+    if weights.get("type") != "int" or not weights.get("symmetric", False) or weights.get("actorder") == "group":
+        raise ConfigError(f"{directory}: load_compressed reads symmetric integer weights without a column "
+                          f"permutation; this checkpoint's weights are {weights}")
+    group = weights.get("group_size") if weights.get("strategy") == "group" else None
+    return WeightGrid(int(weights["num_bits"]), True, group)

@@ -65,3 +65,29 @@ def test_what_cannot_be_written_is_an_error(tmp_path):
     with pytest.raises(st.ConfigError, match="no weight-only quantized layer.*oneshot first"):
         st.save_compressed(float_model, tmp_path / "c")
     assert not any((tmp_path / d).exists() for d in "abc")  # nothing half-written
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3"])
+@pytest.mark.parametrize("bits,group_size", [(4, 32), (8, -1)])
+def test_load_compressed_rebuilds_slimtorch_layers_with_the_saved_integers(arch, bits, group_size, tmp_path):
+    from slimtorch.llm.modules import WeightOnlyLinear
+
+    _, q_model = compress(arch, bits=bits, group_size=group_size)
+    st.save_compressed(q_model, tmp_path)
+    loaded = st.load_compressed(tmp_path)
+    saved = {n: m for n, m in q_model.named_modules() if isinstance(m, WeightOnlyLinear)}
+    rebuilt = {n: m for n, m in loaded.named_modules() if isinstance(m, WeightOnlyLinear)}
+    assert saved.keys() == rebuilt.keys()
+    for name, layer in saved.items():
+        assert torch.equal(rebuilt[name].weight_int, layer.weight_int), name
+        assert torch.equal(rebuilt[name].weight_scale, layer.weight_scale), name
+    ids = random_tokens(q_model.config.vocab_size, 2, 24, seed=99)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, q_model(input_ids=ids).logits, rtol=0, atol=0)
+
+
+def test_load_compressed_of_a_float_checkpoint_is_an_error(tmp_path):
+    model, _ = compress("llama")
+    model.save_pretrained(tmp_path)
+    with pytest.raises(st.ConfigError, match="no compressed-tensors quantization_config"):
+        st.load_compressed(tmp_path)
