@@ -75,6 +75,7 @@ def oneshot(model: nn.Module, config: Any, calib_data: Iterable, *, inplace: boo
             block.to(compute)
             inputs = captured.inputs_of(i, hidden)
             _compress_block(block, plan[i], inputs, recipe, where, report)
+            plan[i] = {}  # the replaced float Linears are freed now, not after the last block
             hidden = _run(block, inputs, where)  # the next block's inputs come from the compressed block
             del inputs
             block.to(home)
