@@ -71,7 +71,7 @@ def main() -> None:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if (step + 1) % max(1, args.steps // 10) == 0:
             print(f"update {step + 1}/{args.steps}: KL {sum(losses[-20:]) / len(losses[-20:]):.4f}", file=sys.stderr)
     callbacks.finalize()
