@@ -2,17 +2,19 @@
 (``oneshot_pruning``), quantize the weights (``weight_only_quantization``), or both (recipe.py says what each
 Linear gets).
 
-1. find the repeated blocks and capture what the first one receives for every calibration batch (blocks.py);
+1. find the repeated blocks and capture what each of them is called with, for every calibration batch (blocks.py);
+   check every layer's shapes and the token count before anything changes;
 2. for each block in turn: move it to the compute device; run it on its inputs with a hook on every target Linear
-   that accumulates what the algorithm needs (GPTQ: the Hessian ``2/n X^T X`` of the layer's inputs); replace each
-   Linear by its quantized form (modules.py); run the quantized block again: its outputs are the next block's
+   that accumulates the Hessian ``2/n X^T X`` of its inputs when GPTQ, SparseGPT or Wanda needs it (hessians.py);
+   prune and/or quantize each Linear (recipe.py); run the compressed block again: its outputs are the next block's
    inputs, so every block is calibrated on what the already-compressed blocks before it produce, and errors are
    corrected rather than compounded; move the block back where it was.
 
-Memory: the model (copied unless ``inplace``), the captured hidden states of the calibration batches (two sets
-while a block's outputs replace its inputs), and for the block being compressed one [in, in] float32 Hessian per
-Linear (GPTQ; 1.3 MB for SmolLM2's 576-wide projections, 268 MB for an 8192-wide down projection). With
-``device`` given, only the block being compressed is on that device.
+Memory: the model (copied unless ``inplace``; each block's replaced float Linears are freed once it is done), the
+captured hidden states of the calibration batches (two sets while a block's outputs replace its inputs), and for the
+block being compressed one [in, in] float32 Hessian per distinct Linear input (1.3 MB for SmolLM2's 576-wide
+projections, 268 MB for an 8192-wide down projection). With ``device`` given, only the block being compressed and
+the hidden states are on that device.
 """
 from __future__ import annotations
 
