@@ -67,10 +67,14 @@ class _TextProgress:
     def update(self, k: int) -> None:
         self.n += k
         if self.n % self.every == 0 or self.n == self.total:
-            print(f"{self.label}: {self.n}/{self.total} {self.unit}s", file=sys.stderr, flush=True)
+            print(f"{self.label}: {self.n}/{self.total} {_plural(self.unit)}", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         pass
+
+
+def _plural(unit: str) -> str:
+    return unit + ("es" if unit.endswith(("ch", "sh", "s", "x")) else "s")  # batches, blocks, windows
 
 
 def progress_bar(total: int, label: str, unit: str = "batch"):
