@@ -213,12 +213,11 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, batches: Itera
 
 def _shaped_like(output: Any, hidden: Tensor) -> Any:
     """``hidden`` in the structure of a block's output (a tensor, or a tuple with the hidden states first)."""
+    block_output(output)  # the same structure check, and its error
     if isinstance(output, Tensor):
         return hidden
-    if isinstance(output, tuple) and output and isinstance(output[0], Tensor):
-        return (hidden,) + tuple(output[1:])
-    raise UnsupportedModelError(f"a block returned {type(output).__name__}; slimtorch expects the hidden states, "
-                                "as a tensor or the first item of a tuple")
+    rest = [hidden, *output[1:]]
+    return tuple(rest) if isinstance(output, tuple) else rest
 
 
 def block_output(out: Any) -> Tensor:
