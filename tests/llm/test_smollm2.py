@@ -44,7 +44,7 @@ def test_float32_held_out_perplexity_and_token_counts():
 @pytest.mark.slow
 def test_gptq_int4_halves_rtns_loss_and_survives_save_and_load(tmp_path):
     """SmolLM2 at int4 symmetric group 64 (the benchmark's rows): GPTQ's perplexity increase is at most half of
-    RTN's, and the saved GPTQ model reloaded by transformers evaluates the same. About 5 minutes on 2 cores."""
+    RTN's, and the saved GPTQ model reloaded by transformers evaluates the same. Several minutes on 2 cores."""
     pytest.importorskip("compressed_tensors")
     from transformers import AutoModelForCausalLM
 
