@@ -34,10 +34,9 @@ def _check(path: str, model_spec: Optional[str] = None) -> int:
         print(f"{path}: valid; {kind}_quantization enabled: weights int8 {q.weight.granularity}, activations "
               f"{act.dtype} {'symmetric' if act.symmetric else 'asymmetric'}{extra}; op_types {q.op_types}")
     inference = cfg.compression_inference
-    for key, section in (("weight_only_quantization", inference.weight_only), ("oneshot_pruning", inference.pruning)):
-        if section is not None:
-            print(f"{path}: valid; {key} enabled (slimtorch.oneshot): {_oneshot_summary(section)}")
-    oneshot = inference.weight_only is not None or inference.pruning is not None
+    for key, section in inference.oneshot_sections().items():
+        print(f"{path}: valid; {key} enabled (slimtorch.oneshot): {_oneshot_summary(section)}")
+    oneshot = bool(inference.oneshot_sections())
     sp = cfg.sparse_pruning
     if not cfg.pruning_enabled:
         if q is None and not oneshot:
@@ -78,7 +77,10 @@ def _oneshot_summary(section) -> str:
     if hasattr(section, "bits"):
         group = "per channel" if section.group_size == -1 else f"group {section.group_size}"
         return (f"int{section.bits} {'symmetric' if section.symmetric else 'asymmetric'} {group}, "
-                f"{section.algorithm}")
+                f"{'awq + ' if section.awq.enabled else ''}{section.algorithm}")
+    if hasattr(section, "activations"):
+        smooth = f", smoothquant alpha {section.smoothquant.alpha:g}" if section.smoothquant.enabled else ""
+        return f"{section.format} weights per channel ({section.algorithm}), activations {section.activations}{smooth}"
     amount = section.pattern if section.pattern is not None else f"dense_ratio {section.dense_ratio:g}"
     return f"{section.method} {amount}"
 

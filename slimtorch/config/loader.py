@@ -51,7 +51,8 @@ TOPK_MESSAGE = (
     "training gradients, the first-order estimate of the same movement signal), or 'l1' for DeepSpeed's one-shot "
     "magnitude masks")
 # keys that, found under an unknown top-level key, show a compression section in the wrong place
-_INFERENCE_KEYS = ("static_quantization", "dynamic_quantization", "weight_only_quantization", "oneshot_pruning")
+_INFERENCE_KEYS = ("static_quantization", "dynamic_quantization", "weight_only_quantization", "oneshot_pruning",
+                   "w8a8_quantization")
 _SECTION_KEYS = SECTIONS + ("sparse_pruning",) + _INFERENCE_KEYS + tuple(UNSUPPORTED_TRAINING)
 
 

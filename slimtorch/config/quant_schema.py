@@ -152,11 +152,26 @@ class _OneShotSection(StrictModel):
         return check_regexes(value)
 
 
+class AWQSettings(StrictModel):
+    """AWQ (Lin et al. 2023): before rounding, per-input-channel scales ``s`` searched on the calibration activations
+    and folded into the op before each group of Linears (a norm, or a Linear such as up -> down), so that the input
+    channels that carry large activations get a finer grid. ``algorithm`` then rounds the scaled weights."""
+
+    enabled: bool = False
+    # candidate scales s = mean|x|^r / mean|w~|^(1-r) for r = 0, 1/grid, ..., (grid-1)/grid, plus s = 1 (no scaling)
+    grid: int = Field(default=20, ge=1)
+    # duo scaling: divide by the weights' normalized magnitude too (llm-compressor's default); false: s = mean|x|^r
+    duo_scaling: bool = True
+    # calibration tokens (a seeded uniform sample) on which each candidate's output error is measured; mean|x| uses all
+    sample_tokens: int = Field(default=2048, ge=1)
+
+
 class WeightOnlyQuantization(_OneShotSection):
     """Weight-only int4/int8 for decoder LLMs, block by block (``slimtorch.oneshot``); activations stay float.
 
     Only the Linears inside the repeated blocks are quantized (embeddings, final norm and lm_head stay float);
-    ``group_size`` -1 is one scale per output channel. See docs/llm.md.
+    ``group_size`` -1 is one scale per output channel. ``awq.enabled`` searches activation-aware scales before
+    ``algorithm`` rounds. See docs/llm.md.
     """
 
     bits: Literal[4, 8] = 4
@@ -164,6 +179,7 @@ class WeightOnlyQuantization(_OneShotSection):
     group_size: int = 128
     algorithm: Literal["rtn", "gptq"] = "gptq"
     gptq: GPTQSettings = Field(default_factory=GPTQSettings)
+    awq: AWQSettings = Field(default_factory=AWQSettings)
 
     @field_validator("group_size")
     @classmethod
@@ -172,6 +188,36 @@ class WeightOnlyQuantization(_OneShotSection):
             raise ValueError(f"group_size must be a positive number of input columns per scale, or -1 for one "
                              f"scale per output channel; got {value}")
         return value
+
+
+class LLMSmoothQuant(StrictModel):
+    """SmoothQuant inside each decoder block: scales folded into the norms (and v -> o, up -> down where that is
+    exact, checked by running the block), so that int8/FP8 activations lose less to outlier channels."""
+
+    enabled: bool = False
+    alpha: float = Field(default=0.8, ge=0.0, le=1.0)  # 0: nothing moves to the weights, 1: everything
+
+
+class W8A8Quantization(_OneShotSection):
+    """Weights and activations in 8 bits for decoder LLMs, block by block (``slimtorch.oneshot``): int8 or FP8 E4M3.
+
+    Weights: one symmetric scale per output channel, rounded by ``algorithm`` (GPTQ for int8 only). Activations:
+    ``dynamic_per_token`` (a scale per token, computed at run time) or ``static_per_tensor`` (one scale per Linear
+    input from the calibration data). Only the Linears inside the repeated blocks are quantized. See docs/llm.md.
+    """
+
+    format: Literal["int8", "fp8_e4m3"] = "int8"
+    activations: Literal["dynamic_per_token", "static_per_tensor"] = "dynamic_per_token"
+    algorithm: Literal["rtn", "gptq"] = "gptq"
+    gptq: GPTQSettings = Field(default_factory=GPTQSettings)
+    smoothquant: LLMSmoothQuant = Field(default_factory=LLMSmoothQuant)
+
+    @model_validator(mode="after")
+    def _gptq_grid(self):
+        if self.enabled and self.format == "fp8_e4m3" and self.algorithm == "gptq":
+            raise PathValueError("algorithm", "GPTQ rounds to the int8 grid only; FP8 E4M3 weights take algorithm "
+                                 "'rtn' (round to nearest, per channel)")
+        return self
 
 
 class SparseGPTSettings(StrictModel):
@@ -216,6 +262,7 @@ class CompressionInference(StrictModel):
     dynamic_quantization: Optional[DynamicQuantization] = None
     weight_only_quantization: Optional[WeightOnlyQuantization] = None
     oneshot_pruning: Optional[OneShotPruning] = None
+    w8a8_quantization: Optional[W8A8Quantization] = None
 
     @model_validator(mode="after")
     def _one_mode(self):
@@ -228,14 +275,22 @@ class CompressionInference(StrictModel):
             raise PathValueError("weight_only_quantization.enabled", "weight_only_quantization and "
                                  "static/dynamic_quantization are both enabled; enable one of them (W8A8 with GPTQ "
                                  "weights is not available in this slimtorch version)")
+        if self.weight_only is not None and self.w8a8 is not None:
+            raise PathValueError("w8a8_quantization.enabled", "weight_only_quantization and w8a8_quantization are "
+                                 "both enabled; a Linear gets one scheme: enable one of them")
+        if self.w8a8 is not None and self.active is not None:
+            raise PathValueError("w8a8_quantization.enabled", "w8a8_quantization runs in slimtorch.oneshot (decoder "
+                                 "LLMs, block by block), static/dynamic_quantization in slimtorch.quantize; enable "
+                                 "one of them")
         if self.pruning is not None and self.active is not None:
             raise PathValueError("oneshot_pruning.enabled", "oneshot_pruning runs in slimtorch.oneshot, "
                                  "static/dynamic_quantization in slimtorch.quantize; enable one of them, or prune "
                                  "with oneshot and quantize the result with quantize()")
-        blocks = {s.blocks for s in (self.weight_only, self.pruning) if s is not None and s.blocks is not None}
-        if len(blocks) > 1:
-            raise PathValueError("oneshot_pruning.blocks", f"weight_only_quantization and oneshot_pruning name "
-                                 f"different blocks ({sorted(blocks)}); they run in one pass over the same blocks")
+        sections = {k: s for k, s in self.oneshot_sections().items() if s.blocks is not None}
+        if len({s.blocks for s in sections.values()}) > 1:
+            raise PathValueError(f"{list(sections)[-1]}.blocks", f"{' and '.join(sections)} name different blocks "
+                                 f"({sorted({s.blocks for s in sections.values()})}); they run in one pass over the "
+                                 "same blocks")
         return self
 
     @property
@@ -243,6 +298,18 @@ class CompressionInference(StrictModel):
         """The one-shot pruning section when it is enabled, else None."""
         section = self.oneshot_pruning
         return section if section is not None and section.enabled else None
+
+    @property
+    def w8a8(self) -> Optional[W8A8Quantization]:
+        """The W8A8 (int8 / FP8) section when it is enabled, else None."""
+        section = self.w8a8_quantization
+        return section if section is not None and section.enabled else None
+
+    def oneshot_sections(self) -> dict:
+        """The enabled sections of ``slimtorch.oneshot`` by key, in the order they act on a Linear."""
+        pairs = (("oneshot_pruning", self.pruning), ("weight_only_quantization", self.weight_only),
+                 ("w8a8_quantization", self.w8a8))
+        return {k: s for k, s in pairs if s is not None}
 
     @property
     def weight_only(self) -> Optional[WeightOnlyQuantization]:

@@ -1,4 +1,7 @@
-"""The layer a weight-only quantized Linear becomes: integer weights on a group grid, float activations.
+"""The layers a quantized Linear becomes: :class:`WeightOnlyLinear` (int4/int8 weights, float activations) and
+:class:`W8A8Linear` (8-bit weights and activations).
+
+The layer a weight-only quantized Linear becomes: integer weights on a group grid, float activations.
 
 ``WeightOnlyLinear`` stores what a checkpoint needs and nothing more: ``weight_int`` ([out, in]: int8 holding int4
 or int8 values, uint8 for 8-bit asymmetric), ``weight_scale`` (float32 [out, groups]), ``weight_zero`` (int32
@@ -16,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .grid import WeightGrid, dequantize
+from .w8a8 import EightBit, per_tensor_fake_quantize, per_token_fake_quantize
 
 
 class WeightOnlyLinear(nn.Module):
@@ -58,3 +62,60 @@ class WeightOnlyLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, int{self.bits} "
                 f"{'symmetric' if self.symmetric else 'asymmetric'}, {group}"
                 f"{', act order' if self.weight_g_idx is not None else ''}")
+
+
+class W8A8Linear(nn.Module):
+    """A Linear with 8-bit weights (int8 or FP8 E4M3, one scale per output channel) and 8-bit activations (a scale
+    per token at run time, or one calibrated ``input_scale``).
+
+    Buffers, named as in compressed-tensors' int-quantized / float-quantized checkpoints: ``weight`` ([out, in] int8
+    or float8_e4m3fn), ``weight_scale`` (float32 [out, 1]), ``input_scale`` (float32 [1], static activations only),
+    ``bias``. The forward quantizes the input, dequantizes both and runs ``F.linear`` in the input's dtype: plain
+    PyTorch on any device, numerically what an int8 / FP8 GEMM with float32 accumulation computes (no speed-up: the
+    integer kernels belong to the runtime that loads the checkpoint).
+    """
+
+    def __init__(self, q: Tensor, scale: Tensor, bias: Optional[Tensor], fmt: EightBit,
+                 input_scale: Optional[Tensor] = None, source_op: str = "Linear"):
+        super().__init__()
+        self.source_op = source_op
+        self.out_features, self.in_features = q.shape
+        self.format = fmt.name
+        self.register_buffer("weight", q.to(fmt.storage_dtype))
+        self.register_buffer("weight_scale", scale.to(torch.float32).reshape(-1, 1))
+        self.register_buffer("input_scale", None if input_scale is None else
+                             input_scale.to(torch.float32).reshape(1))
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    @property
+    def eight_bit(self) -> EightBit:
+        return EightBit(self.format)
+
+    @property
+    def dynamic(self) -> bool:
+        """Activations quantized per token at run time (no ``input_scale``)."""
+        return self.input_scale is None
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        return (self.weight.to(torch.float32) * self.weight_scale).to(dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        fmt = self.eight_bit
+        xq = per_token_fake_quantize(x, fmt) if self.dynamic else per_tensor_fake_quantize(x, self.input_scale, fmt)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(xq.to(x.dtype), self.dequantized_weight(x.dtype), bias)
+
+    def _apply(self, fn, recurse=True):
+        # .half()/.to(bfloat16) must not touch the 8-bit weight (an FP8 tensor is floating point) or the scales;
+        # device moves apply to them too
+        kept = {k: self._buffers[k] for k in ("weight", "weight_scale", "input_scale")}
+        device = fn(torch.zeros(1, device=kept["weight"].device)).device
+        super()._apply(fn, recurse)
+        for k, v in kept.items():
+            self._buffers[k] = None if v is None else v.to(device=device)
+        return self
+
+    def extra_repr(self) -> str:
+        act = "activations per token (dynamic)" if self.dynamic else "activations per tensor (static)"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, {self.format} weights per "
+                f"channel, {act}")

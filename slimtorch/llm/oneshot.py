@@ -1,14 +1,16 @@
 """``slimtorch.oneshot``: compress a decoder LLM block by block, on calibration text, without training: prune
-(``oneshot_pruning``), quantize the weights (``weight_only_quantization``), or both (recipe.py says what each
-Linear gets).
+(``oneshot_pruning``), quantize the weights (``weight_only_quantization``) or weights and activations
+(``w8a8_quantization``), or prune and quantize (recipe.py says what each Linear gets).
 
 1. find the repeated blocks and capture what each of them is called with, for every calibration batch (blocks.py);
    check every layer's shapes and the token count before anything changes;
-2. for each block in turn: move it to the compute device; run it on its inputs with a hook on every target Linear
-   that accumulates the Hessian ``2/n X^T X`` of its inputs when GPTQ, SparseGPT or Wanda needs it (hessians.py);
-   prune and/or quantize each Linear (recipe.py); run the compressed block again: its outputs are the next block's
-   inputs, so every block is calibrated on what the already-compressed blocks before it produce, and errors are
-   corrected rather than compounded; move the block back where it was.
+2. for each block in turn: move it to the compute device; with AWQ or SmoothQuant, fold per-channel scales into
+   the block, searched on its inputs (migration.py); run it on its inputs with a hook on every target Linear that
+   accumulates the Hessian ``2/n X^T X`` of its inputs when GPTQ, SparseGPT or Wanda needs it (hessians.py) and
+   the inputs' max |x| for static activation scales; prune and/or quantize each Linear (recipe.py); run the
+   compressed block again: its outputs are the next block's inputs, so every block is calibrated on what the
+   already-compressed blocks before it produce, and errors are corrected rather than compounded; move the block
+   back where it was.
 
 Memory: the model (copied unless ``inplace``; each block's replaced float Linears are freed once it is done), the
 captured hidden states of the calibration batches (two sets while a block's outputs replace its inputs), and for the
@@ -26,7 +28,7 @@ from typing import Any, Dict, Iterable, List, Union
 import torch
 from torch import Tensor, nn
 
-from ..batches import model_device
+from ..batches import first_tensor, model_device
 from ..config import load_config
 from ..errors import CalibrationError, ConfigError
 from ..quantization.passes import hooks_attached, preserved_modes, progress_bar
@@ -34,7 +36,8 @@ from ..quantization.qdq import op_type
 from ..quantization.report import REPORT_ATTR, FloatLayer, QuantizationReport, QuantizedLayer
 from .blocks import BlockInput, block_output, capture_block_inputs, find_blocks
 from .hessians import BlockHessians
-from .modules import WeightOnlyLinear
+from .migration import awq_block, folded_groups, smoothquant_block
+from .modules import W8A8Linear, WeightOnlyLinear
 from .recipe import Recipe
 
 SECTION_PATH = "compression_inference"
@@ -42,9 +45,9 @@ SECTION_PATH = "compression_inference"
 
 def oneshot(model: nn.Module, config: Any, calib_data: Iterable, *, inplace: bool = False,
             device: Union[str, torch.device, None] = None, progress: bool = True) -> nn.Module:
-    """The model with the Linears of its repeated blocks pruned and/or weight-quantized as the config's
-    ``oneshot_pruning`` and ``weight_only_quantization`` sections say; ``model`` itself is left as it was unless
-    ``inplace`` (then it is returned, changed).
+    """The model with the Linears of its repeated blocks pruned and/or quantized as the config's
+    ``oneshot_pruning``, ``weight_only_quantization`` and ``w8a8_quantization`` sections say; ``model`` itself is
+    left as it was unless ``inplace`` (then it is returned, changed).
 
     ``calib_data``: an iterable of batches of token ids (``LongTensor [batch, tokens]``) or of dicts of model
     inputs (``input_ids``, ``attention_mask``); 128 samples of 512 to 2048 tokens is typical. ``device``: where each
@@ -94,20 +97,46 @@ def oneshot(model: nn.Module, config: Any, calib_data: Iterable, *, inplace: boo
 # -- one block ------------------------------------------------------------------------------------------------
 def _compress_block(block: nn.Module, linears: Dict[str, nn.Module], inputs: List[BlockInput], recipe: Recipe,
                     where: str, report: QuantizationReport) -> None:
-    """Accumulate the Hessians the recipe needs (one pass over the block's inputs), then compress each Linear."""
+    """Fold AWQ / SmoothQuant scales, accumulate the Hessians and input ranges the recipe needs (one pass over the
+    block's inputs), then compress each Linear."""
+    folded: Dict[str, str] = {}
+    if recipe.awq:
+        quantized = [n for n in linears if recipe.quantizes(f"{where}.{n}")]
+        folded = folded_groups(awq_block(block, quantized, inputs, recipe.grid, recipe.quantization.awq, where))
+    elif recipe.smoothquant:
+        quantized = [n for n in linears if recipe.quantizes(f"{where}.{n}")]
+        folded = folded_groups(smoothquant_block(block, quantized, inputs, recipe.w8a8.smoothquant))
     hessians = BlockHessians(where) if recipe.needs_hessian else None
-    if hessians is not None:
-        with hooks_attached(pre=[(m, hessians.hook(n)) for n, m in linears.items()], with_kwargs=True):
+    ranges: Dict[str, Tensor] = {}
+    hooks = []
+    for name, linear in linears.items():
+        if hessians is not None:
+            hooks.append((linear, hessians.hook(name)))
+        if recipe.needs_input_ranges:
+            hooks.append((linear, _range_hook(ranges, name)))
+    if hooks:
+        with hooks_attached(pre=hooks, with_kwargs=True):
             _run(block, inputs, where)
     with torch.no_grad():
         for name, linear in linears.items():
             full = f"{where}.{name}"
             hessian = hessians.take(name) if hessians is not None else None
-            replacement = recipe.compress(full, linear, hessian)
+            replacement = recipe.compress(full, linear, hessian, ranges.get(name))
             if replacement is not None:
                 _replace(block, name, replacement)
-            report.quantized.append(QuantizedLayer(full, op_type(linear), tuple(linear.weight.shape),
-                                                   recipe.scheme(full)))
+            scheme = recipe.scheme(full)
+            if name in folded:
+                scheme += f"; {'AWQ' if recipe.awq else 'SmoothQuant'} scales folded into {folded[name]}"
+            report.quantized.append(QuantizedLayer(full, op_type(linear), tuple(linear.weight.shape), scheme))
+
+
+def _range_hook(ranges: Dict[str, Tensor], name: str):
+    def pre_hook(module, args, kwargs):
+        x = first_tensor(args, kwargs)
+        if x is not None:
+            amax = x.detach().abs().amax().to(torch.float32)
+            ranges[name] = amax if name not in ranges else torch.maximum(ranges[name], amax)
+    return pre_hook
 
 
 def _run(block: nn.Module, inputs: List[BlockInput], where: str) -> List[Tensor]:
@@ -152,14 +181,15 @@ def _checked_recipe(model: Any, config: Any) -> Recipe:
     if not isinstance(model, nn.Module):
         raise ConfigError(f"oneshot() takes a torch.nn.Module, got {type(model).__name__}")
     inference = load_config(config).compression_inference
-    if inference.weight_only is None and inference.pruning is None:
-        raise ConfigError(f"{SECTION_PATH}: neither weight_only_quantization nor oneshot_pruning is enabled; "
-                          'oneshot() needs e.g. {"compression_inference": {"weight_only_quantization": '
+    if not inference.oneshot_sections():
+        raise ConfigError(f"{SECTION_PATH}: none of weight_only_quantization, w8a8_quantization and oneshot_pruning "
+                          'is enabled; oneshot() needs e.g. {"compression_inference": {"weight_only_quantization": '
                           '{"enabled": true}}} in the config')
-    if any(isinstance(m, WeightOnlyLinear) for m in model.modules()):
-        raise ConfigError(f"{type(model).__name__} already holds weight-only quantized layers; compress the float "
-                          "model")
-    return Recipe(quantization=inference.weight_only, pruning=inference.pruning)
+    if any(isinstance(m, (WeightOnlyLinear, W8A8Linear)) for m in model.modules()):
+        raise ConfigError(f"{type(model).__name__} already holds quantized layers; compress the float model")
+    recipe = Recipe(quantization=inference.weight_only, pruning=inference.pruning, w8a8=inference.w8a8)
+    recipe.check_runtime()
+    return recipe
 
 
 def _replace(root: nn.Module, name: str, new: nn.Module) -> None:

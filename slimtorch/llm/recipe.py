@@ -1,9 +1,10 @@
 """What :func:`slimtorch.oneshot` does to each Linear, read from the config: prune it (SparseGPT, Wanda, magnitude),
-quantize its weight (RTN, GPTQ), or both, in that order, so that pruned zeros stay zeros (GPTQ leaves them out of
-its updates and both grids map 0 to exactly 0).
+quantize it (weight-only int4/int8 by RTN or GPTQ; or W8A8 int8/FP8), or both, in that order, so that pruned zeros
+stay zeros (GPTQ leaves them out of its updates and every grid maps 0 to exactly 0).
 
-:class:`Recipe` holds the two enabled sections; :meth:`Recipe.compress` turns one Linear's float weight and (when an
-algorithm needs it) its inputs' Hessian into the layer that replaces it.
+:class:`Recipe` holds the enabled sections; :meth:`Recipe.compress` turns one Linear's float weight and (when an
+algorithm needs them) its inputs' Hessian and range into the layer that replaces it. The scale migration that runs
+before (AWQ, SmoothQuant) is migration.py's.
 """
 from __future__ import annotations
 
@@ -14,14 +15,16 @@ import torch
 from torch import Tensor, nn
 
 from ..config.patterns import parse_pattern
-from ..config.quant_schema import OneShotPruning, WeightOnlyQuantization
+from ..config.quant_schema import OneShotPruning, W8A8Quantization, WeightOnlyQuantization
+from ..errors import CalibrationError
 from ..quantization.qdq import op_type
 from ..quantization.selection import excluded_by
 from ..quantization.smoothquant.scales import linear_weight
 from .gptq import HessianAccumulator, check_enough_tokens, gptq_quantize
 from .grid import WeightGrid, check_group_size, quantize_rtn
-from .modules import WeightOnlyLinear
+from .modules import W8A8Linear, WeightOnlyLinear
 from .sparsegpt import Sparsity, check_sparsity, magnitude_prune, sparsegpt_prune, wanda_prune
+from .w8a8 import EightBit, float8_dtype, quantize_weight
 
 SECTIONS = "compression_inference.{}"
 Quantized = Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]  # (q, scale, zero, g_idx)
@@ -65,29 +68,45 @@ PRUNERS: Dict[str, Tuple[bool, Callable[..., Tensor]]] = {
     "sparsegpt": (True, _sparsegpt), "wanda": (True, _wanda), "magnitude": (False, _magnitude)}
 
 
+#: int8 W8A8 weights on slimtorch's integer grid (GPTQ's); the same scale and range as EightBit("int8")
+INT8_PER_CHANNEL = WeightGrid(8, True, None)
+
+
 @dataclass
 class Recipe:
-    """The enabled ``weight_only_quantization`` and ``oneshot_pruning`` sections (at least one)."""
+    """The enabled ``oneshot_pruning``, ``weight_only_quantization`` and ``w8a8_quantization`` sections (at least
+    one; weight-only and W8A8 exclude each other)."""
 
     quantization: Optional[WeightOnlyQuantization]
     pruning: Optional[OneShotPruning]
+    w8a8: Optional[W8A8Quantization] = None
+
+    @property
+    def sections(self) -> Dict[str, object]:
+        """Config key -> enabled section, in the order they act on a Linear."""
+        pairs = (("oneshot_pruning", self.pruning), ("weight_only_quantization", self.quantization),
+                 ("w8a8_quantization", self.w8a8))
+        return {k: v for k, v in pairs if v is not None}
 
     @property
     def blocks(self) -> Optional[str]:
-        return next((s.blocks for s in (self.quantization, self.pruning) if s is not None and s.blocks), None)
+        return next((s.blocks for s in self.sections.values() if s.blocks), None)
 
     @property
     def blocks_key(self) -> str:
         """The config path of the ``blocks`` key errors should name: the one set, else the first enabled section's."""
-        sections = [(k, s) for k, s in (("weight_only_quantization", self.quantization),
-                                         ("oneshot_pruning", self.pruning)) if s is not None]
-        key = next((k for k, s in sections if s.blocks), sections[0][0])
+        sections = self.sections
+        key = next((k for k, s in sections.items() if s.blocks), next(iter(sections)))
         return SECTIONS.format(f"{key}.blocks")
 
     @property
     def grid(self) -> Optional[WeightGrid]:
         q = self.quantization
         return None if q is None else WeightGrid(q.bits, q.symmetric, None if q.group_size == -1 else q.group_size)
+
+    @property
+    def eight_bit(self) -> Optional[EightBit]:
+        return None if self.w8a8 is None else EightBit(self.w8a8.format)
 
     @property
     def sparsity(self) -> Optional[Sparsity]:
@@ -99,23 +118,47 @@ class Recipe:
     @property
     def needs_hessian(self) -> bool:
         return ((self.quantization is not None and QUANTIZERS[self.quantization.algorithm][0])
-                or (self.pruning is not None and PRUNERS[self.pruning.method][0]))
+                or (self.pruning is not None and PRUNERS[self.pruning.method][0])
+                or (self.w8a8 is not None and self.w8a8.algorithm == "gptq"))
+
+    @property
+    def needs_input_ranges(self) -> bool:
+        """Static activations: each Linear's input max |x| over the calibration tokens gives its scale."""
+        return self.w8a8 is not None and self.w8a8.activations == "static_per_tensor"
+
+    @property
+    def awq(self) -> bool:
+        return self.quantization is not None and self.quantization.awq.enabled
+
+    @property
+    def smoothquant(self) -> bool:
+        return self.w8a8 is not None and self.w8a8.smoothquant.enabled
 
     @property
     def report_mode(self) -> str:
+        if self.w8a8 is not None:
+            return f"w8a8 {self.w8a8.format}"
         return "weight-only" if self.quantization is not None else "one-shot pruning"
+
+    def check_runtime(self) -> None:
+        """What the torch build must offer (a float8 dtype for FP8), before any work."""
+        if self.w8a8 is not None and self.w8a8.format == "fp8_e4m3":
+            float8_dtype()
 
     def excluded(self, name: str) -> Optional[str]:
         """Why every enabled section leaves layer ``name`` alone, or None when one of them compresses it."""
         reasons = []
-        for key, section in (("weight_only_quantization", self.quantization), ("oneshot_pruning", self.pruning)):
-            if section is None:
-                continue
+        for key, section in self.sections.items():
             hit = excluded_by(section.excluded_modules, name)
             if hit is None:
                 return None
             reasons.append(f"{key}.excluded_modules[{hit}] ({section.excluded_modules[hit]!r})")
         return ", ".join(reasons)
+
+    def quantizes(self, name: str) -> bool:
+        """Whether a quantization section (weight-only or W8A8) rounds layer ``name``."""
+        section = self.quantization or self.w8a8
+        return section is not None and self._applies(section, name)
 
     def check_shapes(self, name: str, module: nn.Module) -> None:
         """Every shape error for layer ``name`` (group size, N:M m), before any work."""
@@ -130,19 +173,24 @@ class Recipe:
         """CalibrationError when GPTQ or SparseGPT would run on layer ``name`` with fewer calibration tokens than
         its input width (a rank-deficient Hessian), before any layer is changed."""
         in_features = linear_weight(module).shape[1]
-        q, p = self.quantization, self.pruning
+        p = self.pruning
         if p is not None and p.method == "sparsegpt" and self._applies(p, name):
             check_enough_tokens(tokens, in_features, name, algorithm="SparseGPT", fallback="use method 'wanda'")
-        if q is not None and q.algorithm == "gptq" and self._applies(q, name):
-            check_enough_tokens(tokens, in_features, name)
+        for section in (self.quantization, self.w8a8):
+            if section is not None and section.algorithm == "gptq" and self._applies(section, name):
+                check_enough_tokens(tokens, in_features, name)
 
-    def compress(self, name: str, module: nn.Module, hessian: Optional[HessianAccumulator]) -> Optional[nn.Module]:
-        """Prune and/or quantize ``module`` (layer ``name``): the WeightOnlyLinear that replaces it, or None when it
-        was only pruned (its weight then holds the zeros, in its own dtype and layout)."""
+    def compress(self, name: str, module: nn.Module, hessian: Optional[HessianAccumulator],
+                 input_absmax: Optional[Tensor] = None) -> Optional[nn.Module]:
+        """Prune and/or quantize ``module`` (layer ``name``): the WeightOnlyLinear or W8A8Linear that replaces it,
+        or None when it was only pruned (its weight then holds the zeros, in its own dtype and layout).
+        ``input_absmax``: max |x| of its calibration inputs (static W8A8 activations)."""
         weight = linear_weight(module)
         pruned = self.pruning is not None and self._applies(self.pruning, name)
         if pruned:
             weight = PRUNERS[self.pruning.method][1](weight, hessian, self.sparsity, self.pruning, name)
+        if self.w8a8 is not None and self._applies(self.w8a8, name):
+            return self._w8a8(name, module, weight, hessian, input_absmax, pruned)
         if self.quantization is None or not self._applies(self.quantization, name):
             if pruned:
                 with torch.no_grad():
@@ -151,6 +199,21 @@ class Recipe:
         q, scale, zero, g_idx = QUANTIZERS[self.quantization.algorithm][1](
             weight, hessian, self.grid, self.quantization, pruned, name)
         return WeightOnlyLinear(q, scale, zero, module.bias, self.grid, g_idx, op_type(module))
+
+    def _w8a8(self, name: str, module: nn.Module, weight: Tensor, hessian: Optional[HessianAccumulator],
+              input_absmax: Optional[Tensor], pruned: bool) -> W8A8Linear:
+        fmt, section = self.eight_bit, self.w8a8
+        if section.algorithm == "gptq":
+            q, scale, _, _ = _gptq(weight, hessian, INT8_PER_CHANNEL, section, pruned, name)
+        else:
+            q, scale = quantize_weight(weight, fmt, where=name)
+        input_scale = None
+        if section.activations == "static_per_tensor":
+            if input_absmax is None:
+                raise CalibrationError(f"{name} received no calibration input, so its static activation scale is "
+                                       "unknown; exclude it with excluded_modules")
+            input_scale = fmt.scale(input_absmax.reshape(1))
+        return W8A8Linear(q, scale, module.bias, fmt, input_scale, op_type(module))
 
     def scheme(self, name: str) -> str:
         """What happens to layer ``name``, for the report."""
@@ -162,8 +225,12 @@ class Recipe:
         if self.quantization is not None and self._applies(self.quantization, name):
             q = self.quantization
             group = "per channel" if q.group_size == -1 else f"group {q.group_size}"
-            parts.append(f"w int{q.bits} {'symmetric' if q.symmetric else 'asymmetric'} {group} ({q.algorithm}), "
-                         "a float")
+            parts.append(f"w int{q.bits} {'symmetric' if q.symmetric else 'asymmetric'} {group} "
+                         f"({'awq + ' if q.awq.enabled else ''}{q.algorithm}), a float")
+        if self.w8a8 is not None and self._applies(self.w8a8, name):
+            w = self.w8a8
+            act = "per token, dynamic" if w.activations == "dynamic_per_token" else "per tensor, static"
+            parts.append(f"w {w.format} per channel ({w.algorithm}), a {w.format} {act}")
         return " + ".join(parts)
 
     @staticmethod

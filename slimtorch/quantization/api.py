@@ -81,8 +81,7 @@ def _checked_arguments(model: Any, config: Any, eval_fn: Any, calib_dataloader: 
     """``(section, static, where, criterion)``; every bad argument is an error here, before any work."""
     cfg = load_config(config)
     section = cfg.quantization
-    oneshot_sections = [name for name, s in (("weight_only_quantization", cfg.compression_inference.weight_only),
-                                              ("oneshot_pruning", cfg.compression_inference.pruning)) if s is not None]
+    oneshot_sections = list(cfg.compression_inference.oneshot_sections())
     if section is None and oneshot_sections:
         raise ConfigError(f"{SECTION_PATH}.{oneshot_sections[0]} runs block by block on a decoder LLM: call "
                           "slimtorch.oneshot(model, config, calib_data) instead of quantize()")

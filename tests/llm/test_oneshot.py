@@ -164,7 +164,8 @@ def test_wrong_entry_point_and_empty_data_are_errors():
     model = TINY_MODELS["llama"]()
     with pytest.raises(st.ConfigError, match="call slimtorch.oneshot"):
         st.quantize(model, config(), calib_dataloader=calibration(model))
-    with pytest.raises(st.ConfigError, match="neither weight_only_quantization nor oneshot_pruning is enabled"):
+    with pytest.raises(st.ConfigError, match="none of weight_only_quantization, w8a8_quantization and "
+                                                    "oneshot_pruning is enabled"):
         st.oneshot(model, {"compression_inference": {"dynamic_quantization": {"enabled": True}}}, [],
                    progress=False)
     with pytest.raises(st.CalibrationError, match="yielded no batches"):

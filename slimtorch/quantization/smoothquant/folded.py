@@ -6,10 +6,10 @@ output rows and bias), so the model keeps its structure, its module names and it
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any, Callable, Iterable, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Optional, Sequence, Tuple, Union
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ...batches import model_device, to_device
 from ...errors import CalibrationError, ConfigError
@@ -24,11 +24,15 @@ from .report import GroupResult, SmoothQuantReport
 from .scales import check_alpha, smoothing_scales, weight_absmax
 from .stats import ChannelStats
 
+#: (a group's input statistics, its Linears) -> (per-input-channel scales, the number reported as its alpha)
+ScalesFn = Callable[[ChannelStats, Sequence[nn.Module]], Tuple[Tensor, float]]
+
 
 def smooth(model: nn.Module, loader: Iterable, *, linear_names: Sequence[str], alpha: Union[float, str],
            num_batches: int, input_fn: Optional[Callable[[Any], Any]] = None, act_dtype: str = "int8",
            act_symmetric: bool = True, extra_pairs: Pairs = (), auto_pairs: bool = True, max_rows: int = 2048,
-           tol: Optional[float] = None, probe_samples: int = 1, sync: Any = LOCAL) -> SmoothQuantReport:
+           tol: Optional[float] = None, probe_samples: int = 1, sync: Any = LOCAL,
+           scales_fn: Optional[ScalesFn] = None) -> SmoothQuantReport:
     """Smooth ``model`` in place (pass a copy) before quantizing ``linear_names``; its float function is unchanged.
 
     ``alpha`` in [0, 1], or "auto": per group the ALPHA_GRID value with the least fake-quant output error on up to
@@ -36,8 +40,10 @@ def smooth(model: nn.Module, loader: Iterable, *, linear_names: Sequence[str], a
     first batch drives discovery and every exactness check; up to ``num_batches`` batches feed the statistics.
     ``sync``: distributed calibration (quantization/distributed.py), every statistic reduced over the ranks.
     Without folding (an explicit multiply on each Linear's input) is :func:`~.explicit.smooth_explicit`.
+    ``scales_fn(stats, linears) -> (scales, number)`` replaces the SmoothQuant formula (AWQ's search: the number is
+    reported as the group's alpha); its stats then hold ``max_rows`` sampled rows.
     """
-    if alpha != "auto":
+    if alpha != "auto" and scales_fn is None:
         check_alpha(alpha)
     if num_batches < 1:
         raise ConfigError(f"num_calibration_batches must be >= 1, got {num_batches}")
@@ -58,7 +64,7 @@ def smooth(model: nn.Module, loader: Iterable, *, linear_names: Sequence[str], a
     if not groups:
         return report
     modules = dict(model.named_modules())
-    rows = max_rows if alpha == "auto" else 0
+    rows = max_rows if alpha == "auto" or scales_fn is not None else 0
     with sync.guard("SmoothQuant calibration"):
         stats = calibrate(model, loader, observer_factory=lambda n, m: ChannelStats(rows), num_batches=num_batches,
                           input_fn=input_fn, module_filter=[g.linears[0] for g in groups], progress=False)
@@ -71,6 +77,10 @@ def smooth(model: nn.Module, loader: Iterable, *, linear_names: Sequence[str], a
             report.skipped.append(g)
             continue
         mods = [modules[n] for n in g.linears]
+        if scales_fn is not None:
+            s, a = scales_fn(st, mods)
+            plans.append((g, a, s, st.absmax))
+            continue
         a = search_alpha(st, mods, act_dtype, act_symmetric, sync.sum_ordered)[0] if alpha == "auto" else float(alpha)
         plans.append((g, a, smoothing_scales(st.absmax, weight_absmax(mods).to(st.absmax.device), a), st.absmax))
     with preserved_modes(model, "eval"), sync.guard("SmoothQuant verification"):
