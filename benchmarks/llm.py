@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -33,6 +34,13 @@ sys.path.insert(0, str(HERE))
 def _weight_only(algorithm: str, group_size: int, bits: int = 4, **extra) -> dict:
     section = {"enabled": True, "bits": bits, "symmetric": True, "group_size": group_size, "algorithm": algorithm}
     return {"compression_inference": {"weight_only_quantization": {**section, **extra}}}
+
+
+def _w8a8(algorithm: str, smoothquant: bool = False, fmt: str = "int8",
+          activations: str = "dynamic_per_token") -> dict:
+    section = {"enabled": True, "format": fmt, "activations": activations, "algorithm": algorithm,
+               "smoothquant": {"enabled": smoothquant, "alpha": 0.8}}
+    return {"compression_inference": {"w8a8_quantization": section}}
 
 
 def _pruning(method: str, quantization: Optional[dict] = None, **sparsity) -> dict:
@@ -53,7 +61,18 @@ METHODS: Dict[str, Optional[dict]] = {
     "w4 rtn per-channel": _weight_only("rtn", -1),
     "w4 gptq per-channel": _weight_only("gptq", -1),
     "w4 gptq per-channel no act-order": _weight_only("gptq", -1, gptq={"act_order": False}),
+    "w4 awq g64": _weight_only("rtn", 64, awq={"enabled": True}),
+    "w4 awq + gptq g64": _weight_only("gptq", 64, awq={"enabled": True}),
+    "w4 awq per-channel": _weight_only("rtn", -1, awq={"enabled": True}),
     "w8 rtn per-channel": _weight_only("rtn", -1, bits=8),
+    "w8a8 rtn (no smoothing)": _w8a8("rtn"),
+    "w8a8 gptq (no smoothing)": _w8a8("gptq"),
+    "w8a8 smoothquant + rtn": _w8a8("rtn", smoothquant=True),
+    "w8a8 smoothquant + gptq": _w8a8("gptq", smoothquant=True),
+    "w8a8 static per-tensor rtn (naive)": _w8a8("rtn", activations="static_per_tensor"),
+    "w8a8 static per-tensor smoothquant + gptq": _w8a8("gptq", smoothquant=True, activations="static_per_tensor"),
+    "fp8 dynamic": _w8a8("rtn", fmt="fp8_e4m3"),
+    "fp8 static per-tensor": _w8a8("rtn", fmt="fp8_e4m3", activations="static_per_tensor"),
     "2:4 sparsegpt": _pruning("sparsegpt", pattern="2:4"),
     "2:4 wanda": _pruning("wanda", pattern="2:4"),
     "2:4 magnitude": _pruning("magnitude", pattern="2:4"),
@@ -64,7 +83,22 @@ METHODS: Dict[str, Optional[dict]] = {
 
 
 #: methods whose result is also saved with slimtorch.save_compressed, loaded in transformers and evaluated again
-ROUND_TRIP = ("w4 gptq g64",)
+ROUND_TRIP = ("w4 gptq g64", "w8a8 smoothquant + gptq", "fp8 dynamic", "2:4 sparsegpt + w4 gptq g64")
+
+#: slimtorch method -> the peer's same method (benchmarks/peers/llmcompressor_llm.py --method), run with --peers
+PEERS: Dict[str, str] = {
+    "float": "float",
+    "w4 rtn g64": "w4 rtn g64", "w4 gptq g64": "w4 gptq g64",
+    "w4 rtn per-channel": "w4 rtn per-channel", "w4 gptq per-channel": "w4 gptq per-channel",
+    "w4 awq g64": "w4 awq g64",
+    "w8 rtn per-channel": "torchao int8 weight-only",
+    "w8a8 rtn (no smoothing)": "torchao w8a8 dynamic",
+    "w8a8 gptq (no smoothing)": "w8a8 gptq (no smoothing)",
+    "w8a8 smoothquant + gptq": "w8a8 smoothquant + gptq",
+    "fp8 dynamic": "fp8 dynamic",
+    "2:4 sparsegpt": "2:4 sparsegpt", "2:4 wanda": "2:4 wanda", "4:8 sparsegpt": "4:8 sparsegpt",
+    "50% sparsegpt": "50% sparsegpt", "2:4 sparsegpt + w4 gptq g64": "2:4 sparsegpt + w4 gptq g64",
+}
 
 
 def _rss_gb() -> float:
@@ -125,45 +159,112 @@ def round_trip(model, held_out) -> dict:
         loaded = AutoModelForCausalLM.from_pretrained(compressed, dtype=torch.float32).eval()
         again = slimtorch.perplexity(loaded, held_out, window=S.WINDOW, progress=False)
         return dict(loaded_perplexity=again.perplexity, checkpoint_mb=_directory_bytes(compressed) / 2 ** 20,
-                    fp16_checkpoint_mb=_directory_bytes(fp16) / 2 ** 20)
+                    fp16_checkpoint_mb=_directory_bytes(fp16) / 2 ** 20, **_two_four_after_loading(loaded))
 
 
-def table(rows: List[dict]) -> str:
-    reference = next((r["perplexity"] for r in rows if r["method"] == "float"), None)
-    lines = ["| method | perplexity | vs float | compress s | loaded GB | peak GB |", "|---|---|---|---|---|---|"]
-    for r in rows:
-        if "error" in r:
-            lines.append(f"| {r['method']} | failed: {r['error']} | | | | |")
+def _two_four_after_loading(loaded) -> dict:
+    """Groups of 4 consecutive input weights with more than 2 non-zeros, over the blocks' Linears of the model
+    transformers loaded (compressed-tensors keeps a sparse + quantized checkpoint's int4 weights packed)."""
+    import torch
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+    groups = violations = 0
+    for name, module in loaded.named_modules():
+        if not (isinstance(module, torch.nn.Linear) and ".layers." in name):
             continue
-        delta = "" if reference is None else f"{100 * (r['perplexity'] / reference - 1):+.1f}%"
-        lines.append(f"| {r['method']} | {r['perplexity']:.3f} | {delta} | {r['compress_s']:.1f} | "
-                     f"{r['loaded_gb']:.2f} | {r['peak_gb']:.2f} |")
+        if hasattr(module, "weight_packed"):
+            nonzero = unpack_from_int32(module.weight_packed, 4, torch.Size(module.weight_shape.tolist())) != 0
+        else:
+            nonzero = module.weight.detach() != 0
+        counts = nonzero.reshape(nonzero.shape[0], -1, 4).sum(-1)
+        groups += counts.numel()
+        violations += int((counts > 2).sum())
+    return dict(loaded_groups_of_4=groups, loaded_groups_over_2_of_4=violations)
+
+
+def _peer_venv() -> str:
+    """The llm-compressor (+ torchao) venv, built on first use by benchmarks/peers/setup_llmcompressor.sh."""
+    done = subprocess.run(["bash", str(HERE / "peers" / "setup_llmcompressor.sh")], capture_output=True, text=True,
+                          env={**os.environ, "PYTHON": sys.executable})
+    if done.returncode != 0:
+        raise SystemExit(f"could not set up the llm-compressor venv:\n{done.stderr[-2000:]}")
+    return done.stdout.strip().splitlines()[-1]
+
+
+def _run(command: List[str], method: str) -> dict:
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        return dict(method=method, error=(done.stderr.strip().splitlines() or ["?"])[-1])
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _vs(value: float, reference: Optional[float]) -> str:
+    return "" if reference is None else f"{100 * (value / reference - 1):+.1f}%"
+
+
+def _cell(row: Optional[dict], key: str, fmt: str) -> str:
+    if row is None:
+        return ""
+    if "error" in row:
+        return "failed" if key == "perplexity" else ""
+    return format(row[key], fmt)
+
+
+def table(rows: List[dict], peers: Dict[str, dict]) -> str:
+    """One line per slimtorch method, the peer's same method beside it (when run): perplexity, compression wall
+    time and the peak RSS above the loaded float model, with the ratios slimtorch / peer."""
+    reference = next((r["perplexity"] for r in rows if r["method"] == "float" and "error" not in r), None)
+    peer_reference = next((r["perplexity"] for r in peers.values() if r["method"] == "float" and "error" not in r),
+                          None)
+    lines = ["| method | perplexity | vs float | peer | peer perplexity | peer vs float | compress s | peer s | "
+             "time ratio | peak above loaded GB | peer's | loaded GB | peak GB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        peer = peers.get(r["method"])
+        name = "" if peer is None else f"{peer.get('tool', '?')}: {PEERS[r['method']]}"
+        if "error" in r:
+            lines.append(f"| {r['method']} | failed: {r['error']} | | {name} | | | | | | | | | |")
+            continue
+        peer_ok = peer is not None and "error" not in peer
+        ratio = (f"{r['compress_s'] / peer['compress_s']:.2f}" if peer_ok and peer["compress_s"] > 0.05
+                 and r["compress_s"] > 0 else "")
+        above = r["peak_gb"] - r["loaded_gb"]
+        peer_above = f"{peer['peak_gb'] - peer['loaded_gb']:.2f}" if peer_ok else ""
+        peer_ppl = _cell(peer, "perplexity", ".3f") if peer is not None and "error" not in peer else (
+            f"failed: {peer['error']}" if peer is not None else "")
+        lines.append(f"| {r['method']} | {r['perplexity']:.3f} | {_vs(r['perplexity'], reference)} | {name} | "
+                     f"{peer_ppl} | {_vs(peer['perplexity'], peer_reference) if peer_ok else ''} | "
+                     f"{r['compress_s']:.1f} | {_cell(peer, 'compress_s', '.1f')} | {ratio} | {above:.2f} | "
+                     f"{peer_above} | {r['loaded_gb']:.2f} | {r['peak_gb']:.2f} |")
     return "\n".join(lines)
 
 
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--peers", action="store_true",
+                        help="also run each method's llm-compressor / torchao counterpart (PEERS) in its own venv")
     parser.add_argument("--one", choices=list(METHODS), help=argparse.SUPPRESS)  # the child process's job
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args(argv)
     if args.one:
         print(json.dumps(run_one(args.one)))
         return
-    rows = []
+    venv = _peer_venv() if args.peers else None
+    rows, peers = [], {}
     for name in args.methods:
-        done = subprocess.run([sys.executable, __file__, "--one", name], capture_output=True, text=True)
-        if done.returncode != 0:
-            rows.append(dict(method=name, error=(done.stderr.strip().splitlines() or ["?"])[-1]))
-        else:
-            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        rows.append(_run([sys.executable, __file__, "--one", name], name))
+        if venv is not None and name in PEERS:  # right after ours: the same machine load for both
+            peers[name] = _run([f"{venv}/bin/python", str(HERE / "peers" / "llmcompressor_llm.py"), "--method",
+                                PEERS[name]], name)
         print(f"{name}: done", file=sys.stderr, flush=True)
     first = next((r for r in rows if "tokens" in r), None)
     if first is not None:
         print(f"SmolLM2-135M-Instruct (float32 from GGUF), pydoc_data.topics: {first['calibration_tokens']} "
               f"calibration tokens (32 x 512), held-out perplexity over {first['windows']} windows of 512 "
-              f"({first['tokens']} predicted tokens); int4 symmetric\n")
-    print(table(rows))
+              f"({first['tokens']} predicted tokens); int4 symmetric; each method and its peer in their own "
+              "subprocess, one after the other\n")
+    print(table(rows, peers))
     for r in rows:
         if "loaded_perplexity" in r:
             print(f"\nround trip of {r['method']}: saved with slimtorch.save_compressed, loaded by transformers "
@@ -172,9 +273,12 @@ def main(argv: Optional[List[str]] = None) -> None:
                   f"{r['checkpoint_mb']:.0f} MB = {r['checkpoint_mb'] / r['fp16_checkpoint_mb']:.2f}x the float16 "
                   f"checkpoint ({r['fp16_checkpoint_mb']:.0f} MB; the tied embeddings / lm_head, 28.3 M of the 134.5 M "
                   "parameters, stay float16)")
+            if "2:4" in r["method"]:
+                print(f"  2:4 after loading: {r['loaded_groups_over_2_of_4']} of {r['loaded_groups_of_4']} groups of "
+                      "4 input weights hold more than 2 non-zeros")
     if args.json_out:
         args.json_out.parent.mkdir(parents=True, exist_ok=True)
-        args.json_out.write_text(json.dumps(rows, indent=2))
+        args.json_out.write_text(json.dumps(dict(slimtorch=rows, peers=peers), indent=2))
 
 
 if __name__ == "__main__":

@@ -91,8 +91,31 @@ def _save(model: nn.Module, state: Dict[str, torch.Tensor], quantized: Dict[str,
     config_path = directory / "config.json"
     config = json.loads(config_path.read_text())
     config["quantization_config"] = _quantization_config(model, quantized, scheme, version)
+    config["quantization_config"]["sparsity_config"] = _sparsity_config(config["quantization_config"]["ignore"],
+                                                                        quantized)
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
     return directory
+
+
+def _stored_weight(m: nn.Module) -> torch.Tensor:
+    return m.weight if isinstance(m, W8A8Linear) else m.weight_int
+
+
+def _sparsity_config(ignore: List[str], quantized: Dict[str, nn.Module]) -> dict:
+    """compressed-tensors' sparsity metadata (format "dense": the zeros are stored as they are) when every quantized
+    layer holds exact 2:4 zeros, the structure runtimes accelerate; else {} (no claim)."""
+    from compressed_tensors.config import SparsityCompressionConfig
+
+    zeros = total = 0
+    for m in quantized.values():
+        nonzero = _stored_weight(m).to(torch.float32) != 0  # the zero point is 0: symmetric grids only are written
+        if nonzero.shape[1] % 4 or not bool((nonzero.reshape(nonzero.shape[0], -1, 4).sum(-1) <= 2).all()):
+            return {}
+        zeros += int((~nonzero).sum())
+        total += nonzero.numel()
+    config = SparsityCompressionConfig.load_from_registry("dense", sparsity_structure="2:4", targets=["Linear"],
+                                                          ignore=ignore, global_sparsity=zeros / max(total, 1))
+    return config.model_dump(exclude={"registry_requires_subclass"})
 
 
 def _scheme_of(m: nn.Module) -> tuple:

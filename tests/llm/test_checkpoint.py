@@ -128,3 +128,42 @@ def test_w8a8_round_trips_through_transformers_and_load_compressed(fmt, activati
         assert isinstance(loaded, W8A8Linear) and loaded.weight.dtype == layer.weight.dtype
         torch.testing.assert_close(loaded.weight.float(), layer.weight.float(), rtol=0, atol=0)
         assert loaded.dynamic == layer.dynamic
+
+
+def test_a_2_4_pruned_int4_model_keeps_exact_2_4_zeros_after_loading_and_says_so(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = TINY_MODELS["llama"]()
+    calib = [random_tokens(model.config.vocab_size, 2, 64, seed) for seed in range(4)]
+    cfg = {"compression_inference": {
+        "oneshot_pruning": {"enabled": True, "method": "sparsegpt", "pattern": "2:4"},
+        "weight_only_quantization": {"enabled": True, "algorithm": "gptq", "group_size": 32}}}
+    q_model = st.oneshot(model, cfg, calib, progress=False)
+    st.save_compressed(q_model, tmp_path)
+    sparsity = json.loads((tmp_path / "config.json").read_text())["quantization_config"]["sparsity_config"]
+    assert sparsity["sparsity_structure"] == "2:4" and sparsity["format"] == "dense"
+    assert 0.5 <= sparsity["global_sparsity"] < 0.6  # half pruned, plus the few weights that round to 0
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    checked = 0
+    for name, module in loaded.named_modules():
+        if isinstance(module, torch.nn.Linear) and ".layers." in name:
+            nonzero = _loaded_nonzero(module)
+            assert bool((nonzero.reshape(nonzero.shape[0], -1, 4).sum(-1) <= 2).all()), name
+            checked += 1
+    assert checked == 14
+    ids = random_tokens(model.config.vocab_size, 2, 24, seed=99)
+    with torch.no_grad():  # with sparsity metadata transformers keeps the packed weights: same function
+        torch.testing.assert_close(loaded(input_ids=ids).logits, q_model(input_ids=ids).logits, rtol=0, atol=1e-5)
+    _, dense = compress("llama")
+    st.save_compressed(dense, tmp_path / "dense")
+    assert json.loads((tmp_path / "dense" / "config.json").read_text())["quantization_config"]["sparsity_config"] == {}
+
+
+def _loaded_nonzero(module):
+    """Which weights of a Linear loaded by transformers are non-zero: compressed-tensors keeps a sparse + quantized
+    checkpoint's weights packed (``weight_packed``) and decompresses them in the forward."""
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+    if hasattr(module, "weight_packed"):
+        return unpack_from_int32(module.weight_packed, 4, torch.Size(module.weight_shape.tolist())) != 0
+    return module.weight.detach() != 0
