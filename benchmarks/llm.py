@@ -214,8 +214,9 @@ def table(rows: List[dict], peers: Dict[str, dict]) -> str:
     """One line per slimtorch method, the peer's same method beside it (when run): perplexity, compression wall
     time and the peak RSS above the loaded float model, with the ratios slimtorch / peer."""
     reference = next((r["perplexity"] for r in rows if r["method"] == "float" and "error" not in r), None)
+    # the peer's own float row when it was run, else ours: one model, one protocol, one evaluation function
     peer_reference = next((r["perplexity"] for r in peers.values() if r["method"] == "float" and "error" not in r),
-                          None)
+                          reference)
     lines = ["| method | perplexity | vs float | peer | peer perplexity | peer vs float | compress s | peer s | "
              "time ratio | peak above loaded GB | peer's | loaded GB | peak GB |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -244,6 +245,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--peers", action="store_true",
                         help="also run each method's llm-compressor / torchao counterpart (PEERS) in its own venv")
+    parser.add_argument("--peers-for", nargs="+", choices=list(PEERS),
+                        help="with --peers: only these methods' counterparts (default: every method's that has one)")
     parser.add_argument("--one", choices=list(METHODS), help=argparse.SUPPRESS)  # the child process's job
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args(argv)
@@ -254,10 +257,13 @@ def main(argv: Optional[List[str]] = None) -> None:
     rows, peers = [], {}
     for name in args.methods:
         rows.append(_run([sys.executable, __file__, "--one", name], name))
-        if venv is not None and name in PEERS:  # right after ours: the same machine load for both
+        if venv is not None and name in (args.peers_for or PEERS):  # right after ours: the same machine load
             peers[name] = _run([f"{venv}/bin/python", str(HERE / "peers" / "llmcompressor_llm.py"), "--method",
                                 PEERS[name]], name)
         print(f"{name}: done", file=sys.stderr, flush=True)
+        if args.json_out:  # after every method: a long run cut short keeps what it measured
+            args.json_out.parent.mkdir(parents=True, exist_ok=True)
+            args.json_out.write_text(json.dumps(dict(slimtorch=rows, peers=peers), indent=2))
     first = next((r for r in rows if "tokens" in r), None)
     if first is not None:
         print(f"SmolLM2-135M-Instruct (float32 from GGUF), pydoc_data.topics: {first['calibration_tokens']} "
@@ -276,9 +282,6 @@ def main(argv: Optional[List[str]] = None) -> None:
             if "2:4" in r["method"]:
                 print(f"  2:4 after loading: {r['loaded_groups_over_2_of_4']} of {r['loaded_groups_of_4']} groups of "
                       "4 input weights hold more than 2 non-zeros")
-    if args.json_out:
-        args.json_out.parent.mkdir(parents=True, exist_ok=True)
-        args.json_out.write_text(json.dumps(dict(slimtorch=rows, peers=peers), indent=2))
 
 
 if __name__ == "__main__":
