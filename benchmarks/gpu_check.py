@@ -10,6 +10,7 @@ Checks, each printed PASS/FAIL with its numbers:
 2. static QDQ quantization on the device and ONNX export from there (verified in ONNX Runtime by export_onnx);
 3. the LLM pipeline with offloading: a tiny Llama kept on the CPU, compressed with GPTQ int4 and SparseGPT 2:4 on the
    device one block at a time; the blocks are back on the CPU afterwards and the result matches a CPU run;
+   FP8 and int8 W8A8 (SmoothQuant + GPTQ) and AWQ the same way, then run in bfloat16 on the device;
 4. the test-suite cases that skip without CUDA (pytest -k cuda selection), including DeepSpeed/accelerate fp16.
 """
 from __future__ import annotations
@@ -96,6 +97,33 @@ def check_llm_offloading(device: str) -> str:
     return f"blocks back on cpu; logits vs a cpu run: relative difference {rel:.2e}"
 
 
+def check_llm_w8a8_awq(device: str) -> str:
+    """FP8 and int8 W8A8 with SmoothQuant, and AWQ, compressed on the device one block at a time; the FP8 model then
+    runs in bfloat16 on the device (its float8 weights and float32 scales kept) and agrees with its float32 CPU run."""
+    import slimtorch as st
+    from tests.llm.tiny_models import TINY_MODELS, random_tokens
+
+    model = TINY_MODELS["llama"]()
+    calib = [random_tokens(model.config.vocab_size, 2, 64, seed) for seed in range(8)]
+    ids = random_tokens(model.config.vocab_size, 2, 32, seed=98)
+    details = []
+    for name, section in (
+            ("fp8", {"w8a8_quantization": {"enabled": True, "format": "fp8_e4m3", "algorithm": "rtn"}}),
+            ("int8 sq+gptq", {"w8a8_quantization": {"enabled": True, "smoothquant": {"enabled": True}}}),
+            ("awq", {"weight_only_quantization": {"enabled": True, "group_size": 32, "awq": {"enabled": True}}})):
+        cfg = {"compression_inference": section}
+        on_device = st.oneshot(model, cfg, calib, device=device, progress=False)
+        on_cpu = st.oneshot(model, cfg, calib, device="cpu", progress=False)
+        with torch.no_grad():
+            b = on_cpu(input_ids=ids).logits
+            half = on_device.to(device=device, dtype=torch.bfloat16)
+            a = half(input_ids=ids.to(device)).logits.float().cpu()
+        rel = float((a - b).norm() / b.norm())
+        assert rel < 0.05, (name, rel)
+        details.append(f"{name} {rel:.1e}")
+    return "bf16 on the device vs float32 cpu run, relative logit difference: " + ", ".join(details)
+
+
 def check_cuda_tests(device: str) -> str:
     if device == "cpu":
         return "skipped on cpu"
@@ -108,7 +136,8 @@ def check_cuda_tests(device: str) -> str:
 
 CHECKS: List[Tuple[str, Callable[[str], str]]] = [
     ("pruning bf16/fp16", check_pruning_half), ("QDQ + ONNX export", check_qdq_export),
-    ("LLM offloading", check_llm_offloading), ("CUDA test cases", check_cuda_tests)]
+    ("LLM offloading", check_llm_offloading), ("LLM W8A8/FP8/AWQ", check_llm_w8a8_awq),
+    ("CUDA test cases", check_cuda_tests)]
 
 
 def main() -> int:
