@@ -23,6 +23,7 @@ import os
 import resource
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -116,6 +117,8 @@ def run_one(name: str) -> dict:
     import slimtorch
 
     torch.manual_seed(0)
+    if os.environ.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     model, tokenizer = S.load_smollm2()
     loaded = _rss_gb()
     calibration = S.calibration_samples(tokenizer)
@@ -213,7 +216,11 @@ def _cell(row: Optional[dict], key: str, fmt: str) -> str:
 def table(rows: List[dict], peers: Dict[str, dict]) -> str:
     """One line per slimtorch method, the peer's same method beside it (when run): perplexity, compression wall
     time and the peak RSS above the loaded float model, with the ratios slimtorch / peer."""
-    reference = next((r["perplexity"] for r in rows if r["method"] == "float" and "error" not in r), None)
+    import _smollm2 as S
+
+    # the float row when it was run, else the protocol's float32 reference (benchmarks/_smollm2.py)
+    reference = next((r["perplexity"] for r in rows if r["method"] == "float" and "error" not in r),
+                     S.REFERENCE_PERPLEXITY)
     # the peer's own float row when it was run, else ours: one model, one protocol, one evaluation function
     peer_reference = next((r["perplexity"] for r in peers.values() if r["method"] == "float" and "error" not in r),
                           reference)
@@ -247,6 +254,10 @@ def main(argv: Optional[List[str]] = None) -> None:
                         help="also run each method's llm-compressor / torchao counterpart (PEERS) in its own venv")
     parser.add_argument("--peers-for", nargs="+", choices=list(PEERS),
                         help="with --peers: only these methods' counterparts (default: every method's that has one)")
+    parser.add_argument("--side-by-side", action="store_true",
+                        help="with --peers: run slimtorch's queue and the peers' queue at the same time, one thread "
+                             "each (on 2 cores, half the wall time; each time ratio then compares runs made under "
+                             "the same load)")
     parser.add_argument("--one", choices=list(METHODS), help=argparse.SUPPRESS)  # the child process's job
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args(argv)
@@ -255,21 +266,44 @@ def main(argv: Optional[List[str]] = None) -> None:
         return
     venv = _peer_venv() if args.peers else None
     rows, peers = [], {}
-    for name in args.methods:
-        rows.append(_run([sys.executable, __file__, "--one", name], name))
-        if venv is not None and name in (args.peers_for or PEERS):  # right after ours: the same machine load
-            peers[name] = _run([f"{venv}/bin/python", str(HERE / "peers" / "llmcompressor_llm.py"), "--method",
-                                PEERS[name]], name)
-        print(f"{name}: done", file=sys.stderr, flush=True)
-        if args.json_out:  # after every method: a long run cut short keeps what it measured
+    ours = [(name, [sys.executable, __file__, "--one", name]) for name in args.methods]
+    theirs = [(name, [f"{venv}/bin/python", str(HERE / "peers" / "llmcompressor_llm.py"), "--method", PEERS[name]])
+              for name in args.methods if venv is not None and name in (args.peers_for or PEERS)]
+
+    def save() -> None:  # after every method: a long run cut short keeps what it measured
+        if args.json_out:
             args.json_out.parent.mkdir(parents=True, exist_ok=True)
             args.json_out.write_text(json.dumps(dict(slimtorch=rows, peers=peers), indent=2))
+
+    def queue(jobs, store) -> None:
+        for name, command in jobs:
+            result = _run(command, name)
+            if isinstance(store, list):
+                store.append(result)
+            else:
+                store[name] = result
+            print(f"{name} ({'slimtorch' if isinstance(store, list) else 'peer'}): done", file=sys.stderr, flush=True)
+            save()
+
+    if args.side_by_side:  # two queues at once, one thread each: both sides always share the machine alike
+        os.environ["OMP_NUM_THREADS"] = "1"
+        workers = [threading.Thread(target=queue, args=(ours, rows)), threading.Thread(target=queue,
+                                                                                    args=(theirs, peers))]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+    else:  # one process at a time, each method's peer right after it
+        for job in ours:
+            queue([job], rows)
+            queue([t for t in theirs if t[0] == job[0]], peers)
     first = next((r for r in rows if "tokens" in r), None)
     if first is not None:
         print(f"SmolLM2-135M-Instruct (float32 from GGUF), pydoc_data.topics: {first['calibration_tokens']} "
               f"calibration tokens (32 x 512), held-out perplexity over {first['windows']} windows of 512 "
               f"({first['tokens']} predicted tokens); int4 symmetric; each method and its peer in their own "
-              "subprocess, one after the other\n")
+              "subprocess" + (", slimtorch's and the peers' queues at once, one thread each\n" if args.side_by_side
+                             else ", one after the other\n"))
     print(table(rows, peers))
     for r in rows:
         if "loaded_perplexity" in r:
