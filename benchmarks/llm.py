@@ -1,7 +1,9 @@
 """Decoder-LLM compression on SmolLM2-135M-Instruct: held-out perplexity, compression wall time and peak RSS of
 every method, each run in its own subprocess (so that each peak RSS is its own), printed as one table.
 
-    python benchmarks/llm.py                       # every method below (about an hour on 2 CPU cores)
+    python benchmarks/llm.py                       # every method below (hours on 2 CPU cores: each evaluation
+                                                   # of the 58 windows takes 3 to 15 minutes)
+    python benchmarks/llm.py --peers --side-by-side --methods "w4 gptq g64"   # beside llm-compressor, 1 thread each
     python benchmarks/llm.py --methods float "w4 gptq g64"
     python benchmarks/llm.py --json-out results/llm.json
 
