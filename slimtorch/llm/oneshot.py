@@ -100,11 +100,10 @@ def _compress_block(block: nn.Module, linears: Dict[str, nn.Module], inputs: Lis
     """Fold AWQ / SmoothQuant scales, accumulate the Hessians and input ranges the recipe needs (one pass over the
     block's inputs), then compress each Linear."""
     folded: Dict[str, str] = {}
+    quantized = [n for n in linears if recipe.quantizes(f"{where}.{n}")]
     if recipe.awq:
-        quantized = [n for n in linears if recipe.quantizes(f"{where}.{n}")]
         folded = folded_groups(awq_block(block, quantized, inputs, recipe.grid, recipe.quantization.awq, where))
     elif recipe.smoothquant:
-        quantized = [n for n in linears if recipe.quantizes(f"{where}.{n}")]
         folded = folded_groups(smoothquant_block(block, quantized, inputs, recipe.w8a8.smoothquant))
     hessians = BlockHessians(where) if recipe.needs_hessian else None
     ranges: Dict[str, Tensor] = {}
