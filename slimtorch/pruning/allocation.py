@@ -18,7 +18,7 @@ sensitive layers keep more; magnitude compares raw ``|w|`` (global magnitude pru
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import List, Sequence
 
 import torch
@@ -72,6 +72,8 @@ def allocate(layers: Sequence[Units], target: float, low: Sequence[float], high:
     ``low`` / ``high`` bound each layer's sparsity. Deterministic: ties go to the earlier layer, then the earlier
     unit, as everywhere in :mod:`masks`.
     """
+    # ranked on the CPU: layers on different devices rank together, and a GPU run allocates exactly as a CPU run
+    layers = [replace(u, scores=u.scores.detach().cpu()) for u in layers]
     bounds = [unit_bounds(u, lo, hi) for u, lo, hi in zip(layers, low, high)]
     counts = [fewest for fewest, _ in bounds]
     need = target * sum(u.weights for u in layers) - sum(c * u.size for c, u in zip(counts, layers))
