@@ -154,7 +154,8 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, batches: Itera
         call = BlockInput(tuple(args), dict(kwargs))
         if not current:
             hidden.append(to_device(call.hidden, device, memo))
-        current.append(to_device(call.without_hidden(), device, memo))
+        rest = call.without_hidden()  # a BlockInput: its arguments are moved, not the dataclass
+        current.append(BlockInput(to_device(rest.args, device, memo), to_device(rest.kwargs, device, memo)))
 
     def first_output(module, args, kwargs, out):
         structure[:] = [out]

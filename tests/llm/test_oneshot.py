@@ -67,6 +67,35 @@ def test_capture_leaves_the_blocks_as_they_were():
         torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=0, atol=0)
 
 
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_capture_moves_every_tensor_argument_to_the_compute_device(arch):
+    """With a compute device, the hidden states and every tensor the blocks receive (rotary embeddings, masks,
+    positions) are on it: "meta" stands in for a GPU here, a device the CPU model is not on. A GPU run once found
+    the rotary embeddings left on the CPU."""
+    model = TINY_MODELS[arch]()
+    path, blocks = find_blocks(model)
+    captured = capture_block_inputs(model, blocks, [random_tokens(model.config.vocab_size, 2, 16, seed=5)],
+                                    where=path, device=torch.device("meta"))
+    found = []
+
+    def walk(obj):
+        if isinstance(obj, torch.Tensor):
+            found.append(obj.device.type)
+        elif isinstance(obj, dict):
+            for v in obj.values():
+                walk(v)
+        elif isinstance(obj, (list, tuple)):
+            for v in obj:
+                walk(v)
+
+    walk(captured.hidden)
+    for calls in captured.calls:
+        for call in calls:
+            walk(call.args)
+            walk(call.kwargs)
+    assert len(found) > len(blocks) and set(found) == {"meta"}, found
+
 def test_gemma3_layers_get_their_own_attention_masks():
     model = TINY_MODELS["gemma3"]()
     types = model.config.layer_types
