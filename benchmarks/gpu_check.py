@@ -6,7 +6,8 @@
 Checks, each printed PASS/FAIL with its numbers:
 
 1. pruning in bf16 and fp16 on the device: hands-free 2:4 snip_momentum on a seeded tiny BERT; every mask exactly 2:4
-   and the pruned weights exactly 0 in the half-precision weights;
+   and the pruned weights exactly 0 in the half-precision weights; the same through DeepSpeed's ZeRO-2 fp16 and bf16
+   engines (one process, nccl), with the zeros in DeepSpeed's fp32 master copy too;
 2. static QDQ quantization on the device and ONNX export from there (verified in ONNX Runtime by export_onnx);
 3. the LLM pipeline with offloading: a tiny Llama kept on the CPU, compressed with GPTQ int4 and SparseGPT 2:4 on the
    device one block at a time; the blocks are back on the CPU afterwards and the result matches a CPU run;
@@ -19,6 +20,7 @@ import argparse
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Callable, List, Tuple
 
@@ -56,6 +58,68 @@ def check_pruning_half(device: str) -> str:
     return f"2:4 exact in {', '.join(results)}"
 
 
+def check_deepspeed_half(device: str) -> str:
+    """slimtorch.deepspeed.initialize under a ZeRO-2 fp16 engine and a bf16 one (one process): hands-free 2:4
+    snip_momentum on the digits CNN; every mask exactly 2:4, and the pruned weights exactly 0 both in the half-precision
+    module and in DeepSpeed's fp32 master copy."""
+    if device == "cpu":
+        return "skipped on cpu (DeepSpeed's fp16/bf16 engine under test here runs on CUDA; the CPU suite covers gloo)"
+    import os
+
+    import deepspeed
+
+    import slimtorch as st
+    from tests.distributed import _workers as W
+
+    rendezvous = dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29533")
+    saved = {k: os.environ.get(k) for k in rendezvous}
+    os.environ.update(rendezvous)
+    deepspeed.init_distributed(dist_backend="nccl")
+    try:
+        return _deepspeed_half_runs(W, st)
+    finally:  # the test cases run later start their own process groups
+        torch.distributed.destroy_process_group()
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+
+
+def _deepspeed_half_runs(W, st) -> str:
+    from deepspeed.utils import safe_get_full_fp32_param
+    from torch import nn
+
+    x, y = W.digits_tensors()
+    details = []
+    for half in ("fp16", "bf16"):
+        model = W.digits_cnn()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        config = {"train_micro_batch_size_per_gpu": W.GLOBAL_BATCH, "zero_optimization": {"stage": 2},
+                  half: {"enabled": True}, "zero_allow_untested_optimizer": True, "steps_per_print": 10 ** 6,
+                  **W.config()}
+        engine, _, _, _, cb = st.deepspeed.initialize(model=model, optimizer=opt, config=config,
+                                                      dist_init_required=False, hands_free=True)
+        dtype = torch.float16 if half == "fp16" else torch.bfloat16
+        for step in range(W.UPDATES):
+            xb = x[step * W.GLOBAL_BATCH:(step + 1) * W.GLOBAL_BATCH].to(engine.device, dtype)
+            yb = y[step * W.GLOBAL_BATCH:(step + 1) * W.GLOBAL_BATCH].to(engine.device)
+            engine.backward(nn.functional.cross_entropy(engine(xb).float(), yb))
+            engine.step()
+        zeros = 0
+        for layer in cb.pruner.layers:
+            weight = engine.module.get_submodule(layer.name).weight.detach()
+            # 2:4 runs along the input channels (for a conv: at each kernel position)
+            per_input = weight.transpose(0, 1).reshape(weight.shape[1], -1).t() if weight.dim() == 4 else weight
+            groups = (per_input.reshape(weight.shape[0] if weight.dim() == 2 else per_input.shape[0], -1, 4) != 0)
+            assert bool((groups.sum(-1) <= 2).all()), f"{half} {layer.name}: not 2:4"
+            pruned = layer.mask.to(weight.device).reshape(weight.shape) == 0
+            master = safe_get_full_fp32_param(engine.module.get_submodule(layer.name).weight)
+            assert bool((weight[pruned] == 0).all()), f"{half} {layer.name}: pruned weights are not 0"
+            assert master is not None and bool((master.reshape(weight.shape)[pruned.to(master.device)] == 0).all()), (
+                f"{half} {layer.name}: the fp32 master copy lost pruned zeros")
+            zeros += int(pruned.sum())
+        details.append(f"{half} {zeros} zeros in module and master")
+    return "ZeRO-2, 2:4 exact; " + ", ".join(details)
+
+
 def check_qdq_export(device: str) -> str:
     import tempfile
 
@@ -77,7 +141,21 @@ def check_qdq_export(device: str) -> str:
     return f"relative error {err:.4f}, exported and verified"
 
 
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float().cpu() - b.float().cpu()).norm() / b.float().cpu().norm())
+
+
+def _as_good(name: str, on_device: float, on_cpu: float, slack: float) -> None:
+    """The device's compression is as faithful to the float model as the CPU's: GPTQ, SparseGPT and AWQ make
+    discrete choices (rounding, which 2 of 4, the scale grid) that float differences between devices flip, so the
+    two compressed models differ; the error each makes against the float model must not."""
+    assert on_device <= on_cpu * (1 + slack) + 0.005, (
+        f"{name}: relative logit error vs float {on_device:.4f} on the device, {on_cpu:.4f} on the cpu")
+
+
 def check_llm_offloading(device: str) -> str:
+    """SparseGPT 2:4 + GPTQ int4 with the model on the CPU and each block compressed on the device: the blocks come
+    back to the CPU, and the result is as close to the float model as a CPU run's."""
     import slimtorch as st
     from tests.llm.tiny_models import TINY_MODELS, random_tokens
 
@@ -87,25 +165,29 @@ def check_llm_offloading(device: str) -> str:
     model = TINY_MODELS["llama"]()
     calib = [random_tokens(model.config.vocab_size, 2, 64, seed) for seed in range(8)]
     on_device = st.oneshot(model, cfg, calib, device=device, progress=False)
-    assert all(p.device.type == "cpu" for p in on_device.parameters()), "a block stayed on the device"
+    assert all(t.device.type == "cpu" for t in list(on_device.parameters()) + list(on_device.buffers())), (
+        "a block stayed on the device")
     on_cpu = st.oneshot(model, cfg, calib, device="cpu", progress=False)
     ids = random_tokens(model.config.vocab_size, 2, 32, seed=99)
     with torch.no_grad():
-        a, b = on_device(input_ids=ids).logits, on_cpu(input_ids=ids).logits
-    rel = float((a - b).norm() / b.norm())
-    assert rel < 0.05, rel
-    return f"blocks back on cpu; logits vs a cpu run: relative difference {rel:.2e}"
+        ref, a, b = (m(input_ids=ids).logits for m in (model, on_device, on_cpu))
+    _as_good("2:4 + int4", _relative(a, ref), _relative(b, ref), slack=0.15)
+    return (f"blocks back on cpu; vs float: {_relative(a, ref):.4f} compressed on the device, {_relative(b, ref):.4f} "
+            f"on the cpu (the two differ by {_relative(a, b):.4f})")
 
 
 def check_llm_w8a8_awq(device: str) -> str:
-    """FP8 and int8 W8A8 with SmoothQuant, and AWQ, compressed on the device one block at a time; the FP8 model then
-    runs in bfloat16 on the device (its float8 weights and float32 scales kept) and agrees with its float32 CPU run."""
+    """FP8 and int8 W8A8 with SmoothQuant, and AWQ, compressed on the device one block at a time; each model then
+    runs in bfloat16 on the device (its 8-bit weights and float32 scales kept) and is as close to the float model
+    as its float32 CPU run."""
     import slimtorch as st
     from tests.llm.tiny_models import TINY_MODELS, random_tokens
 
     model = TINY_MODELS["llama"]()
     calib = [random_tokens(model.config.vocab_size, 2, 64, seed) for seed in range(8)]
     ids = random_tokens(model.config.vocab_size, 2, 32, seed=98)
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
     details = []
     for name, section in (
             ("fp8", {"w8a8_quantization": {"enabled": True, "format": "fp8_e4m3", "algorithm": "rtn"}}),
@@ -117,25 +199,25 @@ def check_llm_w8a8_awq(device: str) -> str:
         with torch.no_grad():
             b = on_cpu(input_ids=ids).logits
             half = on_device.to(device=device, dtype=torch.bfloat16)
-            a = half(input_ids=ids.to(device)).logits.float().cpu()
-        rel = float((a - b).norm() / b.norm())
-        assert rel < 0.05, (name, rel)
-        details.append(f"{name} {rel:.1e}")
-    return "bf16 on the device vs float32 cpu run, relative logit difference: " + ", ".join(details)
+            a = half(input_ids=ids.to(device)).logits
+        _as_good(name, _relative(a, ref), _relative(b, ref), slack=0.25)  # bf16 inference adds its own rounding
+        details.append(f"{name} {_relative(a, ref):.4f} / {_relative(b, ref):.4f}")
+    return "vs float, bf16 on the device / float32 cpu run: " + ", ".join(details)
 
 
 def check_cuda_tests(device: str) -> str:
     if device == "cpu":
         return "skipped on cpu"
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-k", "cuda or fp16 or CUDA",
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rf", "-k", "cuda or fp16 or CUDA",
                            "tests/quantization/test_fold.py", "tests/llm", "tests/integrations/test_hf.py"],
                           cwd=ROOT, capture_output=True, text=True)
-    assert done.returncode == 0, done.stdout[-2000:]
+    assert done.returncode == 0, done.stdout[-4000:]
     return done.stdout.strip().splitlines()[-1]
 
 
 CHECKS: List[Tuple[str, Callable[[str], str]]] = [
-    ("pruning bf16/fp16", check_pruning_half), ("QDQ + ONNX export", check_qdq_export),
+    ("pruning bf16/fp16", check_pruning_half), ("DeepSpeed fp16/bf16", check_deepspeed_half),
+    ("QDQ + ONNX export", check_qdq_export),
     ("LLM offloading", check_llm_offloading), ("LLM W8A8/FP8/AWQ", check_llm_w8a8_awq),
     ("CUDA test cases", check_cuda_tests)]
 
@@ -154,6 +236,7 @@ def main() -> int:
             status, detail = "PASS", check(args.device)
         except Exception as e:  # report every check, then fail
             status, detail, failed = "FAIL", f"{type(e).__name__}: {e}", failed + 1
+            traceback.print_exc()
         print(f"{status}  {name:<18} {time.perf_counter() - start:6.1f} s  {detail}", flush=True)
     return 1 if failed else 0
 
