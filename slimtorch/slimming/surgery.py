@@ -1,0 +1,134 @@
+"""Pure layer surgery for slimming: smaller dense copies of Linear, Conv and BatchNorm layers that keep chosen
+output and input channels, and the bias folding that makes removing a unit exact.
+
+Every function returns a new module (same dtype, device and training mode) and leaves its argument unchanged.
+Index tensors are 1-D ``long`` tensors of the channels *kept*, in increasing order.
+
+Why folding: a pruned unit whose weights are zero can still carry a constant. An FFN unit with zero weights but a
+bias ``b`` outputs ``act(b)`` for every token; an attention head whose value rows are zero outputs its value bias
+(the attention weights sum to one). Removing such a unit is exact only once the consumer absorbs the constant:
+``consumer.bias += W[:, dropped] @ constant`` (:func:`fold_constant_inputs`).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+
+def _index(keep: Optional[Tensor], size: int, what: str) -> Tensor:
+    if keep is None:
+        return torch.arange(size)
+    keep = torch.as_tensor(keep).to(torch.long).flatten().cpu()
+    if keep.numel() == 0:
+        raise ValueError(f"{what}: keeping no channel would leave a layer of width 0")
+    if bool((keep < 0).any()) or bool((keep >= size).any()) or bool((keep[1:] <= keep[:-1]).any()):
+        raise ValueError(f"{what}: kept channels must be increasing indices below {size}, got {keep.tolist()[:8]}...")
+    return keep
+
+
+def _like(new: nn.Module, old: nn.Module) -> nn.Module:
+    return new.train(old.training)
+
+
+def shrink_linear(linear: nn.Linear, keep_out: Optional[Tensor] = None, keep_in: Optional[Tensor] = None) -> nn.Linear:
+    """A Linear with only the rows ``keep_out`` (and their biases) and the columns ``keep_in`` of ``linear``."""
+    rows = _index(keep_out, linear.out_features, "keep_out").to(linear.weight.device)
+    cols = _index(keep_in, linear.in_features, "keep_in").to(linear.weight.device)
+    new = nn.Linear(cols.numel(), rows.numel(), bias=linear.bias is not None, device=linear.weight.device,
+                    dtype=linear.weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(linear.weight[rows][:, cols])
+        if linear.bias is not None:
+            new.bias.copy_(linear.bias[rows])
+    return _like(new, linear)
+
+
+def shrink_conv(conv: nn.Conv2d, keep_out: Optional[Tensor] = None, keep_in: Optional[Tensor] = None) -> nn.Conv2d:
+    """A Conv1d/2d with the output channels ``keep_out`` and the input channels ``keep_in``.
+
+    Grouped convolutions: a depthwise conv (groups == in == out channels) keeps its channels together, so
+    ``keep_in`` must equal ``keep_out`` (either may be given); other grouped convs keep whole groups only.
+    """
+    groups = conv.groups
+    depthwise = groups > 1 and groups == conv.in_channels == conv.out_channels
+    if depthwise:
+        keep = keep_out if keep_out is not None else keep_in
+        if keep_out is not None and keep_in is not None and not torch.equal(torch.as_tensor(keep_out).cpu(),
+                                                                             torch.as_tensor(keep_in).cpu()):
+            raise ValueError("a depthwise conv keeps the same channels on both sides: keep_out must equal keep_in")
+        rows = _index(keep, conv.out_channels, "keep_out")
+        cols, new_groups = torch.zeros(1, dtype=torch.long), rows.numel()
+    elif groups > 1:
+        raise ValueError(f"grouped conv with {groups} groups ({conv.in_channels} -> {conv.out_channels} channels): "
+                         "only depthwise grouped convs are slimmed")
+    else:
+        rows = _index(keep_out, conv.out_channels, "keep_out")
+        cols, new_groups = _index(keep_in, conv.in_channels, "keep_in"), 1
+    in_channels = rows.numel() if depthwise else cols.numel()
+    new = type(conv)(in_channels, rows.numel(), conv.kernel_size, stride=conv.stride, padding=conv.padding,
+                     dilation=conv.dilation, groups=new_groups, bias=conv.bias is not None,
+                     padding_mode=conv.padding_mode, device=conv.weight.device, dtype=conv.weight.dtype)
+    device = conv.weight.device
+    with torch.no_grad():
+        new.weight.copy_(conv.weight[rows.to(device)][:, cols.to(device)])
+        if conv.bias is not None:
+            new.bias.copy_(conv.bias[rows.to(device)])
+    return _like(new, conv)
+
+
+def shrink_batchnorm(norm: nn.modules.batchnorm._BatchNorm, keep: Tensor) -> nn.modules.batchnorm._BatchNorm:
+    """A BatchNorm over the channels ``keep`` only: affine parameters and running statistics follow them."""
+    channels = _index(keep, norm.num_features, "keep")
+    new = type(norm)(channels.numel(), eps=norm.eps, momentum=norm.momentum, affine=norm.affine,
+                     track_running_stats=norm.track_running_stats, device=_device(norm), dtype=_dtype(norm))
+    with torch.no_grad():
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            source = getattr(norm, name)
+            if source is not None:
+                getattr(new, name).copy_(source[channels.to(source.device)])
+        if norm.num_batches_tracked is not None:
+            new.num_batches_tracked.copy_(norm.num_batches_tracked)
+    return _like(new, norm)
+
+
+def _device(module: nn.Module) -> torch.device:
+    return next((t.device for t in module.state_dict().values()), torch.device("cpu"))
+
+
+def _dtype(module: nn.Module) -> torch.dtype:
+    return next((p.dtype for p in module.parameters()), torch.get_default_dtype())
+
+
+def fold_constant_inputs(consumer: nn.Linear, dropped: Tensor, constant: Tensor) -> None:
+    """Add to ``consumer``'s bias what its dropped input columns contributed: ``bias += W[:, dropped] @ constant``
+    (``constant``: the value, the same for every token, that each dropped input carried). Creates the bias when
+    the consumer has none and the contribution is not zero. Changes ``consumer`` in place (it is about to be
+    replaced by its shrunk copy)."""
+    dropped = torch.as_tensor(dropped, dtype=torch.long).flatten().to(consumer.weight.device)
+    if dropped.numel() == 0:
+        return
+    constant = constant.to(device=consumer.weight.device, dtype=torch.float32).flatten()
+    if constant.numel() != dropped.numel():
+        raise ValueError(f"{dropped.numel()} dropped inputs but {constant.numel()} constants")
+    with torch.no_grad():
+        shift = consumer.weight[:, dropped].to(torch.float32) @ constant
+        if not bool(shift.any()):
+            return
+        if consumer.bias is None:
+            consumer.bias = nn.Parameter(torch.zeros(consumer.out_features, device=consumer.weight.device,
+                                                     dtype=consumer.weight.dtype))
+        consumer.bias.add_(shift.to(consumer.bias.dtype))
+
+
+def zero_rows(weight: Tensor) -> Tensor:
+    """Bool ``[out]``: the output rows of a ``[out, ...]`` weight that are entirely zero."""
+    return ~weight.detach().reshape(weight.shape[0], -1).ne(0).any(dim=1)
+
+
+def zero_columns(weight: Tensor) -> Tensor:
+    """Bool ``[in]``: the input channels of a Linear ``[out, in]`` or conv ``[out, in, ...]`` weight that are zero
+    for every output."""
+    w = weight.detach()
+    return ~w.transpose(0, 1).reshape(w.shape[1], -1).ne(0).any(dim=1)
