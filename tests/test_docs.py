@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
-PAGES = ["quickstart.md", "config.md", "quantization.md", "huggingface.md", "llm.md"]
+PAGES = ["quickstart.md", "config.md", "quantization.md", "huggingface.md", "llm.md", "slimming.md"]
 
 
 @pytest.mark.parametrize("page", PAGES)

@@ -1,2 +1,5 @@
-"""Slimming: pruned rows, channels and heads removed, leaving a smaller dense model (work in progress: the layer
-surgery of :mod:`.surgery` is here; the coupling analysis and ``slim()`` build on it)."""
+"""Slimming: pruned rows, channels and attention heads removed, leaving a smaller dense model
+(:func:`slim`, :func:`slim_report`)."""
+from .slim import SlimReport, slim, slim_report
+
+__all__ = ["slim", "slim_report", "SlimReport"]

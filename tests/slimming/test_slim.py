@@ -1,0 +1,165 @@
+"""slim(): pruned FFN units, attention heads (GQA groups) and conv channels cut out of tiny seeded models; the slim
+model computes what the masked one does, and every unremovable case is a clear error with the model unchanged."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import slimtorch as st
+from slimtorch.slimming import slim, slim_report
+from slimtorch.slimming.trace import analyze
+from tests.llm.tiny_models import TINY_MODELS, random_tokens
+from tests.reference.protocol import SEQ, VOCAB, tiny_bert
+
+
+def bert_inputs(seed=0):
+    ids = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(seed))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def masked_bert(head=1, every=2, zero_ffn_bias=True):
+    """Tiny BERT with one head of each layer and every ``every``-th FFN unit pruned (rows and biases zero)."""
+    model = tiny_bert().eval()
+    with torch.no_grad():
+        for layer in model.bert.encoder.layer:
+            units = torch.arange(0, layer.intermediate.dense.out_features, every)
+            layer.intermediate.dense.weight[units] = 0
+            if zero_ffn_bias:
+                layer.intermediate.dense.bias[units] = 0
+            att = layer.attention.self
+            rows = slice(head * 16, (head + 1) * 16)
+            for proj in (att.query, att.key, att.value):
+                proj.weight[rows] = 0
+                proj.bias[rows] = 0
+    return model
+
+
+def outputs(model, inputs):
+    with torch.no_grad():
+        out = model(**inputs)
+    return out.logits if hasattr(out, "logits") else out
+
+
+def test_bert_heads_and_ffn_units_are_cut_and_compute_the_same():
+    model = masked_bert()
+    before = copy.deepcopy(model.state_dict())
+    small = slim(model, bert_inputs(), measure_latency=False)
+    layer = small.bert.encoder.layer[0]
+    assert layer.intermediate.dense.weight.shape == (64, 64) and layer.output.dense.weight.shape == (64, 64)
+    assert layer.attention.self.query.weight.shape == (48, 64)
+    assert layer.attention.output.dense.weight.shape == (64, 48)
+    assert layer.attention.self.num_attention_heads == 3
+    for seed in (1, 2):  # other inputs than the example the trace used
+        torch.testing.assert_close(outputs(small, bert_inputs(seed)), outputs(model, bert_inputs(seed)),
+                                   rtol=1e-5, atol=1e-6)
+    report = slim_report(small)
+    assert [(g.units_before, g.units_after) for g in report.groups] == [(4, 3), (128, 64)] * 2
+    assert report.parameters_after < 0.7 * report.parameters_before and report.max_relative_difference <= 1e-5
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # the user's model is unchanged
+
+
+def test_a_pruned_unit_that_keeps_its_bias_is_folded_into_the_next_layer():
+    model = masked_bert(zero_ffn_bias=False)  # gelu(b) flows into output.dense for every token
+    small = slim(model, bert_inputs(), measure_latency=False)
+    assert small.bert.encoder.layer[0].intermediate.dense.out_features == 64
+    torch.testing.assert_close(outputs(small, bert_inputs(3)), outputs(model, bert_inputs(3)), rtol=1e-5, atol=1e-6)
+
+
+def llama_inputs(model, seed=0):
+    return {"input_ids": random_tokens(model.config.vocab_size, 2, 10, seed), "use_cache": False}
+
+
+def test_gqa_removes_a_key_value_head_with_its_query_heads():
+    model = TINY_MODELS["llama"]().eval()  # 4 query heads, 2 key/value heads of 32
+    with torch.no_grad():
+        for layer in model.model.layers:
+            att, mlp = layer.self_attn, layer.mlp
+            att.k_proj.weight[32:] = 0
+            att.v_proj.weight[32:] = 0
+            att.q_proj.weight[64:] = 0  # query heads 2 and 3 read key/value head 1
+            units = torch.arange(1, mlp.gate_proj.out_features, 4)
+            mlp.gate_proj.weight[units] = 0
+            mlp.up_proj.weight[units] = 0
+    small = slim(model, llama_inputs(model), measure_latency=False)
+    att = small.model.layers[0].self_attn
+    assert (att.q_proj.out_features, att.k_proj.out_features, att.v_proj.out_features, att.o_proj.in_features) == \
+        (64, 32, 32, 64)
+    assert small.model.layers[0].mlp.down_proj.in_features == 192
+    torch.testing.assert_close(outputs(small, llama_inputs(model, 5)), outputs(model, llama_inputs(model, 5)),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_a_query_head_alone_is_not_a_removable_unit_under_gqa():
+    model = TINY_MODELS["llama"]().eval()
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.weight[:32] = 0  # one query head of the 2 that share kv head 0
+    with pytest.raises(st.UnsupportedModelError, match=r"q_proj: 32 zero output rows .* not aligned"):
+        slim(model, llama_inputs(model), measure_latency=False)
+
+
+def mobile_block():
+    """Expansion 1x1 conv, BN, ReLU6, depthwise 3x3, BN, ReLU6, projection 1x1 conv, BN, then a head."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(8, 24, 1, bias=False), nn.BatchNorm2d(24), nn.ReLU6(),
+        nn.Conv2d(24, 24, 3, padding=1, groups=24, bias=False), nn.BatchNorm2d(24), nn.ReLU6(),
+        nn.Conv2d(24, 8, 1, bias=False), nn.BatchNorm2d(8),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5)).eval()
+    with torch.no_grad():
+        for bn in (model[1], model[4], model[7]):
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.2, 0.2)
+    return model
+
+
+def test_conv_channels_go_with_their_batchnorms_and_depthwise_conv():
+    model = mobile_block()
+    pruned = torch.tensor([0, 5, 6, 11, 17])
+    with torch.no_grad():
+        model[0].weight[pruned] = 0
+        model[1].weight[pruned] = 0  # the channel's BatchNorm is pruned with it: its output is then 0
+        model[1].bias[pruned] = 0
+    x = torch.randn(2, 8, 9, 9)
+    small = slim(model, x, measure_latency=False)
+    assert (small[0].out_channels, small[1].num_features, small[3].groups, small[4].num_features,
+            small[6].in_channels) == (19, 19, 19, 19, 19)
+    with torch.no_grad():  # the second BN's shift of the removed channels is folded into the projection's new bias
+        torch.testing.assert_close(small(torch.randn(3, 8, 9, 9, generator=torch.Generator().manual_seed(1))),
+                                   model(torch.randn(3, 8, 9, 9, generator=torch.Generator().manual_seed(1))),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_channels_that_still_vary_are_refused():
+    model = mobile_block()
+    with torch.no_grad():
+        model[0].weight[[1, 2]] = 0
+        model[1].bias[[1, 2]] = 1.0  # the BatchNorm keeps a positive shift: the padded depthwise conv makes it vary
+    with pytest.raises(st.UnsupportedModelError, match="vary with the input"):
+        slim(model, torch.randn(2, 8, 9, 9), measure_latency=False)
+
+
+def test_the_residual_stream_is_refused_with_the_reason():
+    model = tiny_bert().eval()
+    with torch.no_grad():
+        model.bert.encoder.layer[0].attention.output.dense.weight[:8] = 0
+    with pytest.raises(st.UnsupportedModelError, match="nothing to remove.*residual connection"):
+        slim(model, bert_inputs(), measure_latency=False)
+    groups = {g.producers[0].module: g for g in analyze(model, bert_inputs()).groups}
+    assert "residual" in groups["bert.encoder.layer.0.output.dense"].reason
+
+
+def test_a_model_still_being_pruned_is_refused():
+    model = tiny_bert()
+    cb = st.prepare_pruning(model, {"compression_training": {"sparse_pruning": {"shared_parameters": {
+        "enabled": True, "method": "magnitude", "pattern": "1xchannel", "dense_ratio": 0.5, "schedule_offset": 0}}}})
+    with pytest.raises(st.LifecycleError, match="finalize"):
+        slim(model, bert_inputs(), measure_latency=False)
+    cb.finalize()
+
+
+def test_the_slim_model_exports_to_onnx(tmp_path):
+    pytest.importorskip("onnxruntime")
+    small = slim(masked_bert(), bert_inputs(), measure_latency=False)
+    st.export_onnx(small, bert_inputs(), tmp_path / "slim.onnx")  # checked in ONNX Runtime against PyTorch
