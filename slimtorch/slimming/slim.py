@@ -27,7 +27,7 @@ from ..errors import LifecycleError, SlimError, UnsupportedModelError
 from ..pruning import registry
 from . import measure, surgery
 from .trace import Analysis, Group, analyze
-from .units import UnitPlan, pruned_units, rounded
+from .units import UnitPlan, pruned_units, rounded, zero_inputs
 
 REPORT_ATTR = "_slimtorch_slim_report"
 
@@ -157,11 +157,12 @@ def _plans(analysis: Analysis, modules: Dict[str, nn.Module], round_to: int, rep
 def _nothing_removable(analysis: Analysis, modules: Dict[str, nn.Module], report: SlimReport) -> str:
     refused = "; ".join(f"{name}: {why}" for name, why in list(report.refused.items())[:4])
     removable = [g for g in analysis.groups if g.reason is None]
-    return ("nothing to remove: no removable group has a pruned unit (a unit is removable when its rows are zero in "
-            f"every layer of its group; {len(removable)} removable groups, e.g. "
+    return ("nothing to remove: no removable group has a pruned unit (a unit goes when its rows are zero in every "
+            "layer of its group, or its input columns in every layer that reads it; "
+            f"{len(removable)} removable groups, e.g. "
             f"{', '.join(s.module for s in removable[0].producers) if removable else 'none'})"
             + (f". Zero rows that cannot go: {refused}" if refused else "")
-            + ". Prune with a '1xchannel' pattern (FFN units, conv channels) or 'head', then finalize() first")
+            + ". Prune whole units (pattern '1xchannel' on FFN and conv layers), then finalize() the callbacks")
 
 
 def _consumer_channel_dim(module: nn.Module) -> int:
@@ -178,6 +179,9 @@ def _fold_constants(target: nn.Module, plans: List[UnitPlan], example_inputs: An
             consumer = target.get_submodule(name)
             width = surgery_width(consumer)
             dropped = plan.channels(width, keep=False)
+            dropped = dropped[~zero_inputs(consumer)[dropped]]  # columns the consumer never reads carry nothing
+            if dropped.numel() == 0:
+                continue
             values, spread = measure.constant_channels(seen[name], dropped, _consumer_channel_dim(consumer))
             if spread > 1e-5:
                 raise UnsupportedModelError(

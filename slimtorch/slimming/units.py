@@ -39,9 +39,14 @@ class UnitPlan:
 
 
 def pruned_units(group: Group, modules: Dict[str, nn.Module]) -> UnitPlan:
-    """The units whose rows are zero in every producer. A unit zero in some producers' rows and not in others', or
-    a producer with zero rows that do not fill whole units, is an error naming the layer: its mask does not follow
-    the units that can be removed (prune with a "1xchannel" or "head" pattern over the coupled layers)."""
+    """The units that contribute nothing the consumers cannot absorb: those whose rows are zero in every producer
+    (what they still carry is a constant, folded later), and those whose input columns are zero in every consumer
+    (DeepSpeed's head pruning masks the output projection's columns of a head; the head's q, k and v rows then go
+    too).
+
+    A producer with zero rows that do not fill whole units, or a unit zero in some producers' rows and not in
+    others', is an error naming the layer: its mask does not follow the units that can be removed (prune the
+    coupled layers together with a pattern whose units are the removable ones)."""
     units = group.units
     zero_per_producer = []
     for space in group.producers:
@@ -66,7 +71,19 @@ def pruned_units(group: Group, modules: Dict[str, nn.Module]) -> UnitPlan:
         raise UnsupportedModelError(
             f"unit {unit} is pruned in {', '.join(zero_in)} but not in {', '.join(kept_in)}: layers whose units are "
             "removed together must be pruned together (one group in the config, a coupled pattern)")
-    return UnitPlan(group, [int(u) for u in all_zero.nonzero().flatten()])
+    unread = torch.ones(units, dtype=torch.bool)
+    for name, _ in group.consumers:
+        unread &= zero_inputs(modules[name]).reshape(units, -1).all(dim=1)
+    return UnitPlan(group, [int(u) for u in (all_zero | unread).nonzero().flatten()])
+
+
+def zero_inputs(module: nn.Module) -> Tensor:
+    """Bool ``[in]``: the input channels a Linear ``[out, in]`` or conv ``[out, in, ...]`` never reads (zero for
+    every output; a grouped conv's channels are read by their group only and count as read)."""
+    weight = module.weight.detach()
+    if getattr(module, "groups", 1) > 1:
+        return torch.zeros(int(module.in_channels), dtype=torch.bool)
+    return ~weight.transpose(0, 1).reshape(weight.shape[1], -1).ne(0).any(dim=1)
 
 
 def rounded(plan: UnitPlan, round_to: int) -> UnitPlan:

@@ -66,6 +66,19 @@ def test_a_pruned_unit_that_keeps_its_bias_is_folded_into_the_next_layer():
     torch.testing.assert_close(outputs(small, bert_inputs(3)), outputs(model, bert_inputs(3)), rtol=1e-5, atol=1e-6)
 
 
+def test_a_head_whose_output_columns_are_masked_loses_its_projections_too():
+    """DeepSpeed's head pruning masks the output projection's columns of a head: q, k and v rows of that head are
+    then dead and go with it (their values are never read, so nothing is folded)."""
+    model = tiny_bert().eval()
+    with torch.no_grad():
+        for layer in model.bert.encoder.layer:
+            layer.attention.output.dense.weight[:, 32:48] = 0  # head 2 of 4
+    small = slim(model, bert_inputs(), measure_latency=False)
+    att = small.bert.encoder.layer[1].attention
+    assert att.self.value.out_features == 48 and att.output.dense.in_features == 48
+    torch.testing.assert_close(outputs(small, bert_inputs(4)), outputs(model, bert_inputs(4)), rtol=1e-5, atol=1e-6)
+
+
 def llama_inputs(model, seed=0):
     return {"input_ids": random_tokens(model.config.vocab_size, 2, 10, seed), "use_cache": False}
 
