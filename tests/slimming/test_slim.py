@@ -176,3 +176,32 @@ def test_the_slim_model_exports_to_onnx(tmp_path):
     pytest.importorskip("onnxruntime")
     small = slim(masked_bert(), bert_inputs(), measure_latency=False)
     st.export_onnx(small, bert_inputs(), tmp_path / "slim.onnx")  # checked in ONNX Runtime against PyTorch
+
+
+def test_pruning_whole_columns_during_training_then_slimming():
+    """The training-time pruner masks what slim() removes: 'channelx1' on the FFN output projections (units) and
+    'channelx16' on the attention output projections (heads of 16), magnitude, hands-free; after finalize(), slim()
+    cuts half the units and heads of every layer and computes what the pruned model does."""
+    from tests.reference.protocol import batches
+
+    model = tiny_bert()
+    cfg = {"compression_training": {"sparse_pruning": {
+        "shared_parameters": {"enabled": True, "method": "magnitude", "schedule_offset": 0,
+                              "schedule_offset_end": 4, "frequency": 2},
+        "different_groups": {
+            "ffn": {"params": {"pattern": "channelx1", "dense_ratio": 0.5}, "modules": [r"layer\.\d+\.output\.dense"]},
+            "heads": {"params": {"pattern": "channelx16", "dense_ratio": 0.5},
+                      "modules": [r"attention\.output\.dense"]},
+        }}}}
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    cb = st.prepare_pruning(model, cfg, optimizer=opt)
+    for batch in batches(steps=6):
+        loss = model(**batch).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    cb.finalize()
+    model.eval()
+    small = slim(model, bert_inputs(), measure_latency=False)
+    assert [(g.units_before, g.units_after) for g in slim_report(small).groups] == [(4, 2), (128, 64)] * 2
+    torch.testing.assert_close(outputs(small, bert_inputs(6)), outputs(model, bert_inputs(6)), rtol=1e-5, atol=1e-6)
