@@ -17,7 +17,7 @@ from .export import export_onnx
 from .llm import load_compressed, oneshot, perplexity, save_compressed
 from .pruning import PruningCallbacks, SparsityReport, prepare_pruning, sparsity_report
 from .quantization import QuantizationReport, load_quantized, quantization_report, quantize
-from .slimming import SlimReport, slim, slim_report
+from .slimming import SlimReport, load_slim, save_slim, slim, slim_report
 
 __version__ = "0.1.0"
 
@@ -26,7 +26,7 @@ __all__ = [
     "prepare_pruning", "PruningCallbacks", "sparsity_report", "SparsityReport",
     "quantize", "load_quantized", "quantization_report", "QuantizationReport", "export_onnx",
     "oneshot", "save_compressed", "load_compressed", "perplexity",
-    "slim", "slim_report", "SlimReport",
+    "slim", "slim_report", "SlimReport", "save_slim", "load_slim",
     "SlimError", "ConfigError", "PatternShapeError", "LifecycleError", "StateDictError", "CalibrationError",
     "ExportError", "EvaluationError", "DistributedError", "UnsupportedModelError",
     "deepspeed", "__version__",

@@ -205,3 +205,40 @@ def test_pruning_whole_columns_during_training_then_slimming():
     small = slim(model, bert_inputs(), measure_latency=False)
     assert [(g.units_before, g.units_after) for g in slim_report(small).groups] == [(4, 2), (128, 64)] * 2
     torch.testing.assert_close(outputs(small, bert_inputs(6)), outputs(model, bert_inputs(6)), rtol=1e-5, atol=1e-6)
+
+
+def test_uniform_widths_save_with_save_pretrained_and_load_in_transformers(tmp_path):
+    from transformers import LlamaForCausalLM
+
+    model = TINY_MODELS["llama"]().eval()
+    with torch.no_grad():
+        for layer in model.model.layers:  # the same units and key/value head in every layer
+            layer.mlp.down_proj.weight[:, :64] = 0
+            layer.self_attn.o_proj.weight[:, 64:] = 0
+    small = slim(model, llama_inputs(model), measure_latency=False)
+    assert st.save_slim(small, tmp_path) == "transformers"
+    loaded = LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    assert (loaded.config.intermediate_size, loaded.config.num_attention_heads, loaded.config.num_key_value_heads) \
+        == (192, 2, 1)
+    torch.testing.assert_close(outputs(loaded, llama_inputs(model, 7)), outputs(model, llama_inputs(model, 7)),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_layer_dependent_widths_save_in_slimtorch_format_and_load_back(tmp_path):
+    small = slim(masked_bert(), bert_inputs(), measure_latency=False)  # BERT derives the head width from the count
+    assert st.save_slim(small, tmp_path) == "slimtorch"
+    loaded = st.load_slim(tmp_path)
+    torch.testing.assert_close(outputs(loaded, bert_inputs(8)), outputs(small, bert_inputs(8)), rtol=0, atol=0)
+    block = mobile_block()
+    with torch.no_grad():
+        block[0].weight[:4] = 0
+        block[1].weight[:4] = 0
+        block[1].bias[:4] = 0
+    small = slim(block, torch.randn(2, 8, 9, 9), measure_latency=False)
+    st.save_slim(small, tmp_path / "cnn")
+    with pytest.raises(st.SlimError, match="pass a fresh instance"):
+        st.load_slim(tmp_path / "cnn")
+    loaded = st.load_slim(tmp_path / "cnn", model=mobile_block())
+    x = torch.randn(1, 8, 9, 9)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), small(x), rtol=0, atol=0)
