@@ -109,13 +109,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     check.add_argument("--model", help="Hugging Face model directory, or package.module:function: list the layers "
                                        "each group prunes and those left dense")
     from .quantize_cli import add_quantize_parser, run_quantize
+    from .slim_cli import add_slim_parser, run_slim
 
     add_quantize_parser(sub)
+    add_slim_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "check":
         return _check(args.config, args.model)
     if args.command == "quantize":
         return run_quantize(args)
+    if args.command == "slim":
+        return run_slim(args)
     return 1  # unreachable: argparse rejects unknown commands
 
 

