@@ -11,6 +11,7 @@ bias ``b`` outputs ``act(b)`` for every token; an attention head whose value row
 """
 from __future__ import annotations
 
+import copy
 from typing import Optional
 
 import torch
@@ -28,28 +29,43 @@ def _index(keep: Optional[Tensor], size: int, what: str) -> Tensor:
     return keep
 
 
-def _like(new: nn.Module, old: nn.Module) -> nn.Module:
-    return new.train(old.training)
+def _skeleton(module: nn.Module, tensors) -> nn.Module:
+    """A copy of ``module`` (its class, hooks, submodules such as a conv's static padding, attributes) without
+    copying the named parameters / buffers, which the caller sets: subclasses with their own constructor
+    arguments (EfficientNet's Conv2dStaticSamePadding) narrow like plain layers."""
+    saved = {}
+    for name in tensors:
+        table = module._parameters if name in module._parameters else module._buffers
+        saved[name] = (table, table[name])
+        table[name] = None
+    try:
+        new = copy.deepcopy(module)
+    finally:
+        for name, (table, value) in saved.items():
+            table[name] = value
+    return new
+
+
+def _parameter(value: Tensor, like: Optional[nn.Parameter]) -> Optional[nn.Parameter]:
+    return None if like is None else nn.Parameter(value.detach().clone(), requires_grad=like.requires_grad)
 
 
 def shrink_linear(linear: nn.Linear, keep_out: Optional[Tensor] = None, keep_in: Optional[Tensor] = None) -> nn.Linear:
     """A Linear with only the rows ``keep_out`` (and their biases) and the columns ``keep_in`` of ``linear``."""
     rows = _index(keep_out, linear.out_features, "keep_out").to(linear.weight.device)
     cols = _index(keep_in, linear.in_features, "keep_in").to(linear.weight.device)
-    new = nn.Linear(cols.numel(), rows.numel(), bias=linear.bias is not None, device=linear.weight.device,
-                    dtype=linear.weight.dtype)
-    with torch.no_grad():
-        new.weight.copy_(linear.weight[rows][:, cols])
-        if linear.bias is not None:
-            new.bias.copy_(linear.bias[rows])
-    return _like(new, linear)
+    new = _skeleton(linear, ("weight", "bias"))
+    new.weight = _parameter(linear.weight[rows][:, cols], linear.weight)
+    new.bias = _parameter(linear.bias[rows], linear.bias) if linear.bias is not None else None
+    new.in_features, new.out_features = cols.numel(), rows.numel()
+    return new
 
 
 def shrink_conv(conv: nn.Conv2d, keep_out: Optional[Tensor] = None, keep_in: Optional[Tensor] = None) -> nn.Conv2d:
     """A Conv1d/2d with the output channels ``keep_out`` and the input channels ``keep_in``.
 
     Grouped convolutions: a depthwise conv (groups == in == out channels) keeps its channels together, so
-    ``keep_in`` must equal ``keep_out`` (either may be given); other grouped convs keep whole groups only.
+    ``keep_in`` must equal ``keep_out`` (either may be given); other grouped convs are refused.
     """
     groups = conv.groups
     depthwise = groups > 1 and groups == conv.in_channels == conv.out_channels
@@ -59,46 +75,38 @@ def shrink_conv(conv: nn.Conv2d, keep_out: Optional[Tensor] = None, keep_in: Opt
                                                                              torch.as_tensor(keep_in).cpu()):
             raise ValueError("a depthwise conv keeps the same channels on both sides: keep_out must equal keep_in")
         rows = _index(keep, conv.out_channels, "keep_out")
-        cols, new_groups = torch.zeros(1, dtype=torch.long), rows.numel()
+        cols = torch.zeros(1, dtype=torch.long)
     elif groups > 1:
         raise ValueError(f"grouped conv with {groups} groups ({conv.in_channels} -> {conv.out_channels} channels): "
                          "only depthwise grouped convs are slimmed")
     else:
         rows = _index(keep_out, conv.out_channels, "keep_out")
-        cols, new_groups = _index(keep_in, conv.in_channels, "keep_in"), 1
-    in_channels = rows.numel() if depthwise else cols.numel()
-    new = type(conv)(in_channels, rows.numel(), conv.kernel_size, stride=conv.stride, padding=conv.padding,
-                     dilation=conv.dilation, groups=new_groups, bias=conv.bias is not None,
-                     padding_mode=conv.padding_mode, device=conv.weight.device, dtype=conv.weight.dtype)
+        cols = _index(keep_in, conv.in_channels, "keep_in")
     device = conv.weight.device
-    with torch.no_grad():
-        new.weight.copy_(conv.weight[rows.to(device)][:, cols.to(device)])
-        if conv.bias is not None:
-            new.bias.copy_(conv.bias[rows.to(device)])
-    return _like(new, conv)
+    new = _skeleton(conv, ("weight", "bias"))
+    new.weight = _parameter(conv.weight[rows.to(device)][:, cols.to(device)], conv.weight)
+    new.bias = _parameter(conv.bias[rows.to(device)], conv.bias) if conv.bias is not None else None
+    new.out_channels = rows.numel()
+    new.in_channels = rows.numel() if depthwise else cols.numel()
+    new.groups = rows.numel() if depthwise else 1
+    return new
 
 
 def shrink_batchnorm(norm: nn.modules.batchnorm._BatchNorm, keep: Tensor) -> nn.modules.batchnorm._BatchNorm:
     """A BatchNorm over the channels ``keep`` only: affine parameters and running statistics follow them."""
     channels = _index(keep, norm.num_features, "keep")
-    new = type(norm)(channels.numel(), eps=norm.eps, momentum=norm.momentum, affine=norm.affine,
-                     track_running_stats=norm.track_running_stats, device=_device(norm), dtype=_dtype(norm))
-    with torch.no_grad():
-        for name in ("weight", "bias", "running_mean", "running_var"):
-            source = getattr(norm, name)
-            if source is not None:
-                getattr(new, name).copy_(source[channels.to(source.device)])
-        if norm.num_batches_tracked is not None:
-            new.num_batches_tracked.copy_(norm.num_batches_tracked)
-    return _like(new, norm)
-
-
-def _device(module: nn.Module) -> torch.device:
-    return next((t.device for t in module.state_dict().values()), torch.device("cpu"))
-
-
-def _dtype(module: nn.Module) -> torch.dtype:
-    return next((p.dtype for p in module.parameters()), torch.get_default_dtype())
+    new = _skeleton(norm, [n for n in ("weight", "bias", "running_mean", "running_var")
+                           if getattr(norm, n, None) is not None])
+    for name in ("weight", "bias"):
+        source = getattr(norm, name)
+        if source is not None:
+            setattr(new, name, _parameter(source[channels.to(source.device)], source))
+    for name in ("running_mean", "running_var"):
+        source = getattr(norm, name)
+        if source is not None:
+            new._buffers[name] = source[channels.to(source.device)].clone()
+    new.num_features = channels.numel()
+    return new
 
 
 def fold_constant_inputs(consumer: nn.Linear, dropped: Tensor, constant: Tensor) -> None:

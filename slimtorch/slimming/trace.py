@@ -244,6 +244,8 @@ class _Tracer:
             return self._layout(node, name, args, where)
         if name == "scaled_dot_product_attention":
             return self._attention(node, args, where)
+        if name in ("pad", "constant_pad_nd", "reflection_pad2d", "replication_pad2d"):
+            return self._pad(node, args, where)
         if name in _POOL:
             tags = self._tags(args[0])
             if any(d >= 2 for d in tags):
@@ -359,6 +361,17 @@ class _Tracer:
                 continue
             out[d] = Tag(self.find(first.space), first.role, first.rep)
         return out
+
+    def _pad(self, node, args, where):
+        """Padding of other dims (a conv's spatial \"same\" padding) passes the channels; padding them does not."""
+        tags = self._tags(args[0])
+        shape = self._shape(args[0])
+        pads = list(args[1]) if len(args) > 1 else []
+        padded = {len(shape) - 1 - i // 2 for i, p in enumerate(pads) if p != 0}  # pairs from the last dim back
+        if any(d in padded for d in tags):
+            self.escape_all(tags, f"padding in {where} adds channels")
+            return {}
+        return dict(tags)
 
     def _reduce(self, node, name, args, where):
         tags = self._tags(args[0])
