@@ -1,0 +1,168 @@
+#!/usr/bin/env python
+"""What slimming gains: the dense model, its masked twin and the slim model (``slimtorch.slim``) timed side by side.
+
+    python benchmarks/slimming.py                     # both models, ~4 min on 2 cores
+    python benchmarks/slimming.py --only minilm --rounds 30 --json-out benchmarks/results/slimming.json
+
+all-MiniLM-L6-v2, ONNX Runtime (the protocol of benchmarks/ptq.py: CPUExecutionProvider, 2 intra-op threads, one
+batch of 8 x 128 tokens, sessions warmed up then run round-robin with a 50 ms untimed pause, medians):
+
+* structure: half of every layer's FFN units (``output.dense`` input columns, the lowest L2 norms) and half of
+  its heads (``attention.output.dense`` column blocks of 32, the lowest norms) zeroed at once, *without* training
+  (this measures speed; accuracy needs the fine-tuning protocol of examples/prune_minilm.py);
+* files: dense fp32, slim fp32, dense static int8 and slim static int8 (``slimtorch.quantize`` defaults, 8 x 8
+  calibration paragraphs), all exported by ``slimtorch.export_onnx``;
+* reported: median latency and speed-up over dense fp32; the slim model's largest output difference from the masked
+  model (``slim_report``), and sentence-embedding cosines to the dense model on 64 held-out paragraphs.
+
+EfficientNet-lite0, PyTorch eager on the CPU (2 threads, batch 32 x 3 x 224 x 224, round-robin, medians): 30% of
+every MBConv block's expansion channels (lowest L2 norms) zeroed with their BatchNorm, then slimmed; top-1 agreement
+of the slim model with the masked one on sklearn's sample-image crops.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+import ptq as P  # noqa: E402
+
+import slimtorch as st  # noqa: E402
+
+
+def mask_minilm(model: torch.nn.Module, ffn_keep: float = 0.5, heads_keep: float = 0.5, head_dim: int = 32) -> None:
+    """Zero the lowest-norm FFN units and heads of every layer, through the consumers' columns (in place)."""
+    with torch.no_grad():
+        for layer in model.encoder.layer:
+            down = layer.output.dense.weight
+            drop = down.norm(dim=0).argsort()[: int(round((1 - ffn_keep) * down.shape[1]))]
+            down[:, drop] = 0
+            out = layer.attention.output.dense.weight
+            heads = out.shape[1] // head_dim
+            norms = out.reshape(out.shape[0], heads, head_dim).norm(dim=(0, 2))
+            for h in norms.argsort()[: int(round((1 - heads_keep) * heads))].tolist():
+                out[:, h * head_dim:(h + 1) * head_dim] = 0
+
+
+def minilm(rounds: int) -> Dict[str, object]:
+    model, tok, calib, held, timing = P.load_data(calib_batches=8, held_out=64)
+    reference = P.torch_embed(model, held)
+    masked = copy.deepcopy(model)
+    mask_minilm(masked)
+    small = st.slim(masked, dict(timing), measure_latency=False)
+    report = st.slim_report(small)
+    cfg = {"compression_inference": {"static_quantization": {"enabled": True}}}
+    variants = {"dense fp32": model, "slim fp32": small,
+                "dense int8": st.quantize(copy.deepcopy(model), cfg, calib_dataloader=calib),
+                "slim int8": st.quantize(copy.deepcopy(small), cfg, calib_dataloader=calib)}
+    cosines = {name: P.cos_stats(P.torch_embed(m, held), reference)[0] for name, m in variants.items()}
+    cosines["masked fp32"] = P.cos_stats(P.torch_embed(masked, held), reference)[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        sessions = {}
+        for name, m in variants.items():
+            path = f"{tmp}/{name.replace(' ', '_')}.onnx"
+            P.export(m.eval(), timing, path)
+            sessions[name] = P.make_session(path)
+        times = P.interleaved_latency(sessions, timing, rounds)
+    stats = P.speed_stats(times, "dense fp32")
+    return dict(model="all-MiniLM-L6-v2", max_relative_difference=report.max_relative_difference,
+                parameters=(report.parameters_before, report.parameters_after),
+                macs=(report.macs_before, report.macs_after), cosine=cosines,
+                latency={k: {m: v[m] for m in ("median_ms", "speedup", "median_round_ratio")}
+                         for k, v in stats.items()})
+
+
+def efficientnet(rounds: int) -> Dict[str, object]:
+    from tests.quantization.cnn_data import image_crops, load_efficientnet_lite0, predict
+
+    torch.set_num_threads(2)
+    model = load_efficientnet_lite0().eval()
+    masked = copy.deepcopy(model)
+    with torch.no_grad():
+        for block in masked._blocks:
+            if hasattr(block, "_expand_conv"):
+                conv, bn = block._expand_conv, block._bn0
+                drop = conv.weight.flatten(1).norm(dim=1).argsort()[: int(0.3 * conv.out_channels)]
+                conv.weight[drop] = 0
+                bn.weight[drop] = 0
+                bn.bias[drop] = 0
+    batch = torch.randn(32, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    small = st.slim(masked, batch[:2], measure_latency=False)
+    report = st.slim_report(small)
+    crops = image_crops()
+    with torch.no_grad():
+        top = {name: predict(m, crops).argmax(-1) for name, m in (("dense", model), ("masked", masked),
+                                                                   ("slim", small))}
+    agree = float((top["slim"] == top["masked"]).float().mean())
+    dense_agree = float((top["masked"] == top["dense"]).float().mean())
+    times: Dict[str, List[float]] = {"dense": [], "slim": []}
+    with torch.no_grad():
+        for m in (model, small):
+            for _ in range(2):
+                m(batch)
+        for r in range(rounds):
+            for name, m in (("dense", model), ("slim", small))[::1 if r % 2 == 0 else -1]:
+                start = time.perf_counter()
+                m(batch)
+                times[name].append(time.perf_counter() - start)
+    ratios = [d / s for d, s in zip(times["dense"], times["slim"])]
+    return dict(model="EfficientNet-lite0", max_relative_difference=report.max_relative_difference,
+                parameters=(report.parameters_before, report.parameters_after),
+                macs=(report.macs_before, report.macs_after), top1_slim_vs_masked=agree,
+                top1_masked_vs_dense=dense_agree, crops=len(crops),
+                latency_ms={k: 1e3 * statistics.median(v) for k, v in times.items()},
+                speedup=statistics.median(times["dense"]) / statistics.median(times["slim"]),
+                median_round_ratio=statistics.median(ratios))
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", choices=["minilm", "efficientnet"])
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--json-out", type=Path)
+    args = parser.parse_args(argv)
+    P.seed_everything(0)
+    results = []
+    if args.only in (None, "minilm"):
+        r = minilm(args.rounds)
+        results.append(r)
+        print(f"all-MiniLM-L6-v2, 50% FFN units + 50% heads zeroed (no training), slimmed: outputs vs masked "
+              f"{r['max_relative_difference']:.1e}; parameters {r['parameters'][0]:,} -> {r['parameters'][1]:,}; "
+              f"MACs {r['macs'][0]:,} -> {r['macs'][1]:,}")
+        print("ONNX Runtime, CPU, 2 threads, batch 8 x 128\n")
+        print("| model | median ms | speed-up vs dense fp32 | median per-round ratio | cosine to dense |")
+        print("|---|---|---|---|---|")
+        for name, s in r["latency"].items():
+            print(f"| {name} | {s['median_ms']:.1f} | {s['speedup']:.2f} | {s['median_round_ratio']:.2f} | "
+                  f"{r['cosine'][name]:.4f} |")
+        print(f"(masked fp32, before slimming: cosine {r['cosine']['masked fp32']:.4f})\n")
+    if args.only in (None, "efficientnet"):
+        r = efficientnet(args.rounds)
+        results.append(r)
+        print(f"EfficientNet-lite0, 30% of the expansion channels zeroed with their BatchNorm, slimmed: outputs vs "
+              f"masked {r['max_relative_difference']:.1e}; parameters {r['parameters'][0]:,} -> "
+              f"{r['parameters'][1]:,}; MACs {r['macs'][0]:,} -> {r['macs'][1]:,}")
+        print(f"PyTorch CPU, 2 threads, batch 32 x 224 x 224: dense {r['latency_ms']['dense']:.0f} ms, slim "
+              f"{r['latency_ms']['slim']:.0f} ms: speed-up {r['speedup']:.2f} (median per-round ratio "
+              f"{r['median_round_ratio']:.2f}); top-1 slim = masked on {100 * r['top1_slim_vs_masked']:.1f}% of "
+              f"{r['crops']} crops (masked = dense, untrained: {100 * r['top1_masked_vs_dense']:.1f}%)")
+    if args.json_out:
+        args.json_out.parent.mkdir(parents=True, exist_ok=True)
+        args.json_out.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
