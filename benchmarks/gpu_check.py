@@ -12,7 +12,8 @@ Checks, each printed PASS/FAIL with its numbers:
 3. the LLM pipeline with offloading: a tiny Llama kept on the CPU, compressed with GPTQ int4 and SparseGPT 2:4 on the
    device one block at a time; the blocks are back on the CPU afterwards and the result matches a CPU run;
    FP8 and int8 W8A8 (SmoothQuant + GPTQ) and AWQ the same way, then run in bfloat16 on the device;
-4. the test-suite cases that skip without CUDA (pytest -k cuda selection), including DeepSpeed/accelerate fp16.
+4. slim() of a masked tiny BERT and tiny Llama on the device, outputs equal to the masked model's;
+5. the test-suite cases that skip without CUDA (pytest -k cuda selection), including DeepSpeed/accelerate fp16.
 """
 from __future__ import annotations
 
@@ -205,6 +206,35 @@ def check_llm_w8a8_awq(device: str) -> str:
     return "vs float, bf16 on the device / float32 cpu run: " + ", ".join(details)
 
 
+def check_slim(device: str) -> str:
+    """slim() of a masked tiny BERT (half its FFN units and one head per layer) and of a masked tiny Llama (a key/value
+    group) on the device: traced, narrowed and checked there; outputs equal the masked model's."""
+    import slimtorch as st
+    from tests.llm.tiny_models import TINY_MODELS, random_tokens
+    from tests.reference.protocol import SEQ, VOCAB, tiny_bert
+
+    bert = tiny_bert().eval()
+    with torch.no_grad():
+        for layer in bert.bert.encoder.layer:
+            layer.output.dense.weight[:, ::2] = 0
+            layer.attention.output.dense.weight[:, 16:32] = 0
+    ids = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(0))
+    bert = bert.to(device)
+    small = st.slim(bert, {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device)})
+    llama = TINY_MODELS["llama"]().eval()
+    with torch.no_grad():
+        for layer in llama.model.layers:
+            layer.self_attn.o_proj.weight[:, 64:] = 0
+    llama = llama.to(device)
+    tokens = random_tokens(llama.config.vocab_size, 2, 10, 0).to(device)
+    small_llama = st.slim(llama, {"input_ids": tokens, "use_cache": False})
+    diffs = [st.slim_report(m).max_relative_difference for m in (small, small_llama)]
+    assert all(d <= 1e-5 for d in diffs), diffs
+    assert small.bert.encoder.layer[0].intermediate.dense.weight.device.type == torch.device(device).type
+    return (f"BERT {st.slim_report(small).macs_after / st.slim_report(small).macs_before:.2f}x MACs, Llama GQA group "
+            f"cut; max relative difference {max(diffs):.1e}")
+
+
 def check_cuda_tests(device: str) -> str:
     if device == "cpu":
         return "skipped on cpu"
@@ -218,7 +248,7 @@ def check_cuda_tests(device: str) -> str:
 CHECKS: List[Tuple[str, Callable[[str], str]]] = [
     ("pruning bf16/fp16", check_pruning_half), ("DeepSpeed fp16/bf16", check_deepspeed_half),
     ("QDQ + ONNX export", check_qdq_export),
-    ("LLM offloading", check_llm_offloading), ("LLM W8A8/FP8/AWQ", check_llm_w8a8_awq),
+    ("LLM offloading", check_llm_offloading), ("LLM W8A8/FP8/AWQ", check_llm_w8a8_awq), ("slim", check_slim),
     ("CUDA test cases", check_cuda_tests)]
 
 
