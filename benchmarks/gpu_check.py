@@ -255,12 +255,13 @@ CHECKS: List[Tuple[str, Callable[[str], str]]] = [
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--only", nargs="+", choices=[name for name, _ in CHECKS], help="run only these checks")
     args = parser.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("no CUDA device here: run with --device cpu to check the script itself")
         return 2
     failed = 0
-    for name, check in CHECKS:
+    for name, check in [(n, c) for n, c in CHECKS if not args.only or n in args.only]:
         start = time.perf_counter()
         try:
             status, detail = "PASS", check(args.device)

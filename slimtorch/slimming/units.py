@@ -52,7 +52,7 @@ def pruned_units(group: Group, modules: Dict[str, nn.Module]) -> UnitPlan:
     for space in group.producers:
         rows = output_rows(modules[space.module])
         per_unit = rows.shape[0] // units
-        zero_rows = ~rows.reshape(rows.shape[0], -1).ne(0).any(dim=1)
+        zero_rows = ~rows.reshape(rows.shape[0], -1).ne(0).any(dim=1).cpu()  # unit bookkeeping on the CPU
         per = zero_rows.reshape(units, per_unit)
         whole, partial = per.all(dim=1), per.any(dim=1) & ~per.all(dim=1)
         if bool(partial.any()):
@@ -83,7 +83,7 @@ def zero_inputs(module: nn.Module) -> Tensor:
     weight = module.weight.detach()
     if getattr(module, "groups", 1) > 1:
         return torch.zeros(int(module.in_channels), dtype=torch.bool)
-    return ~weight.transpose(0, 1).reshape(weight.shape[1], -1).ne(0).any(dim=1)
+    return ~weight.transpose(0, 1).reshape(weight.shape[1], -1).ne(0).any(dim=1).cpu()
 
 
 def rounded(plan: UnitPlan, round_to: int) -> UnitPlan:
