@@ -37,6 +37,9 @@ def _shapes(model: nn.Module) -> Dict[str, Dict[str, Any]]:
         elif isinstance(m, nn.modules.conv._ConvNd):
             out[name] = {"kind": "conv", "in": m.in_channels, "out": m.out_channels, "groups": m.groups,
                          "bias": m.bias is not None}
+        elif surgery.is_transposed_linear(m):
+            out[name] = {"kind": "conv1d", "in": int(m.weight.shape[0]), "out": int(m.weight.shape[1]),
+                         "bias": m.bias is not None}
         elif isinstance(m, nn.modules.batchnorm._BatchNorm):
             out[name] = {"kind": "batch_norm", "features": m.num_features}
         heads = {a: getattr(m, a) for a in _ATTRIBUTES if isinstance(getattr(m, a, None), int)}
@@ -170,6 +173,9 @@ def _narrow(model: nn.Module, shapes: Dict[str, Dict[str, Any]]) -> None:
             else:
                 model.set_submodule(name, surgery.shrink_conv(module, keep_out=torch.arange(spec["out"]),
                                                               keep_in=torch.arange(spec["in"])))
+        elif kind == "conv1d" and tuple(module.weight.shape) != (spec["in"], spec["out"]):
+            model.set_submodule(name, surgery.shrink_transposed_linear(module, keep_out=torch.arange(spec["out"]),
+                                                                       keep_in=torch.arange(spec["in"])))
         elif kind == "batch_norm" and module.num_features != spec["features"]:
             model.set_submodule(name, surgery.shrink_batchnorm(module, torch.arange(spec["features"])))
         for attr, value in spec.get("attributes", {}).items():

@@ -142,7 +142,7 @@ def _plans(analysis: Analysis, modules: Dict[str, nn.Module], round_to: int, rep
     for group in analysis.groups:
         if group.reason is not None:
             for space in group.producers:
-                if bool(surgery.zero_rows(modules[space.module].weight).any()):
+                if bool(surgery.zero_rows(surgery.linear_view(modules[space.module])).any()):
                     report.refused[space.module] = group.reason
             continue
         plan = pruned_units(group, modules)
@@ -167,7 +167,7 @@ def _nothing_removable(analysis: Analysis, modules: Dict[str, nn.Module], report
 
 
 def _consumer_channel_dim(module: nn.Module) -> int:
-    return -1 if isinstance(module, nn.Linear) else 1
+    return 1 if isinstance(module, nn.modules.conv._ConvNd) else -1
 
 
 def _fold_constants(target: nn.Module, plans: List[UnitPlan], example_inputs: Any) -> None:
@@ -208,7 +208,17 @@ def _fold_constants(target: nn.Module, plans: List[UnitPlan], example_inputs: An
 
 
 def surgery_width(module: nn.Module) -> int:
+    if surgery.is_transposed_linear(module):
+        return int(module.weight.shape[0])
     return int(getattr(module, "in_features", None) or getattr(module, "in_channels"))
+
+
+def _narrowed(module: nn.Module, keep_out=None, keep_in=None) -> nn.Module:
+    if surgery.is_transposed_linear(module):
+        return surgery.shrink_transposed_linear(module, keep_out=keep_out, keep_in=keep_in)
+    if isinstance(module, nn.Linear):
+        return surgery.shrink_linear(module, keep_out=keep_out, keep_in=keep_in)
+    return surgery.shrink_conv(module, keep_out=keep_out, keep_in=keep_in)
 
 
 def _padding(conv: nn.modules.conv._ConvNd):
@@ -222,9 +232,7 @@ def _cut(target: nn.Module, plan: UnitPlan) -> None:
     group = plan.group
     for space in group.producers:
         module = target.get_submodule(space.module)
-        keep = plan.channels(space.channels)
-        target.set_submodule(space.module, surgery.shrink_linear(module, keep_out=keep)
-                             if isinstance(module, nn.Linear) else surgery.shrink_conv(module, keep_out=keep))
+        target.set_submodule(space.module, _narrowed(module, keep_out=plan.channels(space.channels)))
     for name, op in group.followers:
         module = target.get_submodule(name)
         width = module.num_features if op == "batch_norm" else module.out_channels
@@ -233,9 +241,7 @@ def _cut(target: nn.Module, plan: UnitPlan) -> None:
                              else surgery.shrink_conv(module, keep_out=keep))
     for name, _ in group.consumers:
         module = target.get_submodule(name)
-        keep = plan.channels(surgery_width(module))
-        target.set_submodule(name, surgery.shrink_linear(module, keep_in=keep)
-                             if isinstance(module, nn.Linear) else surgery.shrink_conv(module, keep_in=keep))
+        target.set_submodule(name, _narrowed(module, keep_in=plan.channels(surgery_width(module))))
     if group.head_dim is not None:
         _update_head_counts(target, plan)
 

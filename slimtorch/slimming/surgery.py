@@ -61,6 +61,31 @@ def shrink_linear(linear: nn.Linear, keep_out: Optional[Tensor] = None, keep_in:
     return new
 
 
+def is_transposed_linear(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2): a Linear whose weight is stored ``[in, out]``."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def shrink_transposed_linear(module: nn.Module, keep_out: Optional[Tensor] = None,
+                             keep_in: Optional[Tensor] = None) -> nn.Module:
+    """A transformers ``Conv1D`` with only the outputs ``keep_out`` and the inputs ``keep_in``."""
+    weight = module.weight
+    rows = _index(keep_in, weight.shape[0], "keep_in").to(weight.device)
+    cols = _index(keep_out, weight.shape[1], "keep_out").to(weight.device)
+    new = _skeleton(module, ("weight", "bias"))
+    new.weight = _parameter(weight[rows][:, cols], weight)
+    new.bias = _parameter(module.bias[cols], module.bias) if module.bias is not None else None
+    new.nf = cols.numel()
+    if hasattr(new, "nx"):
+        new.nx = rows.numel()
+    return new
+
+
+def linear_view(module: nn.Module) -> Tensor:
+    """The weight as a Linear's ``[out, in]`` (a transposed view for transformers' Conv1D)."""
+    return module.weight.t() if is_transposed_linear(module) else module.weight
+
+
 def shrink_conv(conv: nn.Conv2d, keep_out: Optional[Tensor] = None, keep_in: Optional[Tensor] = None) -> nn.Conv2d:
     """A Conv1d/2d with the output channels ``keep_out`` and the input channels ``keep_in``.
 
@@ -120,13 +145,13 @@ def fold_constant_inputs(consumer: nn.Linear, dropped: Tensor, constant: Tensor)
     constant = constant.to(device=consumer.weight.device, dtype=torch.float32).flatten()
     if constant.numel() != dropped.numel():
         raise ValueError(f"{dropped.numel()} dropped inputs but {constant.numel()} constants")
+    weight = linear_view(consumer)
     with torch.no_grad():
-        shift = consumer.weight[:, dropped].to(torch.float32) @ constant
+        shift = weight[:, dropped].to(torch.float32) @ constant
         if not bool(shift.any()):
             return
         if consumer.bias is None:
-            consumer.bias = nn.Parameter(torch.zeros(consumer.out_features, device=consumer.weight.device,
-                                                     dtype=consumer.weight.dtype))
+            consumer.bias = nn.Parameter(torch.zeros(weight.shape[0], device=weight.device, dtype=weight.dtype))
         consumer.bias.add_(shift.to(consumer.bias.dtype))
 
 

@@ -229,6 +229,8 @@ class _Tracer:
             return {}
         if name == "linear":
             return self._linear(node, args, where)
+        if name == "addmm":
+            return self._addmm(node, args, where)
         if name in ("conv2d", "conv1d", "convolution"):
             return self._conv(node, args, where)
         if name in ("batch_norm", "_native_batch_norm_legit_no_training", "_native_batch_norm_legit"):
@@ -278,6 +280,21 @@ class _Tracer:
                 self.escape(tag.space, f"{module} reads them along another dimension than its inputs")
         weight_shape = self._shape(weight)
         return {last: Tag(self.new_space(module, "linear", weight_shape[0]))}
+
+    def _addmm(self, node, args, where):
+        """``addmm(bias, x, W)`` with ``W`` ``[in, out]``: transformers' Conv1D (GPT-2), a Linear stored transposed."""
+        x, weight = args[1], args[2]
+        module = self._module_of(weight)
+        tags = self._tags(x)
+        if module is None:
+            self.escape_all(tags, f"a matrix product in {where} whose weight is not a module parameter")
+            return {}
+        for d, tag in tags.items():
+            if d == 1 and tag.role == "ch":
+                self._consume(tag, module, "conv1d")
+            else:
+                self.escape(tag.space, f"{module} reads them along another dimension than its inputs")
+        return {1: Tag(self.new_space(module, "conv1d", self._shape(weight)[1]))}
 
     def _conv(self, node, args, where):
         x, weight = args[0], args[1]
@@ -570,6 +587,8 @@ def _layout_problem(group: Group, model: nn.Module) -> Optional[str]:
 
 
 def _in_width(module: nn.Module) -> int:
+    if type(module).__name__ == "Conv1D":  # transformers' Conv1D: weight [in, out]
+        return int(module.weight.shape[0])
     return int(getattr(module, "in_features", None) or getattr(module, "in_channels"))
 
 

@@ -8,12 +8,13 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import UnsupportedModelError
+from .surgery import linear_view
 from .trace import Group
 
 
 def output_rows(module: nn.Module) -> Tensor:
-    """The module's weight as ``[out, ...]`` rows (Linear ``[out, in]``, Conv ``[out, in, k...]``)."""
-    return module.weight.detach()
+    """The weight as ``[out, ...]`` rows (Linear ``[out, in]``, Conv ``[out, in, k...]``; Conv1D transposed)."""
+    return linear_view(module).detach()
 
 
 @dataclass
@@ -80,7 +81,7 @@ def pruned_units(group: Group, modules: Dict[str, nn.Module]) -> UnitPlan:
 def zero_inputs(module: nn.Module) -> Tensor:
     """Bool ``[in]``: the input channels a Linear ``[out, in]`` or conv ``[out, in, ...]`` never reads (zero for
     every output; a grouped conv's channels are read by their group only and count as read)."""
-    weight = module.weight.detach()
+    weight = linear_view(module).detach()
     if getattr(module, "groups", 1) > 1:
         return torch.zeros(int(module.in_channels), dtype=torch.bool)
     return ~weight.transpose(0, 1).reshape(weight.shape[1], -1).ne(0).any(dim=1).cpu()

@@ -282,3 +282,24 @@ def test_efficientnet_lite0_expansion_channels_slim_exactly():
     with torch.no_grad():
         torch.testing.assert_close(small(x[:1]), model(x[:1]), rtol=1e-5, atol=1e-5)
     assert report.macs_after < 0.8 * report.macs_before
+
+
+def test_gpt2_conv1d_mlp_units_slim_and_its_fused_qkv_is_refused(tmp_path):
+    """transformers' Conv1D (weight [in, out], an addmm in the graph) narrows like a Linear; GPT-2's fused c_attn
+    is split into q, k and v by the model, which the trace refuses (naming it) rather than guessing the heads."""
+    model = TINY_MODELS["gpt2"]().eval()
+    with torch.no_grad():
+        for block in model.transformer.h:
+            block.mlp.c_proj.weight[:128] = 0  # input rows of the [in, out] weight: a quarter of the MLP units
+            block.attn.c_proj.weight[:32] = 0  # one head's columns: stays (fused c_attn)
+    inputs = {"input_ids": random_tokens(model.config.vocab_size, 2, 10, 0), "use_cache": False}
+    small = slim(model, inputs, measure_latency=False)
+    mlp = small.transformer.h[0].mlp
+    assert tuple(mlp.c_fc.weight.shape) == (128, 384) and tuple(mlp.c_proj.weight.shape) == (384, 128)
+    reasons = {g.producers[0].module: g.reason for g in analyze(model, inputs).groups}
+    assert "fused projection" in reasons["transformer.h.0.attn.c_attn"]
+    other = {**inputs, "input_ids": random_tokens(model.config.vocab_size, 2, 10, 3)}
+    torch.testing.assert_close(outputs(small, other), outputs(model, other), rtol=1e-5, atol=1e-5)
+    assert st.save_slim(small, tmp_path) in ("transformers", "slimtorch")
+    loaded = st.load_slim(tmp_path)
+    torch.testing.assert_close(outputs(loaded, inputs), outputs(small, inputs), rtol=0, atol=0)
