@@ -230,28 +230,52 @@ class OneShotPruning(_OneShotSection):
     ``weight_only_quantization`` (pruned zeros stay zeros). See docs/llm.md.
 
     The sparsity is an N:M ``pattern`` ("2:4" keeps 2 of every 4 consecutive input weights, as in ``sparse_pruning``)
-    or an unstructured ``dense_ratio`` (the fraction of each row's weights kept).
+    or an unstructured ``dense_ratio`` (the fraction of each row's weights kept). ``pattern`` "channelx1" with a
+    ``dense_ratio`` removes whole input columns (the fraction kept), e.g. FFN units through the down projection,
+    which ``slimtorch.slim`` then cuts out; it needs ``modules``.
     """
 
     method: Literal["sparsegpt", "wanda", "magnitude"] = "sparsegpt"
     pattern: Optional[str] = None
     dense_ratio: Optional[float] = Field(default=None, gt=0.0, le=1.0)
+    modules: List[str] = Field(default_factory=list)  # regexes on full module names; empty: every Linear
     sparsegpt: SparseGPTSettings = Field(default_factory=SparseGPTSettings)
 
     @field_validator("pattern")
     @classmethod
-    def _n_m_only(cls, value):
+    def _n_m_or_columns(cls, value):
         if value is None:
             return value
-        if not isinstance(parse_pattern(value), NMPattern):
-            raise ValueError(f"one-shot pruning takes an N:M pattern such as '2:4' or '4:8', or no pattern and a "
-                             f"dense_ratio for unstructured sparsity; got '{value}' (block patterns are for "
-                             "training-time pruning, compression_training.sparse_pruning)")
+        parsed = parse_pattern(value)
+        if not isinstance(parsed, NMPattern) and not (parsed.rows is None and parsed.cols == 1):
+            raise ValueError(f"one-shot pruning takes an N:M pattern such as '2:4' or '4:8', 'channelx1' (whole input "
+                             f"columns, with a dense_ratio), or no pattern and a dense_ratio for unstructured "
+                             f"sparsity; got '{value}' (block patterns are for training-time pruning, "
+                             "compression_training.sparse_pruning)")
         return value
+
+    @field_validator("modules")
+    @classmethod
+    def _valid_module_regexes(cls, value):
+        return check_regexes(value)
+
+    @property
+    def columns(self) -> bool:
+        return self.pattern is not None and not isinstance(parse_pattern(self.pattern), NMPattern)
 
     @model_validator(mode="after")
     def _one_sparsity(self):
-        if self.enabled and (self.pattern is None) == (self.dense_ratio is None):
+        if not self.enabled:
+            return self
+        if self.columns:
+            if self.dense_ratio is None:
+                raise PathValueError("dense_ratio", "pattern 'channelx1' removes whole input columns: give the "
+                                     "fraction of columns each layer keeps as dense_ratio (e.g. 0.75)")
+            if not self.modules:
+                raise PathValueError("modules", "pattern 'channelx1' removes whole input columns: name the layers "
+                                     "whose inputs are units that can go (e.g. [\"mlp.down_proj\"] for FFN units); "
+                                     "a layer that reads the residual stream would only lose features")
+        elif (self.pattern is None) == (self.dense_ratio is None):
             raise PathValueError("pattern", "give the sparsity as an N:M pattern (e.g. \"2:4\") or as an unstructured "
                                  "dense_ratio (e.g. 0.5), exactly one of them")
         return self

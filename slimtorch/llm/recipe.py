@@ -23,7 +23,15 @@ from ..quantization.smoothquant.scales import linear_weight
 from .gptq import HessianAccumulator, check_enough_tokens, gptq_quantize
 from .grid import WeightGrid, check_group_size, quantize_rtn
 from .modules import W8A8Linear, WeightOnlyLinear
-from .sparsegpt import Sparsity, check_sparsity, magnitude_prune, sparsegpt_prune, wanda_prune
+from .sparsegpt import (
+    Columns,
+    Sparsity,
+    check_sparsity,
+    magnitude_prune,
+    prune_columns,
+    sparsegpt_prune,
+    wanda_prune,
+)
 from .w8a8 import EightBit, float8_dtype, quantize_weight
 
 SECTIONS = "compression_inference.{}"
@@ -47,17 +55,24 @@ def _gptq(weight: Tensor, hessian: Optional[HessianAccumulator], grid: WeightGri
 
 def _sparsegpt(weight: Tensor, hessian: Optional[HessianAccumulator], target: Sparsity, section: OneShotPruning,
                where: str) -> Tensor:
+    if isinstance(target, Columns):
+        return prune_columns(weight, hessian.hessian, target, "sparsegpt", dampening=section.sparsegpt.dampening,
+                             where=where)
     return sparsegpt_prune(weight, hessian.hessian, target, dampening=section.sparsegpt.dampening,
                            block_size=section.sparsegpt.block_size, where=where)
 
 
 def _wanda(weight: Tensor, hessian: Optional[HessianAccumulator], target: Sparsity, section: OneShotPruning,
            where: str) -> Tensor:
+    if isinstance(target, Columns):
+        return prune_columns(weight, hessian.hessian, target, "wanda", where=where)
     return wanda_prune(weight, hessian.hessian, target, where=where)
 
 
 def _magnitude(weight: Tensor, hessian: Optional[HessianAccumulator], target: Sparsity, section: OneShotPruning,
                where: str) -> Tensor:
+    if isinstance(target, Columns):
+        return prune_columns(weight, None, target, "magnitude", where=where)
     return magnitude_prune(weight, target, where=where)
 
 
@@ -113,6 +128,8 @@ class Recipe:
         p = self.pruning
         if p is None:
             return None
+        if p.columns:
+            return Columns(1.0 - p.dense_ratio)
         return parse_pattern(p.pattern) if p.pattern is not None else 1.0 - p.dense_ratio
 
     @property
@@ -149,10 +166,11 @@ class Recipe:
         """Why every enabled section leaves layer ``name`` alone, or None when one of them compresses it."""
         reasons = []
         for key, section in self.sections.items():
-            hit = excluded_by(section.excluded_modules, name)
-            if hit is None:
+            if self._applies(section, name):
                 return None
-            reasons.append(f"{key}.excluded_modules[{hit}] ({section.excluded_modules[hit]!r})")
+            hit = excluded_by(section.excluded_modules, name)
+            reasons.append(f"{key}.excluded_modules[{hit}] ({section.excluded_modules[hit]!r})" if hit is not None
+                           else f"not in {key}.modules")
         return ", ".join(reasons)
 
     def quantizes(self, name: str) -> bool:
@@ -220,7 +238,8 @@ class Recipe:
         parts = []
         if self.pruning is not None and self._applies(self.pruning, name):
             p = self.pruning
-            amount = p.pattern if p.pattern is not None else f"{1.0 - p.dense_ratio:.0%} unstructured"
+            amount = (str(self.sparsity) if p.columns else p.pattern if p.pattern is not None
+                      else f"{1.0 - p.dense_ratio:.0%} unstructured")
             parts.append(f"pruned {amount} ({p.method})")
         if self.quantization is not None and self._applies(self.quantization, name):
             q = self.quantization
@@ -235,4 +254,7 @@ class Recipe:
 
     @staticmethod
     def _applies(section, name: str) -> bool:
-        return excluded_by(section.excluded_modules, name) is None
+        if excluded_by(section.excluded_modules, name) is not None:
+            return False
+        modules = getattr(section, "modules", None)  # oneshot_pruning may name the layers it prunes
+        return not modules or excluded_by(modules, name) is not None

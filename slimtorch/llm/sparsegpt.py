@@ -27,6 +27,7 @@ Cholesky factor are GPTQ's (slimtorch.llm.gptq); the Hessian is not modified.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Union
 
 import torch
@@ -36,13 +37,26 @@ from ..config.patterns import NMPattern
 from ..errors import CalibrationError, ConfigError
 from .gptq import prepared_hessian, upper_inverse_factor
 
-Sparsity = Union[NMPattern, float]
+
+@dataclass(frozen=True)
+class Columns:
+    """Whole input columns: ``sparsity`` of them (``floor(sparsity * in)``) zeroed in every row."""
+
+    sparsity: float
+
+    def __str__(self) -> str:
+        return f"{self.sparsity:.0%} of input columns"
+
+
+Sparsity = Union[NMPattern, float, Columns]
 
 
 def check_sparsity(target: Sparsity, in_features: int, where: str = "") -> None:
     """ConfigError unless ``target`` is an N:M pattern whose ``m`` divides ``in_features`` or a fraction in [0, 1)."""
     name = where or "a Linear"
-    if isinstance(target, NMPattern):
+    if isinstance(target, Columns):
+        target = target.sparsity
+    elif isinstance(target, NMPattern):
         if in_features % target.m:
             raise ConfigError(f"{name}: in_features {in_features} is not a multiple of {target.m}, so the N:M pattern "
                               f"'{target}' cannot cover its rows; exclude the layer or pick an m that divides it")
@@ -121,4 +135,57 @@ def sparsegpt_prune(weight: Tensor, hessian: Tensor, target: Sparsity, *, dampen
             W[:, i2:] -= errors @ U[i1:i2, i2:]
     if not bool(torch.isfinite(W).all()):
         raise CalibrationError(f"{where or 'a Linear'}: SparseGPT produced NaN or inf weights; raise dampening")
+    return W
+
+
+def column_scores(weight: Tensor, hessian: Tensor, method: str) -> Tensor:
+    """One score per input column (lowest pruned): magnitude ``||W_:j||``, wanda ``||W_:j|| * ||X_j||``."""
+    w = weight.detach().to(torch.float32)
+    norms = w.norm(dim=0)
+    if method == "magnitude":
+        return norms
+    return norms * hessian.detach().diagonal().to(device=w.device, dtype=torch.float32).clamp_min(0).sqrt()
+
+
+def prune_columns(weight: Tensor, hessian: Tensor, target: Columns, method: str, *, dampening: float = 0.01,
+                  where: str = "") -> Tensor:
+    """Zero ``floor(target.sparsity * in)`` whole input columns (the same ones in every row).
+
+    magnitude / wanda: the lowest :func:`column_scores`, other weights unchanged. sparsegpt: structured OBS
+    (Kurtic et al. 2023, ZipLM; Frantar & Alistarh's OBC for one column), greedy: the column whose removal raises the
+    layer's output error least, ``||W_:j||^2 / [H^-1]_jj``, goes; the remaining columns absorb it,
+    ``W -= W_:j [H^-1]_j: / [H^-1]_jj``; ``H^-1`` is downdated to forget column j; repeat. float64 for ``H^-1``.
+    """
+    in_features = weight.shape[1]
+    check_sparsity(target, in_features, where)
+    k = _pruned_per_row(target.sparsity, in_features)
+    W = weight.detach().to(torch.float32, copy=True)
+    if k == 0:
+        return W
+    if method != "sparsegpt":
+        W[:, torch.topk(column_scores(W, hessian, method), k, largest=False).indices] = 0.0
+        return W
+    H, dead = prepared_hessian(hessian, W.device, where)
+    H = H.to(torch.float64)
+    H.diagonal().add_(dampening * float(H.diagonal().mean()))
+    Hinv = torch.cholesky_inverse(torch.linalg.cholesky(H))
+    del H
+    W64 = W.to(torch.float64)
+    gone = torch.zeros(in_features, dtype=torch.bool, device=W.device)
+    for j in dead.nonzero().flatten().tolist()[:k]:  # inputs that never fire go first, at no cost
+        gone[j] = True
+    W64[:, gone] = 0.0
+    for _ in range(k - int(gone.sum())):
+        d = Hinv.diagonal()
+        scores = (W64 ** 2).sum(dim=0) / d.clamp_min(1e-30)
+        scores[gone] = float("inf")
+        j = int(torch.argmin(scores))
+        W64 -= torch.outer(W64[:, j], Hinv[j]) / Hinv[j, j]
+        Hinv -= torch.outer(Hinv[:, j], Hinv[j]) / Hinv[j, j]
+        gone[j] = True
+        W64[:, gone] = 0.0  # exact zeros (the update leaves them at rounding level)
+    W = W64.to(torch.float32)
+    if not bool(torch.isfinite(W).all()):
+        raise CalibrationError(f"{where or 'a Linear'}: structured SparseGPT produced NaN or inf weights; raise "
+                               "dampening")
     return W

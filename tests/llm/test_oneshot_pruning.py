@@ -132,3 +132,34 @@ def test_config_mistakes_are_errors():
     with pytest.raises(st.ConfigError, match=r"oneshot_pruning\.pattern for model\.layers\.0\.self_attn\.q_proj: "
                                              r"in_features 128 is not a multiple of 3"):
         st.oneshot(model, config(pattern="2:3"), calibration(model), progress=False)
+
+
+def test_ffn_units_pruned_one_shot_then_slimmed_save_with_the_new_width(tmp_path):
+    """oneshot_pruning 'channelx1' on the down projections removes a quarter of every FFN's units (structured OBS
+    on the calibration inputs); slim() cuts them (gate/up rows with them) and saves with intermediate_size 192."""
+    from transformers import LlamaForCausalLM
+
+    model = TINY_MODELS["llama"]().eval()
+    calib = [random_tokens(model.config.vocab_size, 2, 64, seed) for seed in range(8)]
+    cfg = {"compression_inference": {"oneshot_pruning": {
+        "enabled": True, "pattern": "channelx1", "dense_ratio": 0.75, "modules": ["mlp.down_proj"]}}}
+    pruned = st.oneshot(model, cfg, calib, progress=False)
+    assert all(int((layer.mlp.down_proj.weight == 0).all(dim=0).sum()) == 64 for layer in pruned.model.layers)
+    assert torch.equal(pruned.model.layers[0].mlp.up_proj.weight, model.model.layers[0].mlp.up_proj.weight)
+    ids = random_tokens(model.config.vocab_size, 2, 16, seed=50)
+    small = st.slim(pruned, {"input_ids": ids, "use_cache": False}, measure_latency=False)
+    assert st.save_slim(small, tmp_path) == "transformers"
+    loaded = LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.config.intermediate_size == 192
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, pruned(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("section, key", [
+    ({"pattern": "channelx1", "modules": ["mlp.down_proj"]}, "dense_ratio"),
+    ({"pattern": "channelx1", "dense_ratio": 0.75}, "modules"),
+    ({"pattern": "4x1", "dense_ratio": 0.5}, "pattern"),
+])
+def test_column_pruning_config_mistakes_name_the_key(section, key):
+    with pytest.raises(st.ConfigError, match=f"oneshot_pruning.{key}"):
+        st.load_config({"compression_inference": {"oneshot_pruning": {"enabled": True, **section}}})

@@ -83,3 +83,21 @@ def test_bad_targets_are_errors(layer):
         sparsegpt_prune(model.weight, H, TWO_FOUR, block_size=30)
     with pytest.raises(ConfigError, match=r"fraction in \[0, 1\)"):
         wanda_prune(model.weight, H, 1.0)
+
+
+def test_column_pruning_removes_the_same_whole_columns_in_every_row_and_obs_compensates_best(layer):
+    """Whole input columns (FFN units seen from the down projection): exactly floor(0.25 * in) zero columns for every
+    method; structured OBS (sparsegpt) updates the kept columns and leaves the smallest held-out output error."""
+    from slimtorch.llm.sparsegpt import Columns, prune_columns
+
+    model, _, H, held_out = layer
+    target = Columns(0.25)
+    pruned = {m: prune_columns(model.weight, H, target, m) for m in ("magnitude", "wanda", "sparsegpt")}
+    for method, w in pruned.items():
+        zero_columns = (w == 0).all(dim=0)
+        assert int(zero_columns.sum()) == IN // 4, method
+        assert int((w == 0).sum()) == (IN // 4) * w.shape[0], method  # nothing else is zero
+    kept = ~(pruned["wanda"] == 0).all(dim=0)
+    assert torch.equal(pruned["wanda"][:, kept], model.weight[:, kept])  # wanda and magnitude leave the rest alone
+    errors = {m: model.output_error(held_out, w) for m, w in pruned.items()}
+    assert errors["sparsegpt"] < errors["wanda"] < errors["magnitude"], errors
