@@ -4,6 +4,7 @@
     python benchmarks/slimming.py                     # both models, ~4 min on 2 cores
     python benchmarks/slimming.py --only minilm --rounds 30 --json-out benchmarks/results/slimming.json
     python benchmarks/slimming.py --peers             # + Torch-Pruning 1.6.1's MiniLM at the same structure
+    python benchmarks/slimming.py --only smollm2      # SmolLM2-135M: 25% FFN width one-shot, perplexity, latency
 
 all-MiniLM-L6-v2, ONNX Runtime (the protocol of benchmarks/ptq.py: CPUExecutionProvider, 2 intra-op threads, one
 batch of 8 x 128 tokens, sessions warmed up then run round-robin with a 50 ms untimed pause, medians):
@@ -153,9 +154,57 @@ def efficientnet(rounds: int) -> Dict[str, object]:
                 median_round_ratio=statistics.median(ratios))
 
 
+def smollm2(rounds: int) -> Dict[str, object]:
+    """A quarter of SmolLM2-135M's FFN width pruned one-shot (oneshot_pruning 'channelx1' on the down projections,
+    structured OBS on the 32 x 512 calibration windows), slimmed, saved with save_slim and loaded by transformers;
+    held-out perplexity (58 windows of 512) and the latency of decoding one token with the KV cache (batch 1, 128
+    tokens of context), dense and slim alternating."""
+    import _smollm2 as S
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(2)
+    model, tokenizer = S.load_smollm2()
+    calibration = S.calibration_samples(tokenizer)
+    _, held_out = S.pydoc_split(tokenizer)
+    cfg = {"compression_inference": {"oneshot_pruning": {
+        "enabled": True, "method": "sparsegpt", "pattern": "channelx1", "dense_ratio": 0.75,
+        "modules": ["mlp.down_proj"]}}}
+    start = time.perf_counter()
+    pruned = st.oneshot(model, cfg, [calibration[i:i + 1] for i in range(len(calibration))], progress=False)
+    prune_s = time.perf_counter() - start
+    example = {"input_ids": calibration[:1, :64], "use_cache": False}
+    small = st.slim(pruned, example, measure_latency=False)
+    report = st.slim_report(small)
+    with tempfile.TemporaryDirectory() as tmp:
+        how = st.save_slim(small, tmp)
+        loaded = AutoModelForCausalLM.from_pretrained(tmp).eval() if how == "transformers" else st.load_slim(tmp)
+        intermediate = getattr(loaded.config, "intermediate_size", None)
+    ppl = {name: st.perplexity(m, held_out, window=S.WINDOW).perplexity for name, m in (("dense", model),
+                                                                                      ("slim", loaded))}
+    context = calibration[:1, :128]
+    times: Dict[str, List[float]] = {"dense": [], "slim": []}
+    with torch.no_grad():
+        caches = {}
+        for name, m in (("dense", model), ("slim", loaded)):
+            out = m(input_ids=context, use_cache=True)
+            caches[name] = (m, out.past_key_values, out.logits[:, -1:].argmax(-1))
+        for r in range(rounds * 5):
+            for name in (("dense", "slim") if r % 2 == 0 else ("slim", "dense")):
+                m, cache, token = caches[name]
+                step_cache = copy.deepcopy(cache)
+                start = time.perf_counter()
+                m(input_ids=token, past_key_values=step_cache, use_cache=True)
+                times[name].append(time.perf_counter() - start)
+    return dict(model="SmolLM2-135M-Instruct", prune_s=prune_s, saved_as=how, intermediate_size=intermediate,
+                max_relative_difference=report.max_relative_difference,
+                parameters=(report.parameters_before, report.parameters_after), perplexity=ppl,
+                token_ms={k: 1e3 * statistics.median(v) for k, v in times.items()},
+                speedup=statistics.median(times["dense"]) / statistics.median(times["slim"]))
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", choices=["minilm", "efficientnet"])
+    parser.add_argument("--only", choices=["minilm", "efficientnet", "smollm2"])
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--peers", action="store_true", help="time Torch-Pruning's MiniLM beside slimtorch's")
     parser.add_argument("--json-out", type=Path)
@@ -185,6 +234,17 @@ def main(argv: Optional[List[str]] = None) -> int:
               f"{r['latency_ms']['slim']:.0f} ms: speed-up {r['speedup']:.2f} (median per-round ratio "
               f"{r['median_round_ratio']:.2f}); top-1 slim = masked on {100 * r['top1_slim_vs_masked']:.1f}% of "
               f"{r['crops']} crops (masked = dense, untrained: {100 * r['top1_masked_vs_dense']:.1f}%)")
+    if args.only in (None, "smollm2"):
+        r = smollm2(args.rounds)
+        results.append(r)
+        print(f"\nSmolLM2-135M-Instruct, 25% of the FFN units pruned one-shot (structured OBS, 32 x 512 calibration "
+              f"tokens, {r['prune_s']:.0f} s), slimmed: outputs vs pruned {r['max_relative_difference']:.1e}; "
+              f"parameters {r['parameters'][0]:,} -> {r['parameters'][1]:,}; saved as {r['saved_as']} "
+              f"(intermediate_size {r['intermediate_size']})")
+        print(f"held-out perplexity (58 x 512): dense {r['perplexity']['dense']:.3f}, slim (as loaded back) "
+              f"{r['perplexity']['slim']:.3f}; one decoded token (batch 1, 128 tokens of cache), PyTorch CPU 2 "
+              f"threads: dense {r['token_ms']['dense']:.2f} ms, slim {r['token_ms']['slim']:.2f} ms: speed-up "
+              f"{r['speedup']:.2f}")
     if args.json_out:
         args.json_out.parent.mkdir(parents=True, exist_ok=True)
         args.json_out.write_text(json.dumps(results, indent=2))
