@@ -17,6 +17,7 @@ consumer's input (one activation per consumer call, on the example input).
 from __future__ import annotations
 
 import copy
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -98,6 +99,7 @@ def slim(model: nn.Module, example_inputs: Any, *, round_to: int = 1, rtol: floa
                              "are not final; call finalize() on its PruningCallbacks before slim()")
     if round_to < 1:
         raise SlimError(f"round_to must be a positive number of channels, got {round_to}")
+    example_inputs = _without_cache(model, example_inputs)
     target = copy.deepcopy(model).eval()
     with torch.no_grad():
         reference = measure.output_tensors(measure.call(target, example_inputs))
@@ -126,6 +128,15 @@ def slim(model: nn.Module, example_inputs: Any, *, round_to: int = 1, rtol: floa
         report.slower_layers = _slower_layers(model, target, plans, example_inputs)
     setattr(target, REPORT_ATTR, report)
     return target
+
+
+def _without_cache(model: nn.Module, example_inputs: Any) -> Any:
+    """Keyword inputs with ``use_cache=False`` where the forward takes it and it is not set: a KV cache in the
+    outputs would carry the key and value projections out of the model, and their heads could not go."""
+    if isinstance(example_inputs, dict) and "use_cache" not in example_inputs and \
+            "use_cache" in inspect.signature(model.forward).parameters:
+        return {**example_inputs, "use_cache": False}
+    return example_inputs
 
 
 def slim_report(model: nn.Module) -> SlimReport:

@@ -103,6 +103,17 @@ def test_gqa_removes_a_key_value_head_with_its_query_heads():
                                rtol=1e-5, atol=1e-5)
 
 
+def test_a_decoder_example_without_use_cache_still_cuts_heads():
+    """Without use_cache=False the model would return its KV cache (the k and v projections' outputs); slim() turns
+    the cache off for the trace, as it does not change the logits."""
+    model = TINY_MODELS["llama"]().eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight[:, 64:] = 0
+    small = slim(model, {"input_ids": random_tokens(model.config.vocab_size, 2, 10, 0)}, measure_latency=False)
+    assert small.model.layers[0].self_attn.k_proj.out_features == 32
+
+
 def test_a_query_head_alone_is_not_a_removable_unit_under_gqa():
     model = TINY_MODELS["llama"]().eval()
     with torch.no_grad():
