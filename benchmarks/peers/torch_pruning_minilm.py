@@ -8,10 +8,10 @@ layer's FFN units and half of its attention heads removed by Torch-Pruning's Met
 Torch-Pruning's own recipe for Hugging Face BERT: ``MagnitudeImportance(p=2, group_reduction="mean")``, the q/k/v
 projections registered with their head count, ``prune_num_heads=True`` and ``prune_head_dims=False`` (whole heads),
 ``head_pruning_ratio`` 0.5; FFN units through ``pruning_ratio_dict`` {intermediate.dense: 0.5} and a global ratio of
-0, so that the residual width is not touched (as slimtorch refuses it). After pruning, each self-attention's head
-count and width attributes are set, as Torch-Pruning's BERT example does. One JSON line on stdout: parameters
-before and after, the wall time of the pruning, and the largest difference of the pruned model's shapes from what
-was asked (0: exactly half).
+0, so that the residual width is not touched (as slimtorch refuses it); the query projections also get 0.5 in
+``pruning_ratio_dict``, without which Torch-Pruning skips the attention groups and removes no head. After pruning,
+each self-attention's head count and width attributes are set, as Torch-Pruning's BERT example does. One JSON line
+on stdout: parameters before and after, the wall time of the pruning, and the widths asked for and obtained.
 """
 from __future__ import annotations
 
@@ -49,11 +49,14 @@ def main() -> int:
         if isinstance(m, BertSelfAttention):
             for proj in (m.query, m.key, m.value):
                 num_heads[proj] = m.num_attention_heads
-    ffn = {layer.intermediate.dense: args.ffn_ratio for layer in model.encoder.layer}
+    ratios = {layer.intermediate.dense: args.ffn_ratio for layer in model.encoder.layer}
+    # the attention groups need a ratio of their own to be visited at all (with pruning_ratio 0 they are skipped);
+    # with prune_head_dims=False that ratio removes no head dimension, and head_pruning_ratio picks the heads
+    ratios.update({layer.attention.self.query: args.head_ratio for layer in model.encoder.layer})
     start = time.perf_counter()
     pruner = tp.pruner.MetaPruner(
         model, example, importance=tp.importance.MagnitudeImportance(p=2, group_reduction="mean"),
-        pruning_ratio=0.0, pruning_ratio_dict=ffn, num_heads=num_heads, prune_num_heads=True, prune_head_dims=False,
+        pruning_ratio=0.0, pruning_ratio_dict=ratios, num_heads=num_heads, prune_num_heads=True, prune_head_dims=False,
         head_pruning_ratio=args.head_ratio, ignored_layers=[model.pooler],
         output_transform=lambda out: out.last_hidden_state.sum())
     pruner.step()
