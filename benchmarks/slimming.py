@@ -112,19 +112,12 @@ def minilm(rounds: int, peers: bool = False) -> Dict[str, object]:
 
 
 def efficientnet(rounds: int) -> Dict[str, object]:
-    from tests.quantization.cnn_data import image_crops, load_efficientnet_lite0, predict
+    from tests.quantization.cnn_data import image_crops, load_efficientnet_lite0, predict, zero_expansion_channels
 
     torch.set_num_threads(2)
     model = load_efficientnet_lite0().eval()
     masked = copy.deepcopy(model)
-    with torch.no_grad():
-        for block in masked._blocks:
-            if hasattr(block, "_expand_conv"):
-                conv, bn = block._expand_conv, block._bn0
-                drop = conv.weight.flatten(1).norm(dim=1).argsort()[: int(0.3 * conv.out_channels)]
-                conv.weight[drop] = 0
-                bn.weight[drop] = 0
-                bn.bias[drop] = 0
+    zero_expansion_channels(masked, 0.3)
     batch = torch.randn(32, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     small = st.slim(masked, batch[:2], measure_latency=False)
     report = st.slim_report(small)

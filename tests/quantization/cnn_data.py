@@ -51,6 +51,24 @@ def load_efficientnet_lite0() -> nn.Module:
 
 
 @functools.lru_cache(maxsize=1)
+def zero_expansion_channels(model: nn.Module, fraction: float = 0.3) -> int:
+    """Zero, in place, the lowest-L2-norm ``fraction`` of every MBConv block's expansion channels of an EfficientNet,
+    with their BatchNorm's weight and bias (so the channels carry nothing): what channel pruning leaves for
+    ``slimtorch.slim``. Returns the number of blocks touched."""
+    blocks = 0
+    with torch.no_grad():
+        for block in model._blocks:
+            if not hasattr(block, "_expand_conv"):
+                continue
+            conv, bn = block._expand_conv, block._bn0
+            weakest = conv.weight.flatten(1).norm(dim=1).argsort()[: int(fraction * conv.out_channels)]
+            conv.weight[weakest] = 0
+            bn.weight[weakest] = 0
+            bn.bias[weakest] = 0
+            blocks += 1
+    return blocks
+
+
 def _sample_photos() -> Tuple[Tensor, ...]:
     from sklearn.datasets import load_sample_images
 

@@ -273,22 +273,14 @@ def test_the_slim_model_quantizes_and_the_report_times_each_narrowed_layer(tmp_p
 def test_efficientnet_lite0_expansion_channels_slim_exactly():
     """30% of every MBConv block's expansion channels pruned with their BatchNorm (the static 'same' padding before
     the depthwise convs pads space, not channels); the slim network gives the masked one's logits."""
-    from tests.quantization.cnn_data import load_efficientnet_lite0
+    from tests.quantization.cnn_data import load_efficientnet_lite0, zero_expansion_channels
 
     model = load_efficientnet_lite0().eval()
-    with torch.no_grad():
-        for block in model._blocks:
-            if not hasattr(block, "_expand_conv"):
-                continue
-            conv, bn = block._expand_conv, block._bn0
-            weakest = conv.weight.flatten(1).norm(dim=1).argsort()[: int(0.3 * conv.out_channels)]
-            conv.weight[weakest] = 0
-            bn.weight[weakest] = 0
-            bn.bias[weakest] = 0
+    assert zero_expansion_channels(model, 0.3) == 15
     x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     small = slim(model, x, measure_latency=False)
     report = slim_report(small)
-    assert len(report.groups) == sum(hasattr(b, "_expand_conv") for b in model._blocks) == 15
+    assert len(report.groups) == 15
     assert all(g.units_after == g.units_before - int(0.3 * g.units_before) for g in report.groups)
     with torch.no_grad():
         torch.testing.assert_close(small(x[:1]), model(x[:1]), rtol=1e-5, atol=1e-5)
