@@ -158,10 +158,3 @@ def fold_constant_inputs(consumer: nn.Linear, dropped: Tensor, constant: Tensor)
 def zero_rows(weight: Tensor) -> Tensor:
     """Bool ``[out]``: the output rows of a ``[out, ...]`` weight that are entirely zero."""
     return ~weight.detach().reshape(weight.shape[0], -1).ne(0).any(dim=1)
-
-
-def zero_columns(weight: Tensor) -> Tensor:
-    """Bool ``[in]``: the input channels of a Linear ``[out, in]`` or conv ``[out, in, ...]`` weight that are zero
-    for every output."""
-    w = weight.detach()
-    return ~w.transpose(0, 1).reshape(w.shape[1], -1).ne(0).any(dim=1)

@@ -83,18 +83,11 @@ class Group:
     reason: Optional[str] = None
 
     @property
-    def modules(self) -> List[str]:
-        return [s.module for s in self.producers] + [m for m, _ in self.consumers] + [m for m, _ in self.followers]
-
-    @property
     def units(self) -> int:
         """Units of the group: channels, or key/value heads (the fewest heads among its spaces)."""
         if self.head_dim is None:
             return self.producers[0].channels
         return min(s.channels // self.head_dim for s in self.producers)
-
-    def channels_per_unit(self, space: Space) -> int:
-        return space.channels // self.units
 
 
 @dataclass
@@ -103,10 +96,6 @@ class Analysis:
 
     def removable(self) -> List[Group]:
         return [g for g in self.groups if g.reason is None]
-
-    def group_of(self, module: str) -> Optional[Group]:
-        """The group whose producers include ``module`` (its output channels), if any."""
-        return next((g for g in self.groups if any(s.module == module for s in g.producers)), None)
 
 
 class _Tracer:

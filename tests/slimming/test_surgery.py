@@ -9,7 +9,6 @@ from slimtorch.slimming.surgery import (
     shrink_batchnorm,
     shrink_conv,
     shrink_linear,
-    zero_columns,
     zero_rows,
 )
 
@@ -96,8 +95,12 @@ def test_bad_indices_are_refused():
 
 
 def test_zero_rows_and_columns():
-    w = torch.ones(3, 4, 2, 2)
-    w[1] = 0
-    w[:, 3] = 0
-    assert zero_rows(w).tolist() == [False, True, False]
-    assert zero_columns(w).tolist() == [False, False, False, True]
+    from slimtorch.slimming.units import zero_inputs
+
+    conv = nn.Conv2d(4, 3, 2, bias=False)
+    with torch.no_grad():
+        conv.weight.fill_(1.0)
+        conv.weight[1] = 0
+        conv.weight[:, 3] = 0
+    assert zero_rows(conv.weight).tolist() == [False, True, False]
+    assert zero_inputs(conv).tolist() == [False, False, False, True]
