@@ -189,7 +189,7 @@ def _fold_constants(target: nn.Module, plans: List[UnitPlan], example_inputs: An
     for plan in plans:
         for name, _ in plan.group.consumers:
             consumer = target.get_submodule(name)
-            width = surgery_width(consumer)
+            width = surgery.input_width(consumer)
             dropped = plan.channels(width, keep=False)
             dropped = dropped[~zero_inputs(consumer)[dropped]]  # columns the consumer never reads carry nothing
             if dropped.numel() == 0:
@@ -216,12 +216,6 @@ def _fold_constants(target: nn.Module, plans: List[UnitPlan], example_inputs: An
                     consumer.bias.add_(shift.to(consumer.bias.dtype))
             else:
                 surgery.fold_constant_inputs(consumer, dropped, values)
-
-
-def surgery_width(module: nn.Module) -> int:
-    if surgery.is_transposed_linear(module):
-        return int(module.weight.shape[0])
-    return int(getattr(module, "in_features", None) or getattr(module, "in_channels"))
 
 
 def _narrowed(module: nn.Module, keep_out=None, keep_in=None) -> nn.Module:
@@ -252,7 +246,7 @@ def _cut(target: nn.Module, plan: UnitPlan) -> None:
                              else surgery.shrink_conv(module, keep_out=keep))
     for name, _ in group.consumers:
         module = target.get_submodule(name)
-        target.set_submodule(name, _narrowed(module, keep_in=plan.channels(surgery_width(module))))
+        target.set_submodule(name, _narrowed(module, keep_in=plan.channels(surgery.input_width(module))))
     if group.head_dim is not None:
         _update_head_counts(target, plan)
 

@@ -81,6 +81,13 @@ def shrink_transposed_linear(module: nn.Module, keep_out: Optional[Tensor] = Non
     return new
 
 
+def input_width(module: nn.Module) -> int:
+    """Input channels of a Linear, a conv or transformers' Conv1D (weight ``[in, out]``)."""
+    if is_transposed_linear(module):
+        return int(module.weight.shape[0])
+    return int(getattr(module, "in_features", None) or getattr(module, "in_channels"))
+
+
 def linear_view(module: nn.Module) -> Tensor:
     """The weight as a Linear's ``[out, in]`` (a transposed view for transformers' Conv1D)."""
     return module.weight.t() if is_transposed_linear(module) else module.weight

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
+from .surgery import input_width
 
 #: ATen ops that act on each element alone: every channel tag passes through unchanged
 _ELEMENTWISE_UNARY = {
@@ -569,16 +570,10 @@ def _layout_problem(group: Group, model: nn.Module) -> Optional[str]:
         if s.channels % group.head_dim or (s.channels // group.head_dim) % units:
             return f"{s.module}'s {s.channels} channels are not whole heads of {group.head_dim} per unit"
     for name, op in group.consumers:
-        width = _in_width(model.get_submodule(name))
+        width = input_width(model.get_submodule(name))
         if width % units:
             return f"{name}'s {width} inputs do not split into {units} heads"
     return None
-
-
-def _in_width(module: nn.Module) -> int:
-    if type(module).__name__ == "Conv1D":  # transformers' Conv1D: weight [in, out]
-        return int(module.weight.shape[0])
-    return int(getattr(module, "in_features", None) or getattr(module, "in_channels"))
 
 
 def _unique(pairs: Sequence[Tuple[str, str]]) -> List[Tuple[str, str]]:
