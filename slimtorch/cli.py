@@ -38,14 +38,21 @@ def _check(path: str, model_spec: Optional[str] = None) -> int:
         print(f"{path}: valid; {key} enabled (slimtorch.oneshot): {_oneshot_summary(section)}")
     oneshot = bool(inference.oneshot_sections())
     sp = cfg.sparse_pruning
+    structured = cfg.structured_groups
+    for g in structured:
+        unit = g.technique.unit + ("s" if g.technique.unit != "head" else "s of num_heads " + str(g.num_heads))
+        how = ("ranked once at prepare (L1 norm, ceil(dense_ratio * n) kept)" if g.method == "l1"
+               else "learned top-k scores, masking in forward")
+        print(f"{path}: valid; {g.technique.section}.different_groups.{g.group}: {g.method} {unit}, dense_ratio "
+              f"{g.dense_ratio:g}, {how}, from step {g.start_step}")
     if not cfg.pruning_enabled:
-        if q is None and not oneshot:
+        if q is None and not oneshot and not structured:
             where = ("compression_training.sparse_pruning.shared_parameters.enabled is false" if sp is not None
-                     else "no compression_training.sparse_pruning or compression_inference section")
+                     else "no compression_training pruning section or compression_inference section")
             print(f"{path}: nothing to do: {where}; a compression section sits at the top level of the config, "
                   "or under compression_training / compression_inference, with enabled true", file=sys.stderr)
             return 1
-        return 0
+        return _check_on_model(cfg, model_spec) if structured and model_spec is not None else 0
     print(f"{path}: valid; sparse_pruning enabled")
     unlisted = sp.unlisted_rule()
     rows = [(f"different_groups.{name}", sp.settings_for(name), g.modules) for name, g in sp.different_groups.items()]
@@ -87,16 +94,16 @@ def _oneshot_summary(section) -> str:
 
 def _check_on_model(cfg, model_spec: str) -> int:
     from .errors import NothingToPruneError, SlimError
-    from .pruning.targets import describe_plan, plan_targets
+    from .pruning.structured_targets import describe_training, plan_training
     from .quantize_cli import load_model
 
     try:
         model, _ = load_model(model_spec)
-        plan = plan_targets(model, cfg.sparse_pruning)
+        plan = plan_training(model, cfg)
     except SlimError as err:
         print(err, file=sys.stderr)
         return 1 if isinstance(err, NothingToPruneError) else 2
-    for line in describe_plan(plan, cfg.sparse_pruning):
+    for line in describe_training(plan, cfg):
         print(f"  {line}")
     return 0
 

@@ -20,6 +20,7 @@ from ..errors import ConfigError
 from . import inc
 from .patterns import NMPattern, parse_pattern
 from .schema import CompressionConfig, PathValueError
+from .structured_schema import DEEPSPEED_STRUCTURED_OFFSET_DEFAULT, STRUCTURED_SECTIONS
 
 ConfigSource = Union[CompressionConfig, Dict[str, Any], str, os.PathLike]
 
@@ -39,21 +40,20 @@ _QAT_HINT = ("slimtorch quantizes after training instead: compression_inference.
 UNSUPPORTED_TRAINING = {
     "weight_quantization": _QAT_HINT,
     "activation_quantization": _QAT_HINT,
-    "row_pruning": "sparse_pruning with pattern '1xchannel' masks whole output rows (with their biases)",
-    "head_pruning": "not implemented; sparse_pruning with pattern '1xchannel' on the attention projections masks "
-                    "rows",
-    "channel_pruning": "sparse_pruning with pattern '1xchannel' masks whole conv output channels",
     "layer_reduction": "not implemented (it initialises a shallower student from a teacher's layers)",
 }
 TOPK_MESSAGE = (
-    "DeepSpeed's 'topk' learns a mask score per weight as an extra trainable parameter (movement pruning, top-k "
-    "binarized); slimtorch does not implement it. Nearest: 'snip_momentum' (scores |w * g| accumulated from the "
+    "DeepSpeed's 'topk' in sparse_pruning learns a mask score per weight as an extra trainable parameter (movement "
+    "pruning, top-k binarized); slimtorch implements topk for whole rows, heads and channels (row_pruning, "
+    "head_pruning, channel_pruning), not per weight. Nearest: 'snip_momentum' (scores |w * g| accumulated from the "
     "training gradients, the first-order estimate of the same movement signal), or 'l1' for DeepSpeed's one-shot "
     "magnitude masks")
 # keys that, found under an unknown top-level key, show a compression section in the wrong place
 _INFERENCE_KEYS = ("static_quantization", "dynamic_quantization", "weight_only_quantization", "oneshot_pruning",
                    "w8a8_quantization")
-_SECTION_KEYS = SECTIONS + ("sparse_pruning",) + _INFERENCE_KEYS + tuple(UNSUPPORTED_TRAINING)
+#: the techniques compression_training may hold
+TRAINING_TECHNIQUES = ("sparse_pruning",) + STRUCTURED_SECTIONS + tuple(UNSUPPORTED_TRAINING)
+_SECTION_KEYS = SECTIONS + _INFERENCE_KEYS + TRAINING_TECHNIQUES
 
 
 def load_config(source: ConfigSource) -> CompressionConfig:
@@ -137,11 +137,11 @@ def _check_keys(node: Any, path: Tuple[str, ...], depth: int = 0) -> None:
 
 def _normalise(doc: Dict[str, Any], renamed: Dict[Tuple[str, ...], str], notes: List[str]) -> Dict[str, Any]:
     """Keep the compression sections, apply DeepSpeed aliases and defaults, refuse what looks misspelt."""
-    if "sparse_pruning" in doc and "compression_training" not in doc:
+    pruning_keys = ("sparse_pruning",) + STRUCTURED_SECTIONS
+    if any(k in doc for k in pruning_keys) and "compression_training" not in doc:
         # only the compression_training section's body was given
-        techniques = ("sparse_pruning",) + tuple(UNSUPPORTED_TRAINING)
-        doc = {"compression_training": {k: v for k, v in doc.items() if k in techniques},
-               **{k: v for k, v in doc.items() if k not in techniques}}
+        doc = {"compression_training": {k: v for k, v in doc.items() if k in TRAINING_TECHNIQUES},
+               **{k: v for k, v in doc.items() if k not in TRAINING_TECHNIQUES}}
     out: Dict[str, Any] = {}
     for key, value in doc.items():
         if key in SECTIONS:
@@ -164,7 +164,18 @@ def _normalise(doc: Dict[str, Any], renamed: Dict[Tuple[str, ...], str], notes: 
                 for gname, group in groups.items():
                     if isinstance(group, dict):
                         _alias_params(group.get("params"), base + ("different_groups", gname, "params"), renamed)
+        for name in STRUCTURED_SECTIONS:
+            _note_structured_offset(training.get(name), name, notes)
     return out
+
+
+def _note_structured_offset(section: Any, name: str, notes: List[str]) -> None:
+    """DeepSpeed starts row/head/channel pruning at step 1000 when schedule_offset is not set: say so."""
+    shared = section.get("shared_parameters") if isinstance(section, dict) else None
+    if isinstance(shared, dict) and shared.get("enabled") is True and "schedule_offset" not in shared:
+        notes.append(f"compression_training.{name}.shared_parameters.schedule_offset is not set: DeepSpeed's default "
+                     f"{DEEPSPEED_STRUCTURED_OFFSET_DEFAULT} applies, so {name} starts after "
+                     f"{DEEPSPEED_STRUCTURED_OFFSET_DEFAULT} updates. Set schedule_offset to choose")
 
 
 def _refuse_misplaced(value: Any, path: Tuple[str, ...]) -> None:

@@ -13,6 +13,8 @@ from pydantic import Field, PrivateAttr, field_validator, model_validator
 from .base import PathValueError, StrictModel, check_regexes  # noqa: F401  (PathValueError re-exported)
 from .patterns import NMPattern, Pattern, parse_pattern
 from .quant_schema import CompressionInference
+from .structured_schema import (STRUCTURED_SECTIONS, ChannelPruningConfig, HeadPruningConfig, RowPruningConfig,
+                                StructuredSettings, resolved_groups)
 
 Method = Literal["magnitude", "gradient", "snip", "snip_momentum", "l1"]
 DecayType = Literal["exp", "cos", "linear", "cube"]
@@ -123,6 +125,10 @@ class PruningSettings:
     #: per-layer bounds of a "global" group (final sparsity of each layer); (0, 1) for "local"
     min_sparsity: float = 0.0
     max_sparsity: float = 1.0
+    #: DeepSpeed's row/head/channel sections: the unit ("row", "head", "channel") and, for topk, the name of the
+    #: learned scores on the layer; None for sparse_pruning
+    unit: Optional[str] = None
+    scores_attribute: Optional[str] = None
 
     @property
     def target_sparsity(self) -> float:
@@ -131,6 +137,11 @@ class PruningSettings:
     @property
     def is_global(self) -> bool:
         return self.scope == "global"
+
+    @property
+    def learned(self) -> bool:
+        """DeepSpeed's topk for rows, heads and channels: the mask is the top-k of trained scores, applied in forward."""
+        return self.method == "topk"
 
     @property
     def ranks_at_prepare(self) -> bool:
@@ -273,6 +284,9 @@ class SparsePruningConfig(StrictModel):
 
 class CompressionTraining(StrictModel):
     sparse_pruning: Optional[SparsePruningConfig] = None
+    row_pruning: Optional[RowPruningConfig] = None
+    head_pruning: Optional[HeadPruningConfig] = None
+    channel_pruning: Optional[ChannelPruningConfig] = None
 
 
 class CompressionConfig(StrictModel):
@@ -302,6 +316,33 @@ class CompressionConfig(StrictModel):
     def pruning_enabled(self) -> bool:
         sp = self.sparse_pruning
         return sp is not None and sp.shared_parameters.enabled
+
+    @property
+    def structured_groups(self) -> List[StructuredSettings]:
+        """The groups of the enabled row/head/channel pruning sections, resolved."""
+        out: List[StructuredSettings] = []
+        for name in STRUCTURED_SECTIONS:
+            section = getattr(self.compression_training, name)
+            if section is not None and section.shared_parameters.enabled:
+                out.extend(resolved_groups(name, section))
+        return out
+
+    @property
+    def has_training_pruning(self) -> bool:
+        """Whether the config has any pruning-during-training section (enabled or not)."""
+        t = self.compression_training
+        return any(getattr(t, name) is not None for name in ("sparse_pruning",) + STRUCTURED_SECTIONS)
+
+    @property
+    def prunes_in_training(self) -> bool:
+        """Whether an enabled section prunes during training."""
+        return self.pruning_enabled or bool(self.structured_groups)
+
+    @property
+    def gradient_accumulation_steps(self) -> int:
+        """sparse_pruning's gradient_accumulation_steps (1 without that section)."""
+        sp = self.sparse_pruning
+        return 1 if sp is None else sp.shared_parameters.gradient_accumulation_steps
 
     @property
     def quantization(self):

@@ -41,7 +41,7 @@ from ..pruning.callbacks import PruningCallbacks, prepare_for_engine
 from ..pruning.distributed import refuse_sharded
 from ..pruning.drivers import wrap_step
 from ..pruning.pruner import rank_at_prepare
-from ..pruning.targets import plan_targets
+from ..pruning.structured_targets import attach_learned_scores, plan_training
 
 #: key of the pruning state inside the ``client_state`` of DeepSpeed checkpoints
 CLIENT_STATE_KEY = "slimtorch_pruning"
@@ -59,7 +59,7 @@ def initialize(args: Any = None, model: Optional[nn.Module] = None, optimizer: A
     default) every ``engine.step()`` drives pruning, and ``engine.save_checkpoint`` / ``load_checkpoint`` carry
     the pruning state in the checkpoint's ``client_state``; with ``hands_free=False`` call the callbacks' hooks
     around ``engine.step()`` yourself (once per micro-batch, like the engine). ``callbacks`` is None when the
-    config has no ``sparse_pruning`` section.
+    config has no pruning section (sparse_pruning, row_pruning, head_pruning, channel_pruning).
     """
     deepspeed = _import_deepspeed()
     if not isinstance(model, nn.Module):
@@ -69,18 +69,19 @@ def initialize(args: Any = None, model: Optional[nn.Module] = None, optimizer: A
     document = read_document(source)
     compression = load_config(document)  # a bad compression section fails before DeepSpeed builds anything
     deepspeed_config = {k: v for k, v in document.items() if k not in SECTIONS}
-    pruning = compression.sparse_pruning is not None
+    pruning = compression.has_training_pruning
     ranked = None
     if pruning:
         _check_supported(deepspeed_config, model)
         ranked = rank_before_the_engine(model, compression)
+        _learned_scores_before_the_engine(model, compression, model_parameters)
     engine, ds_optimizer, dataloader, scheduler = deepspeed.initialize(
         args=args, model=model, optimizer=optimizer, model_parameters=model_parameters, training_data=training_data,
         lr_scheduler=lr_scheduler, mpu=mpu, dist_init_required=dist_init_required, collate_fn=collate_fn,
         config=deepspeed_config, **deepspeed_kwargs)
     if not pruning:
         return engine, ds_optimizer, dataloader, scheduler, None
-    accumulate = _accumulation_steps(engine, compression.sparse_pruning.shared_parameters.gradient_accumulation_steps)
+    accumulate = _accumulation_steps(engine, compression.gradient_accumulation_steps)
     callbacks = prepare_for_engine(
         engine.module, compression, access=DeepSpeedAccess(engine.optimizer), accumulate=accumulate,
         driver=("engine.step()", "pass hands_free=False to slimtorch.deepspeed.initialize"), hands_free=hands_free,
@@ -94,16 +95,37 @@ def initialize(args: Any = None, model: Optional[nn.Module] = None, optimizer: A
 def rank_before_the_engine(model: nn.Module, compression: Any) -> Optional[Dict[str, Tensor]]:
     """DeepSpeed's l1 ranks |w| in ``init_compression``, before the engine casts the model to fp16/bf16: rank the
     float weights here too, so half-precision rounding cannot reorder near-equal weights."""
-    sp = compression.sparse_pruning
-    if not compression.pruning_enabled:
+    if not compression.prunes_in_training:
         return None
-    settings = [sp.settings_for(None)] + [sp.settings_for(g) for g in sp.different_groups]
-    if not any(s.ranks_at_prepare for s in settings):
+    sp = compression.sparse_pruning
+    settings = [g.method for g in compression.structured_groups]
+    if compression.pruning_enabled:
+        settings += [sp.settings_for(None).method] + [sp.settings_for(g).method for g in sp.different_groups]
+    if "l1" not in settings:
         return None
     try:
-        return rank_at_prepare(plan_targets(model, sp).layers)
+        return rank_at_prepare(plan_training(model, compression).layers)
     except SlimError:
         return None  # prepare_for_engine raises the same error, on every rank, after the engine exists
+
+
+def _learned_scores_before_the_engine(model: nn.Module, compression: Any, model_parameters: Any) -> None:
+    """topk's scores are parameters the engine's optimizer must hold: create them before the engine exists (as
+    DeepSpeed's init_compression does) and check that explicit ``model_parameters`` include them."""
+    scores = attach_learned_scores(model, compression)
+    if not scores or model_parameters is None:
+        return
+    given = set()
+    for item in model_parameters:
+        params = item.get("params", []) if isinstance(item, dict) else [item]
+        given.update(id(p) for p in ([params] if isinstance(params, torch.Tensor) else params))
+    missing = [name for name, p in model.named_parameters() if any(p is s for s in scores) and id(p) not in given]
+    if missing:
+        raise ConfigError(
+            f"slimtorch.deepspeed.initialize: model_parameters leaves out the topk scores {missing[:3]}"
+            f"{' ...' if len(missing) > 3 else ''} that the row/head/channel pruning sections train; they are created "
+            "on the model before the engine is built: pass model_parameters=None (DeepSpeed then takes "
+            "model.parameters()), or build it after slimtorch.deepspeed.attach_learned_scores(model, config)")
 
 
 class DeepSpeedAccess(ParamAccess):

@@ -26,6 +26,7 @@ from ..config import load_config
 from ..config.loader import ConfigSource
 from ..errors import ConfigError, LifecycleError, StateDictError, UnsupportedModelError
 from ..pruning.callbacks import PruningCallbacks, prepare_for_engine
+from ..pruning.structured_targets import attach_learned_scores
 
 #: file written next to each Trainer checkpoint (``<output_dir>/checkpoint-N/``)
 STATE_FILE = "slimtorch_pruning.pt"
@@ -51,9 +52,10 @@ class PruningCallback(TrainerCallback):
                 f"PruningCallback: transformers {_transformers_version()} has no on_pre_optimizer_step event, "
                 "which the callback needs to read each update's gradients; use transformers 4.45 or later")
         self.config = load_config(config)  # a bad config is an error now, before the Trainer touches the model
-        if self.config.sparse_pruning is None:
-            raise ConfigError("PruningCallback: the config has no compression_training.sparse_pruning section; add "
-                              "one (see docs/config.md) or leave the callback out")
+        if not self.config.has_training_pruning:
+            raise ConfigError("PruningCallback: the config has no compression_training pruning section "
+                              "(sparse_pruning, row_pruning, head_pruning or channel_pruning); add one (see "
+                              "docs/config.md) or leave the callback out")
         if resume_from is True:
             raise ConfigError("PruningCallback(resume_from=True): pass None (find the state in the checkpoint the "
                               "Trainer resumes from), a checkpoint folder, or False (start the schedule afresh)")
@@ -66,9 +68,13 @@ class PruningCallback(TrainerCallback):
 
     # ------------------------------------------------------------ Trainer events
     def on_init_end(self, args, state, control, model=None, **kwargs):
+        if not isinstance(model, torch.nn.Module):
+            return
+        # topk's scores are trained: they must exist before the Trainer builds its optimizer in train()
+        attach_learned_scores(model, self.config)
         # DeepSpeed's init_compression ranks l1 masks before its engine exists; under a DeepSpeed Trainer the engine
         # casts the model to bf16/fp16 before on_train_begin, so rank the float weights now, as DeepSpeed would
-        if getattr(args, "deepspeed", None) and isinstance(model, torch.nn.Module):
+        if getattr(args, "deepspeed", None):
             from .deepspeed import rank_before_the_engine
             self._ranked = rank_before_the_engine(model, self.config)
 
@@ -187,7 +193,7 @@ class PruningCallback(TrainerCallback):
         return self.callbacks
 
     def _check_accumulation(self, args) -> None:
-        ours = self.config.sparse_pruning.shared_parameters.gradient_accumulation_steps
+        ours = self.config.gradient_accumulation_steps
         theirs = int(getattr(args, "gradient_accumulation_steps", 1))
         if ours not in (1, theirs):
             raise ConfigError(

@@ -34,7 +34,8 @@ from .distributed import check_same_plan, refuse_sharded, unwrap
 from .lifecycle import PruningLifecycle
 from .pruner import Pruner
 from .report import SparsityReport, sparsity_report
-from .targets import TargetPlan, describe_plan, plan_targets
+from .structured_targets import describe_training, plan_training
+from .targets import TargetPlan
 
 logger = logging.getLogger("slimtorch")
 
@@ -67,30 +68,40 @@ def prepare_for_engine(model: nn.Module, config: ConfigSource, *, optimizer: Opt
     model = unwrap(model)  # a torch.compile'd model shares its parameters with the original module
     refuse_sharded(model)
     cfg = load_config(config)
-    if cfg.sparse_pruning is None:
-        raise ConfigError("compression_training.sparse_pruning: the config has no sparse_pruning section to prepare")
+    if not cfg.has_training_pruning:
+        raise ConfigError("compression_training: the config has no sparse_pruning, row_pruning, head_pruning or "
+                          "channel_pruning section to prepare")
     if registry.is_active(model):
         raise LifecycleError("prepare_pruning: this model already has active pruning callbacks; call finalize() on "
                              "them before preparing again")
     failure: Optional[SlimError] = None
     try:
-        if cfg.pruning_enabled:
-            plan = plan_targets(model, cfg.sparse_pruning)
+        if cfg.prunes_in_training:
+            plan = plan_training(model, cfg)
         else:
-            warnings.warn("slimtorch: compression_training.sparse_pruning.shared_parameters.enabled is false; the "
-                          "model will not be pruned", stacklevel=2)
+            warnings.warn("slimtorch: no compression_training pruning section is enabled (shared_parameters.enabled "
+                          "is false); the model will not be pruned", stacklevel=2)
             plan = TargetPlan([], [])
     except SlimError as e:  # under torch.distributed the other ranks must hear of it, not wait for this one
         failure, plan = e, TargetPlan([], [])
     check_same_plan(plan.layers, failure)  # under torch.distributed: every rank must prune the same layers alike
     if failure is not None:
         raise failure
-    for line in cfg.notes + tuple(describe_plan(plan, cfg.sparse_pruning) if plan.layers else ()):
+    for line in cfg.notes + tuple(describe_training(plan, cfg) if plan.layers else ()):
         logger.info("slimtorch prepare_pruning: %s", line)
     callbacks = PruningCallbacks(model, cfg, plan, optimizer, access=access, accumulate=accumulate, driver=driver,
                                  hands_free=hands_free, ranked=ranked)
     registry.register(model, callbacks.plan, callbacks.pruner)
     return callbacks
+
+
+def _train_learned_scores(optimizer: torch.optim.Optimizer, pruner: Pruner) -> None:
+    """topk's scores must be trained: give the optimizer those it does not hold yet, as one new parameter group
+    with the optimizer's defaults (DeepSpeed's scores sit among the model's parameters, under the same optimizer)."""
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    new = [l.learned.scores for l in pruner.layers if l.learned is not None and id(l.learned.scores) not in held]
+    if new:
+        optimizer.add_param_group({"params": new})
 
 
 class PruningCallbacks:
@@ -105,11 +116,13 @@ class PruningCallbacks:
         self.plan = plan
         self._lifecycle = PruningLifecycle(
             Pruner(plan.layers, access, ranked),
-            accumulate or config.sparse_pruning.shared_parameters.gradient_accumulation_steps)
+            accumulate or config.gradient_accumulation_steps)
         # what drives the hooks in hands-free mode, and how to drive them yourself instead (named in errors)
         self._driver = driver
         self._model_ref = weakref.ref(model)
         self._hands_free = hands_free or optimizer is not None  # optimizer hooks, or an engine drives the steps
+        if optimizer is not None:
+            _train_learned_scores(optimizer, self.pruner)
         self._handles = [] if optimizer is None else drivers.attach_to_optimizer(optimizer, self._lifecycle)
 
     # ------------------------------------------------------------ state

@@ -44,6 +44,7 @@ class PruningLifecycle:
         """The optimizer applied the update."""
         self.pruner.keep_last_observation()
         self.pruner.apply_masks()
+        self.pruner.check_learning()
         self.step += 1
         if self.pruner.due(self.step):
             # prune now, before the next forward, so that update's gradient already sees the pruned network
@@ -89,6 +90,7 @@ class PruningLifecycle:
 
     def finish(self) -> None:
         """Apply the masks a last time and drop masks and scores; the zeros stay and nothing is pruned any more."""
+        self.pruner.finish_learned()
         self.pruner.apply_masks()
         self.pruner = Pruner([])
         self.finished = True

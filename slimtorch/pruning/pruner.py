@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ..config.patterns import BlockPattern
 from ..errors import StateDictError
-from . import allocation, criteria, masks
+from . import allocation, criteria, learned, masks
 from .access import ParamAccess
 from .schedules import is_pruning_step, sparsity_at
 from .targets import TargetLayer
@@ -39,8 +39,16 @@ class LayerState:
         self.ranked: Optional[Tensor] = None
         if target.settings.ranks_at_prepare:
             self.ranked = self._rank_now() if ranked is None else ranked.to(self.weight.device)
+        # DeepSpeed's topk for rows, heads and channels: trained scores, masking in forward from start_step on
+        self.learned: Optional[learned.LearnedMask] = None
+        s = target.settings
+        if s.learned:
+            self.learned = learned.for_target(target)
+            if s.start_step == 0:
+                self.learned.activate()  # DeepSpeed masks from the very first forward when schedule_offset is 0
+        self._warned_stuck = False
         # updates before a pruning step whose gradients still matter: fixed by the settings, so computed once
-        self._window = criteria.observation_window(target.settings.method, target.settings.beta)
+        self._window = None if s.learned else criteria.observation_window(s.method, s.beta)
 
     @property
     def name(self) -> str:
@@ -149,6 +157,12 @@ class Pruner:
                 group_target = sparsity_at(step, s.start_step, s.end_step, s.dense_ratio, s.decay)
                 target = allocated.get(id(layer), group_target)
                 weight = layer.weight
+                if layer.learned is not None:  # topk: masking in forward begins; the weights keep their values
+                    layer.learned.activate()
+                    kept = int(layer.learned.keep().sum())
+                    events.append({"step": step, "layer": layer.name, "target": s.target_sparsity,
+                                   "sparsity": 1.0 - kept / layer.learned.units})
+                    continue
                 if layer.ranked is not None:  # ranked at prepare time (DeepSpeed's l1): applied as it was chosen
                     layer.mask, layer.ranked = layer.ranked.to(weight.device), None
                     keep = masks.to_matrix(layer.mask, layer.target.layout)
@@ -169,6 +183,30 @@ class Pruner:
                 events.append(event)
         self.apply_masks()
         return events
+
+    def check_learning(self) -> None:
+        """Warn once per layer when topk scores do not move after an update: they are in no optimizer."""
+        for layer in self.layers:
+            if layer.learned is None or layer._warned_stuck or not layer.learned.active:
+                continue
+            if layer.learned.scores.grad is not None and layer.learned.stuck():
+                warnings.warn(f"slimtorch: layer {layer.name!r}: its topk scores ({layer.target.settings.scores_attribute}"
+                              ") did not change in an update although they have a gradient, so the mask cannot learn. "
+                              "Pass the optimizer to prepare_pruning, or build it after prepare_pruning from "
+                              "model.parameters()", stacklevel=3)
+                layer._warned_stuck = True
+
+    def finish_learned(self) -> None:
+        """topk layers: turn the current top-k into fixed masks (applied by the next :meth:`apply_masks`) and remove
+        the scores and hooks; a layer whose schedule never started keeps its weights."""
+        for layer in self.layers:
+            if layer.learned is None:
+                continue
+            if layer.learned.active:
+                layer.mask, layer.bias_mask = layer.learned.weight_mask(), layer.learned.bias_mask()
+                layer._cast = None
+            layer.learned.remove()
+            layer.learned = None
 
     def apply_masks(self) -> None:
         """Zero the pruned weights (and the biases of pruned rows) in place."""
@@ -211,6 +249,8 @@ class Pruner:
                     "bias_mask": None if l.bias_mask is None else l.bias_mask.clone(),
                     "state": None if l.state is None else self.access.complete_scores(l.weight, l.state).clone(),
                     "ranked": None if l.ranked is None else l.ranked.clone(),
+                    # topk: the scores are the model's parameters; whether forward masking has begun is ours
+                    "learned_active": l.learned is not None and l.learned.active,
                 }
                 for l in self.layers
             },
@@ -241,6 +281,11 @@ class Pruner:
                            else self.access.local_scores(layer.weight, entry["state"].to(device).clone()))
             layer.ranked = None if entry.get("ranked") is None else entry["ranked"].to(device).clone()
             layer._cast = None
+            if layer.learned is not None:
+                if entry.get("learned_active", False):
+                    layer.learned.activate()
+                else:
+                    layer.learned.deactivate()
         self.apply_masks()
 
 

@@ -58,3 +58,13 @@ def masks_of(model: nn.Module) -> Dict[str, torch.Tensor]:
     if active is None:
         return {}
     return {l.name: l.mask for l in active.pruner.layers if l.mask is not None}
+
+
+def learned_masks_of(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """Current top-k keep-masks of the topk layers whose forward masking has begun (the weights keep their values
+    until ``finalize()``), by layer name."""
+    active = _ACTIVE.get(unwrap(model))
+    if active is None:
+        return {}
+    return {l.name: l.learned.weight_mask() for l in active.pruner.layers
+            if l.learned is not None and l.learned.active}

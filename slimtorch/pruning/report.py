@@ -10,7 +10,7 @@ from torch import nn
 from ..config.patterns import NMPattern
 from . import masks
 from .distributed import unwrap
-from .registry import is_active, masks_of, plan_of
+from .registry import is_active, learned_masks_of, masks_of, plan_of
 from .targets import layer_layout, supported_layers
 
 
@@ -113,6 +113,7 @@ def sparsity_report(model: nn.Module) -> SparsityReport:
     targets = {t.name: t for t in plan.layers} if plan else {}
     left_out = {lo.name: lo.reason for lo in plan.left_out} if plan else {}
     live = masks_of(model)
+    learned = learned_masks_of(model)
     plan_is_active = is_active(model)
     rows = []
     for name, module in supported_layers(model):
@@ -124,6 +125,14 @@ def sparsity_report(model: nn.Module) -> SparsityReport:
                                     left_out.get(name, "not targeted")))
             continue
         layout, _ = layer_layout(module)
+        if name in learned:  # topk: masked in forward, so the report shows the mask's sparsity, not the weights'
+            kept = learned[name]
+            rows.append(LayerReport(name, tuple(weight.shape), str(target.settings.pattern),
+                                    target.settings.target_sparsity, 1.0 - kept.sum().item() / kept.numel(),
+                                    masks.pattern_holds(masks.to_matrix(kept, layout), target.settings.pattern),
+                                    f"{_note(target)}; topk mask applied in forward, zeros written at finalize()",
+                                    target.settings.scope, None))
+            continue
         mask = live.get(name)
         if mask is None and plan_is_active:
             rows.append(LayerReport(name, tuple(weight.shape), str(target.settings.pattern),

@@ -170,8 +170,7 @@ def test_deepspeed_schedule_offset_defaults_to_its_code_value():
     assert cfg.sparse_pruning.settings_for(None).start_step == 0 and cfg.notes == ()
 
 
-@pytest.mark.parametrize("section", ["weight_quantization", "activation_quantization", "row_pruning",
-                                     "head_pruning", "channel_pruning", "layer_reduction"])
+@pytest.mark.parametrize("section", ["weight_quantization", "activation_quantization", "layer_reduction"])
 def test_enabled_unsupported_deepspeed_section_is_refused_by_name(section):
     config = copy.deepcopy(DEEPSPEED)
     body = config["compression_training"][section]
@@ -193,13 +192,55 @@ def test_every_enabled_unsupported_section_is_reported_at_once():
     with pytest.raises(ConfigError) as info:
         load_config(config)
     message = str(info.value)
-    assert message.startswith("4 enabled DeepSpeed sections are not implemented by slimtorch")
-    for name in ("weight_quantization", "activation_quantization", "row_pruning", "head_pruning"):
+    assert message.startswith("2 enabled DeepSpeed sections are not implemented by slimtorch")
+    for name in ("weight_quantization", "activation_quantization"):
         assert f"compression_training.{name}: DeepSpeed's {name} is not implemented" in message
     # quantization-aware training points at slimtorch's post-training quantization
     assert message.count("compression_inference.static_quantization or dynamic_quantization") == 2
-    assert "pattern '1xchannel'" in message
-    assert "channel_pruning" not in message and "layer_reduction" not in message  # disabled ones stay quiet
+    # row and head pruning are implemented; the disabled layer_reduction stays quiet
+    assert "row_pruning" not in message and "head_pruning" not in message and "layer_reduction" not in message
+
+
+def test_deepspeed_row_and_head_pruning_sections_load_with_deepspeeds_defaults():
+    config = copy.deepcopy(DEEPSPEED)
+    training = config["compression_training"]
+    training["row_pruning"]["shared_parameters"]["enabled"] = True
+    training["head_pruning"]["shared_parameters"]["enabled"] = True
+    training["head_pruning"]["different_groups"] = {
+        "hp1": {"params": {"dense_ratio": 0.25}, "modules": ["attention.output.dense"],
+                "related_modules": [["self.query", "self.key", "self.value"]]}}
+    cfg = load_config(config)
+    row, head = cfg.structured_groups
+    assert (row.technique.section, row.method, row.dense_ratio, row.start_step) == ("row_pruning", "topk", 0.5, 20)
+    # head_pruning sets no schedule_offset: DeepSpeed's code default 1000 applies, and the loader says so
+    assert (head.method, head.dense_ratio, head.start_step, head.num_heads) == ("topk", 0.25, 1000, 12)
+    assert any("head_pruning.shared_parameters.schedule_offset is not set" in n for n in cfg.notes)
+
+
+@pytest.mark.parametrize("section,shared,groups,match", [
+    ("head_pruning", {"enabled": True, "method": "l1", "num_heads": 4}, True, r"head_pruning\.shared_parameters\.method: "
+     r"DeepSpeed's head_pruning implements only method 'topk'"),
+    ("head_pruning", {"enabled": True}, True, r"head_pruning\.shared_parameters\.num_heads: head_pruning needs num_heads"),
+    ("row_pruning", {"enabled": True, "num_heads": 4}, True, r"num_heads belongs to head_pruning"),
+    ("channel_pruning", {"enabled": True}, False, r"channel_pruning\.different_groups: channel_pruning is enabled but has "
+     "no different_groups"),
+    ("row_pruning", {"enabled": True, "method": "snip"}, True, r"row_pruning\.shared_parameters\.method"),
+])
+def test_structured_section_mistakes_name_the_key(section, shared, groups, match):
+    body = {"shared_parameters": shared}
+    if groups:
+        body["different_groups"] = {"g": {"params": {"dense_ratio": 0.5}, "modules": ["dense"]}}
+    with pytest.raises(ConfigError, match=match):
+        load_config({"compression_training": {section: body}})
+
+
+def test_structured_group_needs_dense_ratio_and_paired_related_modules():
+    base = {"shared_parameters": {"enabled": True}}
+    with pytest.raises(ConfigError, match=r"row_pruning\.different_groups\.g\.params\.dense_ratio: Field required"):
+        load_config({"row_pruning": {**base, "different_groups": {"g": {"params": {}, "modules": ["x"]}}}})
+    with pytest.raises(ConfigError, match=r"related_modules has 1 entries but modules has 2"):
+        load_config({"row_pruning": {**base, "different_groups": {
+            "g": {"params": {"dense_ratio": 0.5}, "modules": ["x", "y"], "related_modules": [["z"]]}}}})
 
 
 @pytest.mark.parametrize("where,key,expected", [
@@ -236,7 +277,9 @@ def test_disabled_sections_and_other_top_level_keys_are_ignored():
     assert cfg.pruning_enabled
     assert set(cfg.model_dump()) == {"compression_training", "compression_inference"}
     assert cfg.quantization is None
-    assert set(cfg.model_dump()["compression_training"]) == {"sparse_pruning"}
+    training = cfg.model_dump()["compression_training"]
+    assert training["row_pruning"]["shared_parameters"]["enabled"] is False and cfg.structured_groups == []
+    assert "weight_quantization" not in training and "layer_reduction" not in training
     # a config without compression sections is valid and prunes nothing
     empty = load_config({"train_batch_size": 8, "optimizer": {"type": "Adam"}})
     assert empty.sparse_pruning is None and not empty.pruning_enabled
@@ -278,7 +321,7 @@ BAD = [
                                                                       "sits beside its params"]),
     ("method_typo", sp(method="snip_momentun"), [f"{SHARED}.method", "did you mean 'snip_momentum'"]),
     ("method_unknown", sp(method="movement"), [f"{SHARED}.method", "'magnitude'", "got 'movement'"]),
-    ("method_topk", sp(method="topk"), [f"{SHARED}.method", "DeepSpeed's 'topk'", "does not implement",
+    ("method_topk", sp(method="topk"), [f"{SHARED}.method", "DeepSpeed's 'topk' in sparse_pruning", "not per weight",
                                         "Nearest: 'snip_momentum'"]),
     ("decay_unknown", sp(sparsity_decay_type="exponential"), [f"{SHARED}.sparsity_decay_type", "'cube'"]),
     # wrong types
@@ -435,7 +478,7 @@ VALID_PARAM_VALUES = {
 }
 PARAM_KEYS = sorted(VALID_PARAM_VALUES)
 MISSPELT = ["end_tep", "dense_ratoi", "Pattern", "num_heads", "", "params", "shared_paramters", "modlues"]
-UNSUPPORTED = ["weight_quantization", "activation_quantization", "row_pruning", "head_pruning", "channel_pruning",
+OTHER_SECTIONS = ["weight_quantization", "activation_quantization", "row_pruning", "head_pruning", "channel_pruning",
                "layer_reduction"]
 
 scalars = hs.one_of(hs.none(), hs.booleans(), hs.integers(-3, 20_000), hs.integers(),
@@ -498,7 +541,7 @@ def groups(draw):
 def random_config(draw):
     pruning = mutated(draw, {"shared_parameters": draw(params(shared=True)), "different_groups": draw(groups())})
     training = {"sparse_pruning": pruning}
-    for name in draw(hs.lists(hs.sampled_from(UNSUPPORTED), max_size=2, unique=True)):
+    for name in draw(hs.lists(hs.sampled_from(OTHER_SECTIONS), max_size=2, unique=True)):
         flag = draw(hs.one_of(hs.booleans(), anything))
         training[name] = {"enabled": flag} if name == "layer_reduction" else {"shared_parameters": {"enabled": flag}}
     training = mutated(draw, training)
