@@ -208,6 +208,24 @@ class Pruner:
             layer.learned.remove()
             layer.learned = None
 
+    def zero_followers(self) -> None:
+        """At the end: zero the scale and shift of the BatchNorm channels that follow pruned output channels
+        (channel_pruning's related BatchNorms, which DeepSpeed's redundancy_clean removes with them), so the
+        finalized model is the one :func:`slimtorch.slim` cuts."""
+        changed = []
+        with torch.no_grad():
+            for layer in self.layers:
+                if layer.bias_mask is None:
+                    continue
+                for _, norm in layer.target.followers:
+                    keep = layer.bias_mask.to(norm.weight.device) if norm.weight is not None else None
+                    for param in (norm.weight, norm.bias):
+                        if param is not None:
+                            param.mul_(keep.to(param.dtype))
+                            changed.append(param)
+        if changed:
+            self.access.masks_applied(changed)
+
     def apply_masks(self) -> None:
         """Zero the pruned weights (and the biases of pruned rows) in place."""
         active = [l for l in self.layers if l.mask is not None]

@@ -56,8 +56,34 @@ def plan_structured(model: nn.Module, config: CompressionConfig) -> TargetPlan:
         if not selected:
             raise ConfigError(f"{where}.modules: the group selects no "
                               f"{' / '.join(settings.technique.layer_types)} layer of the model")
+        if settings.technique.unit == "channel":
+            _pair_batchnorms(plan.layers[-selected:], group, modules, all_names, where)
     _refuse_claimed_twice(plan.layers)
     return plan
+
+
+def _pair_batchnorms(targets: List[TargetLayer], group, modules: Dict[str, nn.Module], all_names: List[str],
+                     where: str) -> None:
+    """The BatchNorms of ``related_modules`` follow the pruned convs' channels. DeepSpeed pairs them by position:
+    the j-th module a related pattern matches takes the mask of the j-th pruned layer; the widths must agree."""
+    for i, related in enumerate(group.related_modules or []):
+        for j, pattern in enumerate(related):
+            norms = [n for n in all_names if re.search(pattern, n) and isinstance(modules[n], nn.modules.batchnorm._BatchNorm)]
+            if not norms:
+                continue  # convs and linears reading the channels: slim() finds and narrows them itself
+            if len(norms) != len(targets):
+                raise ConfigError(
+                    f"{where}.related_modules[{i}][{j}]: {pattern!r} matches {len(norms)} BatchNorm layers but the "
+                    f"group prunes {len(targets)} layers; DeepSpeed pairs them by position, so they must match one to "
+                    "one")
+            for target, name in zip(targets, norms):
+                conv, norm = target.module, modules[name]
+                if norm.num_features != conv.weight.shape[0]:
+                    raise ConfigError(
+                        f"{where}.related_modules[{i}][{j}]: {name!r} ({norm.num_features} channels) is paired with "
+                        f"{target.name!r} ({conv.weight.shape[0]} output channels) by position; they must have the "
+                        "same width. Reorder or narrow the patterns")
+                target.followers.append((name, norm))
 
 
 def _target(name: str, module: nn.Module, s: StructuredSettings, where: str) -> TargetLayer:

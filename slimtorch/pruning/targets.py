@@ -13,7 +13,7 @@ from __future__ import annotations
 import difflib
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from torch import nn
@@ -35,6 +35,9 @@ class TargetLayer:
     in_per_group: int
     group: Optional[str]
     settings: PruningSettings
+    #: BatchNorms whose channels go with this layer's output channels (channel_pruning's related_modules): their
+    #: scale and shift are zeroed with them at finalize, as DeepSpeed's redundancy_clean removes them
+    followers: List[Tuple[str, nn.Module]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
