@@ -5,6 +5,7 @@
     python benchmarks/slimming.py --only minilm --rounds 30 --json-out benchmarks/results/slimming.json
     python benchmarks/slimming.py --peers             # + Torch-Pruning 1.6.1's MiniLM at the same structure
     python benchmarks/slimming.py --only smollm2      # SmolLM2-135M: 25% FFN width one-shot, perplexity, latency
+    python benchmarks/slimming.py --only minilm --train --peers   # pruned while distilling, beside Torch-Pruning
 
 all-MiniLM-L6-v2, ONNX Runtime (the protocol of benchmarks/ptq.py: CPUExecutionProvider, 2 intra-op threads, one
 batch of 8 x 128 tokens, sessions warmed up then run round-robin with a 50 ms untimed pause, medians):
@@ -14,6 +15,11 @@ batch of 8 x 128 tokens, sessions warmed up then run round-robin with a 50 ms un
   (this measures speed; accuracy needs the fine-tuning protocol of examples/prune_minilm.py);
 * files: dense fp32, slim fp32, dense static int8 and slim static int8 (``slimtorch.quantize`` defaults, 8 x 8
   calibration paragraphs), all exported by ``slimtorch.export_onnx``;
+* ``--train``: the same structure pruned progressively while distilling from the dense model (benchmarks/_distill.py:
+  80 AdamW updates on real text, snip_momentum masks every 5 updates from 0 to 60 on a linear schedule, every layer
+  alike), then finalized and slimmed; with ``--peers`` Torch-Pruning 1.6.1 prunes the same units in the same
+  protocol, iteratively at the same updates and one-shot before it; held-out cosine over the protocol's 256
+  paragraphs;
 * reported: median latency and speed-up over dense fp32; the slim model's largest output difference from the masked
   model (``slim_report``), and sentence-embedding cosines to the dense model on 64 held-out paragraphs.
 * ``--peers``: Torch-Pruning 1.6.1 prunes the same structure (half the FFN units, half the heads, its own magnitude
@@ -63,8 +69,35 @@ def mask_minilm(model: torch.nn.Module, ffn_keep: float = 0.5, heads_keep: float
                 out[:, h * head_dim:(h + 1) * head_dim] = 0
 
 
-def torch_pruning_model(tmp: str) -> torch.nn.Module:
-    """Torch-Pruning's pruned MiniLM, built in its own venv and loaded whole (the same transformers version)."""
+#: slimtorch's side of ``--train``: the units of the untrained structure, pruned progressively by snip_momentum while
+#: distilling (benchmarks/_distill.py's protocol: 80 updates, masks every 5 from 0 to 60), every layer alike (local
+#: scope) and on a linear schedule, so that Torch-Pruning's iterative run removes the same units at the same updates
+TRAIN_CONFIG = {"compression_training": {"sparse_pruning": {
+    "shared_parameters": {"enabled": True, "method": "snip_momentum", "scope": "local", "sparsity_decay_type": "linear",
+                          "start_step": 0, "end_step": 60, "frequency": 5},
+    "different_groups": {
+        "ffn_units": {"params": {"pattern": "channelx1", "dense_ratio": 0.5},
+                      "modules": ["layer\\.\\d+\\.output\\.dense"]},
+        "heads": {"params": {"pattern": "channelx32", "dense_ratio": 0.5},
+                  "modules": ["attention\\.output\\.dense"]}}}}}
+
+
+def trained_minilm(seed: int = 0):
+    """slimtorch's progressive pruning with distillation -> (finalized student, teacher, tokenizer, held-out texts)."""
+    import _distill as D
+
+    run = D.prepare_run(seed)
+    cb = st.prepare_pruning(run.student, TRAIN_CONFIG, optimizer=run.optimizer)
+    start = time.perf_counter()
+    D.run_distillation(run.student, run.teacher, run.batches, run.optimizer, time_updates=False)
+    print(f"slimtorch: 80 distillation updates with progressive pruning in {time.perf_counter() - start:.0f} s")
+    cb.finalize()
+    return run.student.eval(), run
+
+
+def torch_pruning_model(tmp: str, train: Optional[str] = None, seed: int = 0) -> torch.nn.Module:
+    """Torch-Pruning's pruned MiniLM, built in its own venv and loaded whole (the same transformers version);
+    ``train``: pruned inside the distillation protocol (``iterative`` or ``oneshot``)."""
     import subprocess
 
     setup = subprocess.run(["bash", str(HERE / "peers" / "setup_torch_pruning.sh")], capture_output=True, text=True,
@@ -72,20 +105,24 @@ def torch_pruning_model(tmp: str) -> torch.nn.Module:
     if setup.returncode != 0:
         raise SystemExit(f"could not set up the Torch-Pruning venv:\n{setup.stderr[-2000:]}")
     venv = setup.stdout.strip().splitlines()[-1]
-    out = f"{tmp}/tp_minilm.pt"
-    done = subprocess.run([f"{venv}/bin/python", str(HERE / "peers" / "torch_pruning_minilm.py"), "--output", out],
-                          capture_output=True, text=True)
+    out = f"{tmp}/tp_minilm_{train or 'untrained'}.pt"
+    extra = ["--train", train, "--seed", str(seed)] if train else []
+    done = subprocess.run([f"{venv}/bin/python", str(HERE / "peers" / "torch_pruning_minilm.py"), "--output", out,
+                           *extra], capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"Torch-Pruning failed:\n{done.stderr[-2000:]}")
     print("torch-pruning:", done.stdout.strip().splitlines()[-1])
     return torch.load(out, weights_only=False).eval()
 
 
-def minilm(rounds: int, peers: bool = False) -> Dict[str, object]:
+def minilm(rounds: int, peers: bool = False, train: bool = False) -> Dict[str, object]:
     model, tok, calib, held, timing = P.load_data(calib_batches=8, held_out=64)
     reference = P.torch_embed(model, held)
-    masked = copy.deepcopy(model)
-    mask_minilm(masked)
+    if train:
+        masked, run = trained_minilm()
+    else:
+        masked = copy.deepcopy(model)
+        mask_minilm(masked)
     small = st.slim(masked, dict(timing), measure_latency=False)
     report = st.slim_report(small)
     cfg = {"compression_inference": {"static_quantization": {"enabled": True}}}
@@ -93,10 +130,21 @@ def minilm(rounds: int, peers: bool = False) -> Dict[str, object]:
                 "dense int8": st.quantize(copy.deepcopy(model), cfg, calib_dataloader=calib),
                 "slim int8": st.quantize(copy.deepcopy(small), cfg, calib_dataloader=calib)}
     with tempfile.TemporaryDirectory() as tmp:
-        if peers:
+        if peers and train:
+            for schedule in ("iterative", "oneshot"):
+                variants[f"torch-pruning {schedule} fp32"] = torch_pruning_model(tmp, schedule)
+        elif peers:
             variants["torch-pruning fp32"] = torch_pruning_model(tmp)
-        cosines = {name: P.cos_stats(P.torch_embed(m, held), reference)[0] for name, m in variants.items()}
-        cosines["masked fp32"] = P.cos_stats(P.torch_embed(masked, held), reference)[0]
+        if train:  # the protocol's metric: 256 held-out paragraphs, embedded as sentence-transformers does
+            import _distill as D
+
+            cosines = {name: D.heldout_cosine(m.eval(), run.teacher, run.tokenizer, run.heldout,
+                                              teacher_emb=run.teacher_emb)[0] for name, m in variants.items()}
+            cosines["masked fp32"] = D.heldout_cosine(masked, run.teacher, run.tokenizer, run.heldout,
+                                                      teacher_emb=run.teacher_emb)[0]
+        else:
+            cosines = {name: P.cos_stats(P.torch_embed(m, held), reference)[0] for name, m in variants.items()}
+            cosines["masked fp32"] = P.cos_stats(P.torch_embed(masked, held), reference)[0]
         sessions = {}
         for name, m in variants.items():
             path = f"{tmp}/{name.replace(' ', '_')}.onnx"
@@ -104,7 +152,7 @@ def minilm(rounds: int, peers: bool = False) -> Dict[str, object]:
             sessions[name] = P.make_session(path)
         times = P.interleaved_latency(sessions, timing, rounds)
     stats = P.speed_stats(times, "dense fp32")
-    return dict(model="all-MiniLM-L6-v2", max_relative_difference=report.max_relative_difference,
+    return dict(model="all-MiniLM-L6-v2", trained=train, max_relative_difference=report.max_relative_difference,
                 parameters=(report.parameters_before, report.parameters_after),
                 macs=(report.macs_before, report.macs_after), cosine=cosines,
                 latency={k: {m: v[m] for m in ("median_ms", "speedup", "median_round_ratio")}
@@ -200,18 +248,22 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--only", choices=["minilm", "efficientnet", "smollm2"])
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--peers", action="store_true", help="time Torch-Pruning's MiniLM beside slimtorch's")
+    parser.add_argument("--train", action="store_true",
+                        help="MiniLM: prune progressively while distilling (80 updates), Torch-Pruning likewise")
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args(argv)
     P.seed_everything(0)
     results = []
     if args.only in (None, "minilm"):
-        r = minilm(args.rounds, args.peers)
+        r = minilm(args.rounds, args.peers, args.train)
         results.append(r)
-        print(f"all-MiniLM-L6-v2, 50% FFN units + 50% heads zeroed (no training), slimmed: outputs vs masked "
+        how = ("pruned progressively while distilling (80 updates)" if args.train else "zeroed (no training)")
+        print(f"all-MiniLM-L6-v2, 50% FFN units + 50% heads {how}, slimmed: outputs vs masked "
               f"{r['max_relative_difference']:.1e}; parameters {r['parameters'][0]:,} -> {r['parameters'][1]:,}; "
               f"MACs {r['macs'][0]:,} -> {r['macs'][1]:,}")
         print("ONNX Runtime, CPU, 2 threads, batch 8 x 128\n")
-        print("| model | median ms | speed-up vs dense fp32 | median per-round ratio | cosine to dense |")
+        metric = "held-out cosine (256)" if args.train else "cosine to dense (64)"
+        print(f"| model | median ms | speed-up vs dense fp32 | median per-round ratio | {metric} |")
         print("|---|---|---|---|---|")
         for name, s in r["latency"].items():
             print(f"| {name} | {s['median_ms']:.1f} | {s['speedup']:.2f} | {s['median_round_ratio']:.2f} | "

@@ -102,7 +102,7 @@ def test_quantize_command_with_eval_falls_back_until_the_criterion_holds(tmp_pat
 
 
 @pytest.mark.parametrize("doc,why", [
-    ({"train_batch_size": 8}, "no compression_training.sparse_pruning or compression_inference section"),
+    ({"train_batch_size": 8}, "no compression_training pruning section or compression_inference section"),
     ({"compression_training": {"sparse_pruning": {"shared_parameters": {"enabled": False}}}},
      "shared_parameters.enabled is false"),
     ({"compression_training": {"sparse_pruning": {"shared_parameters": {"enabled": True, "method": "snip_momentum",

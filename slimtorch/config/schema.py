@@ -13,8 +13,14 @@ from pydantic import Field, PrivateAttr, field_validator, model_validator
 from .base import PathValueError, StrictModel, check_regexes  # noqa: F401  (PathValueError re-exported)
 from .patterns import NMPattern, Pattern, parse_pattern
 from .quant_schema import CompressionInference
-from .structured_schema import (STRUCTURED_SECTIONS, ChannelPruningConfig, HeadPruningConfig, RowPruningConfig,
-                                StructuredSettings, resolved_groups)
+from .structured_schema import (
+    STRUCTURED_SECTIONS,
+    ChannelPruningConfig,
+    HeadPruningConfig,
+    RowPruningConfig,
+    StructuredSettings,
+    resolved_groups,
+)
 
 Method = Literal["magnitude", "gradient", "snip", "snip_momentum", "l1"]
 DecayType = Literal["exp", "cos", "linear", "cube"]
@@ -140,7 +146,7 @@ class PruningSettings:
 
     @property
     def learned(self) -> bool:
-        """DeepSpeed's topk for rows, heads and channels: the mask is the top-k of trained scores, applied in forward."""
+        """DeepSpeed's topk for rows, heads and channels: the mask is the top-k of trained scores, in forward."""
         return self.method == "topk"
 
     @property

@@ -74,7 +74,7 @@ def initialize(args: Any = None, model: Optional[nn.Module] = None, optimizer: A
     if pruning:
         _check_supported(deepspeed_config, model)
         ranked = rank_before_the_engine(model, compression)
-        _learned_scores_before_the_engine(model, compression, model_parameters)
+        _learned_scores_before_the_engine(model, compression, model_parameters, optimizer)
     engine, ds_optimizer, dataloader, scheduler = deepspeed.initialize(
         args=args, model=model, optimizer=optimizer, model_parameters=model_parameters, training_data=training_data,
         lr_scheduler=lr_scheduler, mpu=mpu, dist_init_required=dist_init_required, collate_fn=collate_fn,
@@ -109,10 +109,18 @@ def rank_before_the_engine(model: nn.Module, compression: Any) -> Optional[Dict[
         return None  # prepare_for_engine raises the same error, on every rank, after the engine exists
 
 
-def _learned_scores_before_the_engine(model: nn.Module, compression: Any, model_parameters: Any) -> None:
+def _learned_scores_before_the_engine(model: nn.Module, compression: Any, model_parameters: Any,
+                                     optimizer: Any) -> None:
     """topk's scores are parameters the engine's optimizer must hold: create them before the engine exists (as
-    DeepSpeed's init_compression does) and check that explicit ``model_parameters`` include them."""
+    DeepSpeed's init_compression does); a torch optimizer built before gets them as a new parameter group, and
+    explicit ``model_parameters`` must include them."""
     scores = attach_learned_scores(model, compression)
+    if scores and isinstance(optimizer, torch.optim.Optimizer):
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        new = [p for p in scores if id(p) not in held]
+        if new:
+            optimizer.add_param_group({"params": new})
+        return
     if not scores or model_parameters is None:
         return
     given = set()

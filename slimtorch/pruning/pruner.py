@@ -65,6 +65,12 @@ class LayerState:
     def weight(self) -> Tensor:
         return self.target.module.weight
 
+    def current_mask(self) -> Optional[Tensor]:
+        """The keep-mask in force: the fixed one, or topk's current top-k once its masking has begun."""
+        if self.learned is not None and self.learned.active:
+            return self.learned.weight_mask()
+        return self.mask
+
     def cast_mask(self) -> Tensor:
         w = self.weight
         if self.mask.device != w.device:
@@ -190,10 +196,11 @@ class Pruner:
             if layer.learned is None or layer._warned_stuck or not layer.learned.active:
                 continue
             if layer.learned.scores.grad is not None and layer.learned.stuck():
-                warnings.warn(f"slimtorch: layer {layer.name!r}: its topk scores ({layer.target.settings.scores_attribute}"
-                              ") did not change in an update although they have a gradient, so the mask cannot learn. "
-                              "Pass the optimizer to prepare_pruning, or build it after prepare_pruning from "
-                              "model.parameters()", stacklevel=3)
+                scores = layer.target.settings.scores_attribute
+                warnings.warn(f"slimtorch: layer {layer.name!r}: its topk scores ({scores}) did not change in an "
+                              "update although they have a gradient, so the mask cannot learn. Pass the optimizer "
+                              "to prepare_pruning, or build it after prepare_pruning from model.parameters()",
+                              stacklevel=3)
                 layer._warned_stuck = True
 
     def finish_learned(self) -> None:

@@ -5,11 +5,11 @@ layer's full name; a layer matched by two groups of one section is an error (Dee
 layer claimed by two sections (slimtorch keeps one mask per layer). Each selected layer becomes a
 :class:`~.targets.TargetLayer` whose settings say what DeepSpeed does:
 
-| section / method  | pattern                         | mask                                                       |
-|-------------------|---------------------------------|------------------------------------------------------------|
-| row, channel l1   | ``1xchannel`` (whole rows)      | largest L1 norms of the weights at prepare time, from ``schedule_offset`` |
-| row, channel topk | ``1xchannel``                   | top-k of learned scores, in every forward from ``schedule_offset`` |
-| head topk         | ``channelx<in/num_heads>``      | a head's input columns of the output projection, learned   |
+| section / method  | pattern                    | mask, from ``schedule_offset`` on                              |
+|-------------------|----------------------------|----------------------------------------------------------------|
+| row, channel l1   | ``1xchannel`` (whole rows) | the largest L1 norms of the weights at prepare time            |
+| row, channel topk | ``1xchannel``              | the top-k of learned scores, in every forward                  |
+| head topk         | ``channelx<in/num_heads>`` | a head's input columns of the output projection, learned       |
 """
 from __future__ import annotations
 
@@ -23,8 +23,17 @@ from ..config.schema import CompressionConfig, PruningSettings
 from ..config.structured_schema import StructuredSettings
 from ..errors import ConfigError, PatternShapeError, SlimError
 from . import learned
-from .targets import (LeftOut, TargetLayer, TargetPlan, _check_patterns_match, describe_plan, layer_layout, layer_type,
-                      masks, plan_targets)
+from .targets import (
+    LeftOut,
+    TargetLayer,
+    TargetPlan,
+    check_patterns_match,
+    describe_plan,
+    layer_layout,
+    layer_type,
+    masks,
+    plan_targets,
+)
 
 
 def plan_structured(model: nn.Module, config: CompressionConfig) -> TargetPlan:
@@ -36,9 +45,9 @@ def plan_structured(model: nn.Module, config: CompressionConfig) -> TargetPlan:
         section = getattr(config.compression_training, settings.technique.section)
         group = section.different_groups[settings.group]
         where = f"compression_training.{settings.technique.section}.different_groups.{settings.group}"
-        _check_patterns_match(group.modules, all_names, f"{where}.modules")
+        check_patterns_match(group.modules, all_names, f"{where}.modules")
         for i, related in enumerate(group.related_modules or []):
-            _check_patterns_match(related, all_names, f"{where}.related_modules[{i}]")
+            check_patterns_match(related, all_names, f"{where}.related_modules[{i}]")
         chosen = [n for n in all_names if any(re.search(p, n) for p in group.modules)]
         selected = 0
         for name in chosen:
@@ -68,7 +77,8 @@ def _pair_batchnorms(targets: List[TargetLayer], group, modules: Dict[str, nn.Mo
     the j-th module a related pattern matches takes the mask of the j-th pruned layer; the widths must agree."""
     for i, related in enumerate(group.related_modules or []):
         for j, pattern in enumerate(related):
-            norms = [n for n in all_names if re.search(pattern, n) and isinstance(modules[n], nn.modules.batchnorm._BatchNorm)]
+            norms = [n for n in all_names
+                     if re.search(pattern, n) and isinstance(modules[n], nn.modules.batchnorm._BatchNorm)]
             if not norms:
                 continue  # convs and linears reading the channels: slim() finds and narrows them itself
             if len(norms) != len(targets):

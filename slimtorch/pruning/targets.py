@@ -129,7 +129,8 @@ def _default_exclusions(model: nn.Module, layers: List[Tuple[str, nn.Module]]) -
     return reasons
 
 
-def _check_patterns_match(patterns: Sequence[str], all_names: List[str], where: str, warn_only: bool = False) -> None:
+def check_patterns_match(patterns: Sequence[str], all_names: List[str], where: str, warn_only: bool = False) -> None:
+    """A ConfigError (or warning) at ``where[i]`` for a pattern that matches no module name, with the closest names."""
     for i, pat in enumerate(patterns):
         if any(re.search(pat, n) for n in all_names):
             continue
@@ -152,13 +153,13 @@ def plan_targets(model: nn.Module, config: SparsePruningConfig) -> TargetPlan:
     all_names = [n for n, _ in model.named_modules() if n]
     # an exclusion that matches nothing is harmless (DeepSpeed's stock ["classifier", "pooler"] on a model without
     # a pooler): warn with the closest names instead of refusing an existing DeepSpeed config
-    _check_patterns_match(shared.excluded_modules, all_names, f"{SP_PATH}.shared_parameters.excluded_modules",
+    check_patterns_match(shared.excluded_modules, all_names, f"{SP_PATH}.shared_parameters.excluded_modules",
                           warn_only=True)
     if shared.modules is not None:
-        _check_patterns_match(shared.modules, all_names, f"{SP_PATH}.shared_parameters.modules")
+        check_patterns_match(shared.modules, all_names, f"{SP_PATH}.shared_parameters.modules")
     for gname, group in groups.items():
-        _check_patterns_match(group.modules, all_names, f"{SP_PATH}.different_groups.{gname}.modules")
-        _check_patterns_match(group.excluded_modules, all_names,
+        check_patterns_match(group.modules, all_names, f"{SP_PATH}.different_groups.{gname}.modules")
+        check_patterns_match(group.excluded_modules, all_names,
                               f"{SP_PATH}.different_groups.{gname}.excluded_modules", warn_only=True)
 
     layers = supported_layers(model)

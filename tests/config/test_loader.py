@@ -218,12 +218,13 @@ def test_deepspeed_row_and_head_pruning_sections_load_with_deepspeeds_defaults()
 
 
 @pytest.mark.parametrize("section,shared,groups,match", [
-    ("head_pruning", {"enabled": True, "method": "l1", "num_heads": 4}, True, r"head_pruning\.shared_parameters\.method: "
-     r"DeepSpeed's head_pruning implements only method 'topk'"),
-    ("head_pruning", {"enabled": True}, True, r"head_pruning\.shared_parameters\.num_heads: head_pruning needs num_heads"),
+    ("head_pruning", {"enabled": True, "method": "l1", "num_heads": 4}, True,
+     r"head_pruning\.shared_parameters\.method: DeepSpeed's head_pruning implements only method 'topk'"),
+    ("head_pruning", {"enabled": True}, True,
+     r"head_pruning\.shared_parameters\.num_heads: head_pruning needs num_heads"),
     ("row_pruning", {"enabled": True, "num_heads": 4}, True, r"num_heads belongs to head_pruning"),
-    ("channel_pruning", {"enabled": True}, False, r"channel_pruning\.different_groups: channel_pruning is enabled but has "
-     "no different_groups"),
+    ("channel_pruning", {"enabled": True}, False,
+     r"channel_pruning\.different_groups: channel_pruning is enabled but has no different_groups"),
     ("row_pruning", {"enabled": True, "method": "snip"}, True, r"row_pruning\.shared_parameters\.method"),
 ])
 def test_structured_section_mistakes_name_the_key(section, shared, groups, match):

@@ -153,3 +153,38 @@ def l1_in_bf16(rank: int, world: int, init_file: str, out_dir: str, stage: int) 
                     "dtype": str(engine.module.get_submodule("6").weight.dtype)}, f"{out_dir}/rank{rank}.pt")
     finally:
         W._close()
+
+
+TOPK = {"compression_training": {
+    "row_pruning": {"shared_parameters": {"enabled": True, "method": "topk", "schedule_offset": 2},
+                    "different_groups": {"rp1": {"params": {"dense_ratio": 0.5}, "modules": ["^6$"],
+                                                 "related_modules": [["^8$"]]}}},
+    "channel_pruning": {"shared_parameters": {"enabled": True, "method": "topk", "schedule_offset": 2},
+                        "different_groups": {"cp1": {"params": {"dense_ratio": 0.5}, "modules": ["^3$"]}}}}}
+
+
+def topk_sections(rank: int, world: int, init_file: str, out_dir: str, stage: int) -> None:
+    """DeepSpeed's topk row and channel pruning of the digits CNN through the engine: every update's unit masks,
+    then the finalized weights and the fp32 master copy."""
+    _init(rank, world, init_file)
+    try:
+        x, y = W.digits_tensors()
+        model = W.digits_cnn()
+        torch.manual_seed(1)  # the scores' initialisation
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        config = {"train_micro_batch_size_per_gpu": MICRO_BATCH, "zero_optimization": {"stage": stage},
+                  "zero_allow_untested_optimizer": True, "steps_per_print": 10 ** 6, **TOPK}
+        engine, _, _, _, cb = st.deepspeed.initialize(model=model, optimizer=opt, config=config,
+                                                      dist_init_required=False)
+        steps = []
+        for update in range(W.UPDATES):
+            for xb, yb in _micro_batches(rank, world, 1, update, x, y):
+                engine.backward(nn.functional.cross_entropy(engine(xb), yb))
+                engine.step()
+            steps.append({l.name: l.learned.keep().clone() for l in cb.pruner.layers})
+        cb.finalize()
+        final = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        torch.save({"steps": steps, "final": final, "master": _master_weights(engine, model)},
+                   f"{out_dir}/rank{rank}.pt")
+    finally:
+        W._close()

@@ -192,3 +192,37 @@ def test_l1_under_a_bf16_engine_ranks_the_float_weights_as_deepspeed_does(tmp_pa
     assert torch.equal(ranks[0]["mask"], ceil_top_k(start, 0.3))
     # ranking the cast weights would differ
     assert not torch.equal(ceil_top_k(start, 0.3), ceil_top_k(start.to(torch.bfloat16), 0.3))
+
+
+def single_process_topk():
+    x, y = W.digits_tensors()
+    model = W.digits_cnn()
+    torch.manual_seed(1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    cb = st.prepare_pruning(model, D.TOPK, optimizer=opt)
+    steps = [{l.name: l.learned.keep().clone() for l in cb.pruner.layers} for _ in W.train(model, opt, x, y)]
+    cb.finalize()
+    return steps, model.state_dict()
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_topk_row_and_channel_pruning_under_the_engine(stage, tmp_path):
+    """The scores are created before the engine and trained by its optimizer: both ranks hold the same unit masks
+    after every update, the single process's, and finalize writes the zeros into DeepSpeed's fp32 master."""
+    spawn(D.topk_sections, tmp_path, stage)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    steps, weights = single_process_topk()
+    for update, (a, b, one) in enumerate(zip(ranks[0]["steps"], ranks[1]["steps"], steps)):
+        for name in one:
+            assert torch.equal(a[name], b[name]) and torch.equal(a[name], one[name]), (update, name)
+            assert int(a[name].sum()) == a[name].numel() // 2
+    final = ranks[0]["final"]
+    assert not any("scores" in k for k in final)
+    keep_rows, keep_channels = steps[-1]["6"], steps[-1]["3"]
+    assert (final["6.weight"][~keep_rows] == 0).all() and (final["6.bias"][~keep_rows] == 0).all()
+    assert (final["3.weight"][~keep_channels] == 0).all() and (final["3.bias"][~keep_channels] == 0).all()
+    for key, value in weights.items():
+        torch.testing.assert_close(final[key], value, rtol=1e-5, atol=1e-6)
+    if stage == 2:
+        master = ranks[0]["master"]
+        assert (master["6.weight"][~keep_rows] == 0).all() and (master["3.bias"][~keep_channels] == 0).all()

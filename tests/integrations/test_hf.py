@@ -324,7 +324,7 @@ def test_load_best_model_at_end_keeps_that_checkpoints_masks(tmp_path):
 def test_bad_config_fails_at_construction_with_key_path():
     with pytest.raises(st.ConfigError, match=r"shared_parameters\.end_tep.*end_step"):
         PruningCallback(prune_config(end_tep=10))
-    with pytest.raises(st.ConfigError, match="no compression_training.sparse_pruning"):
+    with pytest.raises(st.ConfigError, match=r"no compression_training pruning section \(sparse_pruning, row_pruning"):
         PruningCallback({"compression_inference": {"dynamic_quantization": {"enabled": True}}})
     with pytest.raises(st.ConfigError, match="resume_from"):
         PruningCallback(prune_config(), resume_from=True)
@@ -531,3 +531,60 @@ def test_deepspeed_trainer_in_bf16_ranks_l1_on_the_float_weights(tmp_path):
         assert torch.equal(rank0["masks"][name], rank1["masks"][name]), name
         differs += int((ceil_top_k(weight, 0.3) != ceil_top_k(weight.to(torch.bfloat16), 0.3)).sum())
     assert differs > 0  # ranking the engine's bf16 weights would have chosen other masks
+
+
+# ---------------------------------------------------------------- DeepSpeed's row and head pruning (topk)
+def topk_config(offset=8):
+    return {"compression_training": {
+        "row_pruning": {"shared_parameters": {"enabled": True, "method": "topk", "schedule_offset": offset},
+                        "different_groups": {"rp1": {"params": {"dense_ratio": 0.5}, "modules": ["intermediate.dense"],
+                                                     "related_modules": [["layer.\\w+.output.dense"]]}}},
+        "head_pruning": {"shared_parameters": {"enabled": True, "method": "topk", "schedule_offset": offset,
+                                               "num_heads": 4},
+                         "different_groups": {"hp1": {"params": {"dense_ratio": 0.5},
+                                                      "modules": ["attention.output.dense"],
+                                                      "related_modules": [["self.query", "self.key", "self.value"]]}}}}}
+
+
+def _topk_run(out, resume=None, max_steps=24):
+    model = tiny_bert(2)
+    cb = PruningCallback(topk_config(), finalize_at_end=False)
+    trainer = make_trainer(model, out, [cb], max_steps=max_steps, save_strategy="steps", save_steps=8)
+    assert any(n.endswith("row_mask_scores") for n, _ in model.named_parameters())  # before the optimizer exists
+    trainer.train(resume_from_checkpoint=resume)
+    return model, cb, trainer
+
+
+def test_topk_rows_and_heads_train_under_the_trainer_then_slim(tmp_path):
+    model, cb, trainer = _topk_run(tmp_path / "run", max_steps=96)
+    keep = {l.name: l.learned.keep() for l in cb.callbacks.pruner.layers}
+    preds = trainer.predict(Sentences(corpus()[1]))
+    accuracy = (preds.predictions.argmax(-1) == preds.label_ids).mean()
+    cb.callbacks.finalize()
+    assert not any("scores" in n for n, _ in model.named_parameters())
+    for name, kept in keep.items():
+        w = weights(model, name)
+        assert int(kept.sum()) == kept.numel() // 2
+        if "intermediate" in name:
+            assert torch.equal((w != 0).any(dim=1), kept)
+        else:
+            assert torch.equal((w != 0).reshape(64, 4, 16).any(dim=(0, 2)), kept)
+    preds_after = trainer.predict(Sentences(corpus()[1]))
+    assert torch.equal(torch.as_tensor(preds_after.predictions), torch.as_tensor(preds.predictions))
+    assert accuracy > 0.8, accuracy
+    model.eval()
+    batch = Sentences(corpus()[1])[0]
+    inputs = {k: v.unsqueeze(0) for k, v in batch.items() if k != "labels"}
+    small = st.slim(model, inputs, measure_latency=False)
+    assert small.bert.encoder.layer[0].intermediate.dense.out_features == 64
+    assert small.bert.encoder.layer[1].attention.self.num_attention_heads == 2
+
+
+def test_topk_resume_mid_schedule_is_bitwise_identical(tmp_path):
+    full_model, full_cb, _ = _topk_run(tmp_path / "full")
+    resumed_model, resumed_cb, _ = _topk_run(tmp_path / "other", resume=str(tmp_path / "full" / "checkpoint-16"))
+    for a, b in zip(full_cb.callbacks.pruner.layers, resumed_cb.callbacks.pruner.layers):
+        assert a.learned.active and b.learned.active and torch.equal(a.learned.keep(), b.learned.keep())
+    sd = resumed_model.state_dict()
+    for key, value in full_model.state_dict().items():
+        assert torch.equal(value, sd[key]), key
