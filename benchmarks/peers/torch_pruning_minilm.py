@@ -119,7 +119,13 @@ def train(args) -> int:
     start = time.perf_counter()
     for i, batch in enumerate(run.batches):
         if i in prune_at:
-            pruner.step()
+            try:
+                pruner.step()
+            except Exception as exc:  # reported, not hidden: the benchmark prints it and goes on without this run
+                print(json.dumps(dict(tool=f"torch-pruning {version('torch-pruning')}", schedule=args.train,
+                                      error=f"{type(exc).__name__}: {exc}", before_update=i,
+                                      pruning_step=sorted(prune_at).index(i) + 1)))
+                return 3
             for m in student.modules():
                 if isinstance(m, BertSelfAttention):
                     m.num_attention_heads = pruner.num_heads[m.query]

@@ -16,7 +16,7 @@ Memory: one score per unit and, in each forward, a mask of the output's (or inpu
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -58,8 +58,9 @@ class LearnedMask:
     """The scores and forward hook of one layer under ``topk``; inactive (no masking) until :meth:`activate`."""
 
     def __init__(self, module: nn.Module, layout: str, unit: str, attribute: str, dense_ratio: float,
-                 head_width: Optional[int] = None):
+                 head_width: Optional[int] = None, followers: Sequence[nn.Module] = ()):
         self.module, self.layout, self.unit, self.attribute = module, layout, unit, attribute
+        self.followers = list(followers)  # BatchNorms whose channels go with these output channels
         self.dense_ratio, self.head_width = dense_ratio, head_width
         weight = module.weight
         out = weight.shape[1] if layout == masks.TRANSPOSED else weight.shape[0]
@@ -74,7 +75,7 @@ class LearnedMask:
             self.scores = nn.Parameter(scores.to(weight.dtype) if weight.is_floating_point() else scores)
             module.register_parameter(attribute, self.scores)
         self.active = False
-        self._handle = None
+        self._handles: List[Any] = []
         self._at_activation: Optional[Tensor] = None  # scores when masking began, to see whether they train
 
     # ------------------------------------------------------------ masking
@@ -82,20 +83,20 @@ class LearnedMask:
         if self.active:
             return
         if self.unit == HEAD:
-            self._handle = self.module.register_forward_pre_hook(self._mask_input)
+            self._handles = [self.module.register_forward_pre_hook(self._mask_input)]
         else:
-            self._handle = self.module.register_forward_hook(self._mask_output)
+            self._handles = [m.register_forward_hook(self._mask_output) for m in [self.module] + self.followers]
         self.active = True
         self._at_activation = self.scores.detach().clone()
 
     def deactivate(self) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-        self._handle, self.active = None, False
+        for handle in self._handles:
+            handle.remove()
+        self._handles, self.active = [], False
 
     def _mask_output(self, module: nn.Module, inputs: Any, output: Tensor) -> Tensor:
         m = topk_mask(self.scores, self.dense_ratio).reshape(-1).to(output.dtype)
-        if self.unit == CHANNEL:  # [N, C, *spatial]
+        if self.unit == CHANNEL:  # [N, C, *spatial] (the conv's output, or its BatchNorm's)
             m = m.reshape((-1,) + (1,) * (output.dim() - 2))
         return output * m
 
@@ -145,7 +146,8 @@ def for_target(target: Any) -> LearnedMask:
     """The learned mask of a :class:`~.targets.TargetLayer` whose settings are topk (reusing scores already there)."""
     s = target.settings
     head_width = s.pattern.cols if s.unit == HEAD else None
-    return LearnedMask(target.module, target.layout, s.unit, s.scores_attribute, s.dense_ratio, head_width)
+    return LearnedMask(target.module, target.layout, s.unit, s.scores_attribute, s.dense_ratio, head_width,
+                       [norm for _, norm in target.followers])
 
 
 def _in_features(weight: Tensor, layout: str) -> int:

@@ -92,7 +92,6 @@ class PruningLifecycle:
         """Apply the masks a last time and drop masks and scores; the zeros stay and nothing is pruned any more."""
         self.pruner.finish_learned()
         self.pruner.apply_masks()
-        self.pruner.zero_followers()
         self.pruner = Pruner([])
         self.finished = True
 

@@ -215,24 +215,6 @@ class Pruner:
             layer.learned.remove()
             layer.learned = None
 
-    def zero_followers(self) -> None:
-        """At the end: zero the scale and shift of the BatchNorm channels that follow pruned output channels
-        (channel_pruning's related BatchNorms, which DeepSpeed's redundancy_clean removes with them), so the
-        finalized model is the one :func:`slimtorch.slim` cuts."""
-        changed = []
-        with torch.no_grad():
-            for layer in self.layers:
-                if layer.bias_mask is None:
-                    continue
-                for _, norm in layer.target.followers:
-                    keep = layer.bias_mask.to(norm.weight.device) if norm.weight is not None else None
-                    for param in (norm.weight, norm.bias):
-                        if param is not None:
-                            param.mul_(keep.to(param.dtype))
-                            changed.append(param)
-        if changed:
-            self.access.masks_applied(changed)
-
     def apply_masks(self) -> None:
         """Zero the pruned weights (and the biases of pruned rows) in place."""
         active = [l for l in self.layers if l.mask is not None]
@@ -249,11 +231,15 @@ class Pruner:
                 bias = getattr(layer.target.module, "bias", None)
                 if layer.bias_mask is not None and bias is not None:
                     bias.mul_(layer.bias_mask.to(device=bias.device, dtype=bias.dtype))
+                if layer.bias_mask is not None:
+                    _mask_followers(layer)
             for weights, ms in by_dtype.values():
                 torch._foreach_mul_(weights, ms)
         changed = [l.weight for l in active]
         changed += [l.target.module.bias for l in active
                     if l.bias_mask is not None and getattr(l.target.module, "bias", None) is not None]
+        changed += [p for l in active if l.bias_mask is not None for _, norm in l.target.followers
+                    for p in (norm.weight, norm.bias) if p is not None]
         self.access.masks_applied(changed)
 
     def _score_matrix(self, layer: LayerState) -> Tensor:
@@ -314,6 +300,15 @@ class Pruner:
         self.apply_masks()
 
 
+
+
+def _mask_followers(layer: LayerState) -> None:
+    """Zero the scale and shift of the BatchNorm channels that follow the layer's pruned output channels
+    (channel_pruning's related BatchNorms): the pruned channels then carry nothing, in training as after it."""
+    for _, norm in layer.target.followers:
+        for param in (norm.weight, norm.bias):
+            if param is not None:
+                param.mul_(layer.bias_mask.to(device=param.device, dtype=param.dtype))
 
 
 def rank_at_prepare(layers: List[TargetLayer]) -> Dict[str, Tensor]:

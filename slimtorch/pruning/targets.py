@@ -35,8 +35,8 @@ class TargetLayer:
     in_per_group: int
     group: Optional[str]
     settings: PruningSettings
-    #: BatchNorms whose channels go with this layer's output channels (channel_pruning's related_modules): their
-    #: scale and shift are zeroed with them at finalize, as DeepSpeed's redundancy_clean removes them
+    #: BatchNorms whose channels go with this layer's output channels (channel_pruning's related_modules): masked
+    #: with them (scale and shift zeroed; topk: outputs masked in forward), as DeepSpeed's redundancy_clean removes them
     followers: List[Tuple[str, nn.Module]] = field(default_factory=list)
 
 

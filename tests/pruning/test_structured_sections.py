@@ -215,9 +215,18 @@ def test_deepspeed_cifar_channel_pruning_example_trains_then_slims(method):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    cb.finalize()
+    # the related BatchNorms' channels are masked with the convs' during training, so finalize() changes nothing
+    # (DeepSpeed removes them only in redundancy_clean, after training)
     model.eval()
     x = torch.randn(4, 3, 8, 8, generator=gen)
+    with torch.no_grad():
+        trained = model(x)
+    cb.finalize()
+    with torch.no_grad():
+        assert torch.equal(model(x), trained)
+    for block in model.layer1:
+        pruned = (block.conv1.weight == 0).flatten(1).all(dim=1)
+        assert int(pruned.sum()) == 4 and (block.bn1.weight[pruned] == 0).all() and (block.bn1.bias[pruned] == 0).all()
     small = st.slim(model, x, measure_latency=False)
     for block in small.layer1:
         assert block.conv1.out_channels == 4 and block.bn1.num_features == 4 and block.conv2.in_channels == 4
