@@ -7,6 +7,9 @@
 | ``"channelx1"`` | a whole input column (all output channels of one input)               |
 | ``"1xchannel"`` | a whole output row (one neuron, with its bias)                        |
 | ``"N:M"``     | at most N non-zeros in every M consecutive weights along the input dim  |
+| ``"head"``    | whole attention heads of an output projection (its input columns, one   |
+|               | head wide; under grouped-query attention a key/value head with its      |
+|               | query heads): the width is read from the model when the layer is chosen |
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 CHANNEL = "channel"
+HEAD = "head"
 _BLOCK_RE = re.compile(r"^\s*(\d+|channel)\s*x\s*(\d+|channel)\s*$", re.IGNORECASE)
 _NM_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
@@ -54,13 +58,31 @@ class NMPattern:
         return self.n / self.m
 
 
-Pattern = Union[BlockPattern, NMPattern]
+@dataclass(frozen=True)
+class HeadPattern:
+    """``"head"`` as written in a config: resolved per layer to :class:`HeadBlocks` from the model's head count."""
+
+    def __str__(self) -> str:
+        return HEAD
+
+
+@dataclass(frozen=True)
+class HeadBlocks(BlockPattern):
+    """``"head"`` resolved on one layer: blocks of every output x ``cols`` input columns, one head (or GQA group)."""
+
+    def __str__(self) -> str:
+        return f"head ({self.cols} columns)"
+
+
+Pattern = Union[BlockPattern, NMPattern, HeadPattern]
 
 
 def parse_pattern(text: str) -> Pattern:
     """Parse a pattern string; raises ``ValueError`` with the accepted forms on bad input."""
     if not isinstance(text, str):
         raise ValueError(f"a pattern is a string such as '4x1' or '2:4', got {type(text).__name__} {text!r}")
+    if text.strip().lower() == HEAD:
+        return HeadPattern()
     nm = _NM_RE.match(text)
     if nm:
         n, m = int(nm.group(1)), int(nm.group(2))
@@ -79,5 +101,5 @@ def parse_pattern(text: str) -> Pattern:
         return BlockPattern(rows, cols)
     raise ValueError(
         f"unknown pattern {text!r}; use 'NxM' blocks ('4x1', '1x1' unstructured), 'channelx1' (input columns), "
-        "'1xchannel' (output rows) or 'N:M' ('2:4')"
+        "'1xchannel' (output rows), 'head' (attention heads of an output projection) or 'N:M' ('2:4')"
     )

@@ -10,7 +10,7 @@ from typing import List, Literal, Optional, Union
 from pydantic import Field, field_validator, model_validator
 
 from .base import PathValueError, StrictModel, check_regexes
-from .patterns import NMPattern, parse_pattern
+from .patterns import BlockPattern, NMPattern, parse_pattern
 
 OpType = Literal["Linear", "Conv1d", "Conv2d", "Conv1D"]
 ALL_OP_TYPES: List[str] = ["Linear", "Conv1d", "Conv2d", "Conv1D"]
@@ -247,7 +247,8 @@ class OneShotPruning(_OneShotSection):
         if value is None:
             return value
         parsed = parse_pattern(value)
-        if not isinstance(parsed, NMPattern) and not (parsed.rows is None and parsed.cols == 1):
+        columns = isinstance(parsed, BlockPattern) and parsed.rows is None and parsed.cols == 1
+        if not isinstance(parsed, NMPattern) and not columns:
             raise ValueError(f"one-shot pruning takes an N:M pattern such as '2:4' or '4:8', 'channelx1' (whole input "
                              f"columns, with a dense_ratio), or no pattern and a dense_ratio for unstructured "
                              f"sparsity; got '{value}' (block patterns are for training-time pruning, "

@@ -334,6 +334,7 @@ def _allocate(members: List[LayerState], matrices: Dict[int, Tensor], step: int)
     s = members[0].target.settings  # one group: one pattern, schedule and bounds
     target = sparsity_at(step, s.start_step, s.end_step, s.dense_ratio, s.decay)
     low = allocation.scaled_low(s.min_sparsity, target, s.target_sparsity)
-    units = [allocation.layer_units(matrices[id(layer)], s.pattern) for layer in members]
+    # per layer: a "head" pattern resolves to each layer's own head width
+    units = [allocation.layer_units(matrices[id(layer)], layer.target.settings.pattern) for layer in members]
     counts = allocation.allocate(units, target, [low] * len(units), [s.max_sparsity] * len(units))
     return {id(layer): u.sparsity(c) for layer, u, c in zip(members, units, counts)}

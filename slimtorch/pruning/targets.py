@@ -10,6 +10,7 @@ under DeepSpeed's l1, which prunes its groups' modules alone.
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import re
 import warnings
@@ -18,9 +19,11 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from torch import nn
 
+from ..config.patterns import HeadBlocks, HeadPattern
 from ..config.schema import PruningSettings, SparsePruningConfig
 from ..errors import ConfigError, NothingToPruneError, PatternShapeError
 from . import masks
+from .heads import head_unit_width
 
 SP_PATH = "compression_training.sparse_pruning"
 
@@ -195,6 +198,13 @@ def plan_targets(model: nn.Module, config: SparsePruningConfig) -> TargetPlan:
         settings = config.settings_for(group)
         layout, in_per_group = layer_layout(module)
         matrix = masks.to_matrix(module.weight, layout)
+        if isinstance(settings.pattern, HeadPattern):
+            width, why = head_unit_width(model, name, matrix.shape[1])
+            if width is None:
+                where = f"different_groups.{group}" if group else "shared_parameters"
+                raise PatternShapeError(f"{SP_PATH}.{where}.pattern: 'head' on {name!r} (weight "
+                                        f"{tuple(module.weight.shape)}): {why}")
+            settings = dataclasses.replace(settings, pattern=HeadBlocks(None, width))
         problem = masks.fit_problem(settings.pattern, matrix.shape[0], matrix.shape[1], in_per_group)
         if problem:
             where = f"different_groups.{group}.modules" if group else "shared_parameters.modules"
