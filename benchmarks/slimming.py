@@ -6,6 +6,7 @@
     python benchmarks/slimming.py --peers             # + Torch-Pruning 1.6.1's MiniLM at the same structure
     python benchmarks/slimming.py --only smollm2      # SmolLM2-135M: 25% FFN width one-shot, perplexity, latency
     python benchmarks/slimming.py --only minilm --train --peers   # pruned while distilling, beside Torch-Pruning
+    python benchmarks/slimming.py --only round_to     # uneven FFN widths slimmed with round_to 1..64, timed
 
 all-MiniLM-L6-v2, ONNX Runtime (the protocol of benchmarks/ptq.py: CPUExecutionProvider, 2 intra-op threads, one
 batch of 8 x 128 tokens, sessions warmed up then run round-robin with a 50 ms untimed pause, medians):
@@ -200,6 +201,39 @@ def distilled_efficientnet(model: torch.nn.Module, updates: int, batch: int = 16
     return student
 
 
+#: FFN units kept per layer in the round_to study: uneven widths, as a global ranking leaves them
+ROUND_TO_WIDTHS = (753, 781, 722, 815, 768, 737)
+
+
+def round_to_study(rounds: int) -> Dict[str, object]:
+    """What ``round_to`` buys: all-MiniLM-L6-v2 with uneven FFN widths (ROUND_TO_WIDTHS units kept, lowest L2 norms
+    zeroed), slimmed with round_to 1, 8, 16, 32 and 64; ONNX Runtime fp32 and static int8, interleaved."""
+    model, tok, calib, held, timing = P.load_data(calib_batches=8, held_out=64)
+    masked = copy.deepcopy(model)
+    with torch.no_grad():
+        for layer, keep in zip(masked.encoder.layer, ROUND_TO_WIDTHS):
+            down = layer.output.dense.weight
+            down[:, down.norm(dim=0).argsort()[: down.shape[1] - keep]] = 0
+    cfg = {"compression_inference": {"static_quantization": {"enabled": True}}}
+    variants, widths = {}, {}
+    for r in (1, 8, 16, 32, 64):
+        small = st.slim(masked, dict(timing), round_to=r, measure_latency=False)
+        widths[r] = [layer.intermediate.dense.out_features for layer in small.encoder.layer]
+        variants[f"round_to {r} fp32"] = small
+        variants[f"round_to {r} int8"] = st.quantize(copy.deepcopy(small), cfg, calib_dataloader=calib)
+    with tempfile.TemporaryDirectory() as tmp:
+        sessions = {}
+        for name, m in variants.items():
+            path = f"{tmp}/{name.replace(' ', '_')}.onnx"
+            P.export(m.eval(), timing, path)
+            sessions[name] = P.make_session(path)
+        times = P.interleaved_latency(sessions, timing, rounds)
+    stats = P.speed_stats(times, "round_to 1 fp32")
+    return dict(model="all-MiniLM-L6-v2", study="round_to", widths=widths,
+                latency={k: {m: v[m] for m in ("median_ms", "speedup", "median_round_ratio")}
+                         for k, v in stats.items()})
+
+
 def efficientnet(rounds: int, train_updates: int = 0) -> Dict[str, object]:
     from tests.quantization.cnn_data import image_crops, load_efficientnet_lite0, predict, zero_expansion_channels
 
@@ -290,7 +324,7 @@ def smollm2(rounds: int) -> Dict[str, object]:
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", choices=["minilm", "efficientnet", "smollm2"])
+    parser.add_argument("--only", choices=["minilm", "efficientnet", "smollm2", "round_to"])
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--peers", action="store_true", help="time Torch-Pruning's MiniLM beside slimtorch's")
     parser.add_argument("--train", action="store_true",
@@ -340,6 +374,18 @@ def main(argv: Optional[List[str]] = None) -> int:
               f"{r['perplexity']['slim']:.3f}; one decoded token (batch 1, 128 tokens of cache), PyTorch CPU 2 "
               f"threads: dense {r['token_ms']['dense']:.2f} ms, slim {r['token_ms']['slim']:.2f} ms: speed-up "
               f"{r['speedup']:.2f}")
+    if args.only == "round_to":
+        r = round_to_study(args.rounds)
+        results.append(r)
+        print("all-MiniLM-L6-v2, uneven FFN widths, slimmed with each round_to; ONNX Runtime, CPU, 2 threads, "
+              "batch 8 x 128\n")
+        print("| round_to | FFN widths | fp32 median ms | int8 median ms | fp32 / int8 per-round ratio vs round_to 1 |")
+        print("|---|---|---|---|---|")
+        for k, w in r["widths"].items():
+            fp, q = r["latency"][f"round_to {k} fp32"], r["latency"][f"round_to {k} int8"]
+            base_q = r["latency"]["round_to 1 int8"]["median_ms"]
+            print(f"| {k} | {', '.join(map(str, w))} | {fp['median_ms']:.1f} | {q['median_ms']:.1f} | "
+                  f"{fp['median_round_ratio']:.3f} / {base_q / q['median_ms']:.3f} |")
     if args.json_out:
         args.json_out.parent.mkdir(parents=True, exist_ok=True)
         args.json_out.write_text(json.dumps(results, indent=2))
