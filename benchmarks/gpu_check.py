@@ -12,7 +12,8 @@ Checks, each printed PASS/FAIL with its numbers:
 3. the LLM pipeline with offloading: a tiny Llama kept on the CPU, compressed with GPTQ int4 and SparseGPT 2:4 on the
    device one block at a time; the blocks are back on the CPU afterwards and the result matches a CPU run;
    FP8 and int8 W8A8 (SmoothQuant + GPTQ) and AWQ the same way, then run in bfloat16 on the device;
-4. slim() of a masked tiny BERT and tiny Llama on the device, outputs equal to the masked model's;
+4. slim() of a masked tiny BERT and tiny Llama on the device, outputs equal to the masked model's; DeepSpeed's
+   row_pruning and head_pruning with topk (scores trained in bf16 on the device), finalized and slimmed there;
 5. the test-suite cases that skip without CUDA (pytest -k cuda selection), including DeepSpeed/accelerate fp16.
 """
 from __future__ import annotations
@@ -235,6 +236,49 @@ def check_slim(device: str) -> str:
             f"cut; max relative difference {max(diffs):.1e}")
 
 
+def check_structured_topk(device: str) -> str:
+    """DeepSpeed's row and head pruning with topk on a bf16 tiny BERT on the device: the scores train (in bf16, as
+    DeepSpeed's would under a bf16 engine), the unit counts are ceil(dense_ratio * n), finalize() leaves the
+    outputs as they were, and slim() on the device cuts the units."""
+    import slimtorch as st
+    from tests.reference.protocol import batches, tiny_bert
+
+    cfg = {"compression_training": {
+        "row_pruning": {"shared_parameters": {"enabled": True, "method": "topk", "schedule_offset": 1},
+                        "different_groups": {"rp1": {"params": {"dense_ratio": 0.5},
+                                                     "modules": ["intermediate.dense"]}}},
+        "head_pruning": {"shared_parameters": {"enabled": True, "method": "topk", "schedule_offset": 1,
+                                               "num_heads": 4},
+                         "different_groups": {"hp1": {"params": {"dense_ratio": 0.5},
+                                                      "modules": ["attention.output.dense"]}}}}}
+    torch.manual_seed(0)
+    model = tiny_bert().to(device=device, dtype=torch.bfloat16)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    cb = st.prepare_pruning(model, cfg, optimizer=opt)
+    first = {l.name: l.learned.scores.detach().clone() for l in cb.pruner.layers}
+    data = [{k: v.to(device) for k, v in b.items()} for b in batches(steps=6)]
+    for batch in data:
+        loss = model(**batch).loss.float()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    moved = sum(not torch.equal(first[l.name], l.learned.scores.detach()) for l in cb.pruner.layers)
+    assert moved == len(first), f"only {moved} of {len(first)} score tensors trained"
+    assert all(int(l.learned.keep().sum()) == l.learned.units // 2 for l in cb.pruner.layers)
+    model.eval()
+    inputs = {k: v for k, v in data[0].items() if k != "labels"}
+    with torch.no_grad():
+        before = model(**inputs).logits
+        cb.finalize()
+        after = model(**inputs).logits
+    assert torch.equal(before, after), "finalize() changed the outputs"
+    small = st.slim(model.float(), inputs, measure_latency=False)
+    layer = small.bert.encoder.layer[0]
+    assert layer.intermediate.dense.out_features == 64 and layer.attention.self.num_attention_heads == 2
+    return (f"scores trained in bf16 on {device}; finalize exact; slim: max relative difference "
+            f"{st.slim_report(small).max_relative_difference:.1e}")
+
+
 def check_cuda_tests(device: str) -> str:
     if device == "cpu":
         return "skipped on cpu"
@@ -249,6 +293,7 @@ CHECKS: List[Tuple[str, Callable[[str], str]]] = [
     ("pruning bf16/fp16", check_pruning_half), ("DeepSpeed fp16/bf16", check_deepspeed_half),
     ("QDQ + ONNX export", check_qdq_export),
     ("LLM offloading", check_llm_offloading), ("LLM W8A8/FP8/AWQ", check_llm_w8a8_awq), ("slim", check_slim),
+    ("row/head topk", check_structured_topk),
     ("CUDA test cases", check_cuda_tests)]
 
 

@@ -120,11 +120,11 @@ def torch_pruning_model(tmp: str, train: Optional[str] = None, seed: int = 0) ->
     return torch.load(out, weights_only=False).eval()
 
 
-def minilm(rounds: int, peers: bool = False, train: bool = False) -> Dict[str, object]:
+def minilm(rounds: int, peers: bool = False, train: bool = False, seed: int = 0) -> Dict[str, object]:
     model, tok, calib, held, timing = P.load_data(calib_batches=8, held_out=64)
     reference = P.torch_embed(model, held)
     if train:
-        masked, run = trained_minilm()
+        masked, run = trained_minilm(seed)
     else:
         masked = copy.deepcopy(model)
         mask_minilm(masked)
@@ -137,7 +137,7 @@ def minilm(rounds: int, peers: bool = False, train: bool = False) -> Dict[str, o
     with tempfile.TemporaryDirectory() as tmp:
         if peers and train:
             for schedule in ("iterative", "oneshot"):
-                peer = torch_pruning_model(tmp, schedule)
+                peer = torch_pruning_model(tmp, schedule, seed)
                 if peer is not None:
                     variants[f"torch-pruning {schedule} fp32"] = peer
         elif peers:
@@ -159,7 +159,8 @@ def minilm(rounds: int, peers: bool = False, train: bool = False) -> Dict[str, o
             sessions[name] = P.make_session(path)
         times = P.interleaved_latency(sessions, timing, rounds)
     stats = P.speed_stats(times, "dense fp32")
-    return dict(model="all-MiniLM-L6-v2", trained=train, max_relative_difference=report.max_relative_difference,
+    return dict(model="all-MiniLM-L6-v2", trained=train, seed=seed,
+                max_relative_difference=report.max_relative_difference,
                 parameters=(report.parameters_before, report.parameters_after),
                 macs=(report.macs_before, report.macs_after), cosine=cosines,
                 latency={k: {m: v[m] for m in ("median_ms", "speedup", "median_round_ratio")}
@@ -330,6 +331,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--train", action="store_true",
                         help="prune while distilling: MiniLM progressively over 80 updates (Torch-Pruning likewise), "
                              "EfficientNet-lite0 with channel_pruning l1")
+    parser.add_argument("--seed", type=int, default=0, help="MiniLM --train: the distillation protocol's seed")
     parser.add_argument("--efficientnet-updates", type=int, default=40,
                         help="EfficientNet-lite0 --train: distillation updates of 16 crops")
     parser.add_argument("--json-out", type=Path)
@@ -337,7 +339,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     P.seed_everything(0)
     results = []
     if args.only in (None, "minilm"):
-        r = minilm(args.rounds, args.peers, args.train)
+        r = minilm(args.rounds, args.peers, args.train, args.seed)
         results.append(r)
         how = ("pruned progressively while distilling (80 updates)" if args.train else "zeroed (no training)")
         print(f"all-MiniLM-L6-v2, 50% FFN units + 50% heads {how}, slimmed: outputs vs masked "
