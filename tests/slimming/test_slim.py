@@ -306,3 +306,23 @@ def test_gpt2_conv1d_mlp_units_slim_and_its_fused_qkv_is_refused(tmp_path):
     assert st.save_slim(small, tmp_path) in ("transformers", "slimtorch")
     loaded = st.load_slim(tmp_path)
     torch.testing.assert_close(outputs(loaded, inputs), outputs(small, inputs), rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_the_minilm_example_prunes_units_then_slims():
+    """examples/prune_minilm.py with the units config: half of all-MiniLM-L6-v2's FFN units and heads pruned while
+    distilling, then cut out."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "examples/prune_minilm.py", "--config",
+                           "examples/configs/minilm_units_50.json", "--steps", "64", "--slim"],
+                          cwd=root, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    assert "slimtorch slim: 12 group(s) cut" in out, out[-3000:]  # 6 layers' FFN units and heads
+    cosine_line = out.split("held-out sentence-embedding cosine to the dense model")[1]
+    cosine = float(cosine_line.split("mean ")[1].split(",")[0])
+    assert cosine > 0.75, cosine
