@@ -15,6 +15,25 @@ from torch import Tensor
 class ParamAccess:
     """Plain PyTorch: ``weight.grad``, and nothing to do after the pruner zeroed weights in place."""
 
+    # A sharded engine (FSDP2) keeps only some rows of each parameter per rank: element-wise work (scores, applying
+    # masks) runs on ``local`` tensors; a mask is computed from the ``full`` weight and scores and each rank keeps
+    # its ``shard_of`` it. Unsharded parameters are their own local and full tensors.
+    def local(self, tensor: Tensor) -> Tensor:
+        """The part of a parameter (or its gradient) this rank holds and updates in place."""
+        return tensor
+
+    def full(self, weight: Tensor) -> Tensor:
+        """The whole parameter (a collective where it is sharded)."""
+        return weight
+
+    def shard_of(self, param: Tensor, full: Tensor) -> Tensor:
+        """This rank's part of a tensor shaped like the whole ``param`` (a mask)."""
+        return full
+
+    def gather(self, param: Tensor, local: Tensor) -> Tensor:
+        """The whole tensor from each rank's part shaped like ``param``'s shard (a collective where sharded)."""
+        return local
+
     def grad(self, weight: Tensor) -> Optional[Tensor]:
         """The gradient of the update about to be applied (already reduced across data-parallel ranks)."""
         return weight.grad

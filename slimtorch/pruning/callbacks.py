@@ -27,10 +27,11 @@ from torch import nn
 
 from ..config import CompressionConfig, load_config
 from ..config.loader import ConfigSource
-from ..errors import ConfigError, LifecycleError, SlimError
+from ..errors import ConfigError, LifecycleError, SlimError, UnsupportedModelError
 from . import drivers, registry
 from .access import ParamAccess
 from .distributed import check_same_plan, refuse_sharded, unwrap
+from .fsdp import FSDP2Access, is_fsdp2
 from .lifecycle import PruningLifecycle
 from .pruner import Pruner
 from .report import SparsityReport, sparsity_report
@@ -67,6 +68,8 @@ def prepare_for_engine(model: nn.Module, config: ConfigSource, *, optimizer: Opt
     engine cast the weights (``pruner.rank_at_prepare``)."""
     model = unwrap(model)  # a torch.compile'd model shares its parameters with the original module
     refuse_sharded(model)
+    if access is None and is_fsdp2(model):
+        access = FSDP2Access()
     cfg = load_config(config)
     if not cfg.has_training_pruning:
         raise ConfigError("compression_training: the config has no sparse_pruning, row_pruning, head_pruning or "
@@ -78,6 +81,12 @@ def prepare_for_engine(model: nn.Module, config: ConfigSource, *, optimizer: Opt
     try:
         if cfg.prunes_in_training:
             plan = plan_training(model, cfg)
+            learned = [t.name for t in plan.layers if t.settings.learned]
+            if learned and isinstance(access, FSDP2Access):
+                raise UnsupportedModelError(
+                    f"prepare_pruning: {learned[0]!r} uses topk, whose scores would be new parameters of a layer "
+                    "that FSDP2 has already sharded; under FSDP2 use l1 or a sparse_pruning method (topk runs "
+                    "under DDP and DeepSpeed ZeRO 0-2)")
         else:
             warnings.warn("slimtorch: no compression_training pruning section is enabled (shared_parameters.enabled "
                           "is false); the model will not be pruned", stacklevel=2)

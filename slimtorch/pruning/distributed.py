@@ -9,7 +9,8 @@ every rank at once, so that no rank waits forever in a collective the others nev
 * after every mask update: a fingerprint of the masks (kept weights per layer) is reduced with MIN and MAX; any
   difference means the replicas drifted (e.g. scores built from unsynchronised gradients) and is an error.
 
-Sharded parameters (FSDP, ZeRO-3) would give each rank its own shard's masks; they are refused at prepare time.
+FSDP2's sharded parameters (:mod:`.fsdp`) are scored on each rank's shard and masked from whole layers gathered one
+at a time; FSDP1 and ZeRO-3 are refused at prepare time.
 """
 from __future__ import annotations
 
@@ -49,25 +50,24 @@ def _is_deepspeed_engine(model: nn.Module) -> bool:
 
 
 def refuse_sharded(model: nn.Module) -> None:
-    """FSDP and DTensor-sharded parameters hold one shard per rank: masks computed there would differ per rank."""
+    """Refuse the sharded layouts slimtorch does not handle: FSDP1, DeepSpeed ZeRO-3, DTensors other than FSDP2's.
+
+    FSDP2 (``fully_shard``: DTensor parameters sharded on dim 0 of a 1-D mesh) is handled by :mod:`.fsdp`."""
     for name, module in model.named_modules():
-        if type(module).__name__ in ("FullyShardedDataParallel", "FSDPModule") or \
-                any(type(m).__name__.startswith("FSDP") for m in type(module).__mro__):
+        if type(module).__name__ == "FullyShardedDataParallel":
             raise UnsupportedModelError(
-                f"prepare_pruning: module {name or type(model).__name__!r} is wrapped by FSDP, whose parameters are "
-                "sharded across ranks; slimtorch would compute each rank's masks from its own shard. FSDP (and "
-                "DeepSpeed ZeRO-3) are not supported yet: prune with DDP or ZeRO stage 0-2, or gather the full "
-                "weights first")
+                f"prepare_pruning: module {name or type(model).__name__!r} is wrapped by FSDP1 "
+                "(FullyShardedDataParallel), whose flat parameters mix layers; slimtorch supports FSDP2: shard the "
+                "model with torch.distributed.fsdp.fully_shard instead, or prune with DDP or ZeRO stage 0-2")
     for name, param in model.named_parameters():
         if hasattr(param, "ds_id"):  # deepspeed.zero.Init / ZeRO stage 3 partitions every parameter
             raise UnsupportedModelError(
                 f"prepare_pruning: parameter {name!r} is partitioned by DeepSpeed ZeRO stage 3; masks would be "
                 "computed from each rank's partition. ZeRO-3 is not supported yet: use zero_optimization.stage 0, "
                 "1 or 2 (gradients and optimizer states are still partitioned at stage 2)")
-        if type(param.data).__name__ == "DTensor" or type(param).__name__ == "DTensor":
-            raise UnsupportedModelError(
-                f"prepare_pruning: parameter {name!r} is a DTensor (sharded across ranks); masks would be computed "
-                "per shard. Sharded parameters are not supported yet: prune with DDP or gather the full weights")
+    from .fsdp import check_fsdp2_layout
+
+    check_fsdp2_layout(model)
 
 
 def plan_signature(layers) -> List[Tuple[str, Tuple[int, ...], str]]:

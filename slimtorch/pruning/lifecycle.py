@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any, Dict, List
 
 from ..errors import LifecycleError, StateDictError
-from .distributed import active_world, check_same_masks, mask_fingerprint
+from .distributed import active_world, check_same_masks
 from .pruner import Pruner
 
 HISTORY_EVENTS_PER_LAYER = 64  # history keeps the last 64 mask recomputations of each layer
@@ -66,7 +66,7 @@ class PruningLifecycle:
         if events and active_world() is not None:
             updated = {e["layer"] for e in events}
             layers = [l for l in self.pruner.layers if l.name in updated]
-            check_same_masks([l.name for l in layers], [mask_fingerprint(l.current_mask()) for l in layers], self.step)
+            check_same_masks([l.name for l in layers], [l.fingerprint() for l in layers], self.step)
         # the recent recomputations are for inspection; a long schedule must not grow checkpoints without bound
         limit = HISTORY_EVENTS_PER_LAYER * max(1, len(self.pruner.layers))
         if len(self.history) > limit:

@@ -17,6 +17,7 @@ from ..config.patterns import BlockPattern
 from ..errors import StateDictError
 from . import allocation, criteria, learned, masks
 from .access import ParamAccess
+from .distributed import mask_fingerprint
 from .schedules import is_pruning_step, sparsity_at
 from .targets import TargetLayer
 
@@ -26,10 +27,13 @@ STATE_VERSION = 1
 class LayerState:
     """One pruned layer: its target description, keep-mask, criterion state and a cast copy of the mask."""
 
-    def __init__(self, target: TargetLayer, ranked: Optional[Tensor] = None):
+    def __init__(self, target: TargetLayer, ranked: Optional[Tensor] = None, access: Optional[ParamAccess] = None):
         self.target = target
-        self.mask: Optional[Tensor] = None       # bool, weight's shape; None = not pruned yet
-        self.bias_mask: Optional[Tensor] = None  # bool [out], only for whole-row patterns
+        self.access = access or ParamAccess()
+        # masks and scores are shaped like this rank's part of the weight (the whole weight unless sharded: FSDP2)
+        self.mask: Optional[Tensor] = None       # bool, weight's (local) shape; None = not pruned yet
+        self.bias_mask: Optional[Tensor] = None  # bool [out] (local), only for whole-row patterns
+        self.fingerprint_of_full: Optional[Tuple[float, float]] = None  # of the whole mask, where it is sharded
         self.state: Optional[Tensor] = None      # criterion state (float32), e.g. snip_momentum's S
         self._cast: Optional[Tensor] = None      # mask in the weight's dtype, for a fused multiply
         self._spare: Optional[Tensor] = None     # reused buffer for the next criterion state
@@ -38,7 +42,7 @@ class LayerState:
         # them: ``ranked``), held (1 byte a weight) until the schedule applies it at start_step
         self.ranked: Optional[Tensor] = None
         if target.settings.ranks_at_prepare:
-            self.ranked = self._rank_now() if ranked is None else ranked.to(self.weight.device)
+            self.ranked = self._rank_now() if ranked is None else ranked.to(self.weight.device)  # the whole mask
         # DeepSpeed's topk for rows, heads and channels: trained scores, masking in forward from start_step on
         self.learned: Optional[learned.LearnedMask] = None
         s = target.settings
@@ -57,13 +61,42 @@ class LayerState:
     def _rank_now(self) -> Tensor:
         s, layout = self.target.settings, self.target.layout
         with torch.no_grad():
-            scores = masks.to_matrix(criteria.score("magnitude", self.weight, None), layout)
+            full = self.access.full(self.weight)
+            scores = masks.to_matrix(criteria.score("magnitude", full, None), layout)
             keep = masks.compute_mask(scores, s.pattern, s.target_sparsity, kept_ratio_ceil=s.dense_ratio)
-        return masks.from_matrix(keep, self.weight.shape, layout)
+        return masks.from_matrix(keep, full.shape, layout)
 
     @property
     def weight(self) -> Tensor:
         return self.target.module.weight
+
+    @property
+    def local_weight(self) -> Tensor:
+        """The part of the weight this rank holds (the weight itself unless it is sharded)."""
+        return self.access.local(self.weight)
+
+    def fingerprint(self) -> Tuple[float, float]:
+        """Of the whole mask in force (equal on every rank), for the cross-rank check."""
+        if self.fingerprint_of_full is not None and (self.learned is None or not self.learned.active):
+            return self.fingerprint_of_full
+        return mask_fingerprint(self.current_mask())
+
+    def set_mask(self, full: Tensor, keep: Tensor) -> None:
+        """Install the whole mask ``full`` (and the row keep of the ``[out, reduction]`` matrix ``keep``): this rank
+        keeps its part."""
+        s = self.target.settings
+        self.mask = self.access.shard_of(self.weight, full)
+        self.fingerprint_of_full = mask_fingerprint(full) if self.mask is not full else None
+        self.bias_mask = None
+        if isinstance(s.pattern, BlockPattern) and s.pattern.prunes_rows:
+            bias = getattr(self.target.module, "bias", None)
+            rows = keep.all(dim=1)
+            self.bias_mask = rows if bias is None else self.access.shard_of(bias, rows)
+        self._cast = None
+
+    def full_mask(self) -> Optional[Tensor]:
+        """The whole mask (a collective where it is sharded)."""
+        return None if self.mask is None else self.access.gather(self.weight, self.mask)
 
     def current_mask(self) -> Optional[Tensor]:
         """The keep-mask in force: the fixed one, or topk's current top-k once its masking has begun."""
@@ -72,7 +105,7 @@ class LayerState:
         return self.mask
 
     def cast_mask(self) -> Tensor:
-        w = self.weight
+        w = self.local_weight
         if self.mask.device != w.device:
             self.mask = self.mask.to(w.device)
         if self._cast is None or self._cast.device != w.device or self._cast.dtype != w.dtype:
@@ -98,8 +131,8 @@ class Pruner:
 
     def __init__(self, layers: List[TargetLayer], access: Optional[ParamAccess] = None,
                  ranked: Optional[Dict[str, Tensor]] = None):
-        self.layers = [LayerState(t, (ranked or {}).get(t.name)) for t in layers]
         self.access = access or ParamAccess()  # where gradients come from and masked weights go to
+        self.layers = [LayerState(t, (ranked or {}).get(t.name), self.access) for t in layers]
         self._last_observed: List[LayerState] = []
 
     # ------------------------------------------------------------ per update
@@ -119,7 +152,7 @@ class Pruner:
                     continue
                 s = layer.target.settings
                 layer.state, layer._spare = criteria.observe(s.method, s.beta, layer.state, layer._spare,
-                                                             layer.weight, grad)
+                                                             layer.local_weight, grad)
                 self._last_observed.append(layer)
 
     def keep_last_observation(self) -> None:
@@ -170,19 +203,18 @@ class Pruner:
                                    "sparsity": 1.0 - kept / layer.learned.units})
                     continue
                 if layer.ranked is not None:  # ranked at prepare time (DeepSpeed's l1): applied as it was chosen
-                    layer.mask, layer.ranked = layer.ranked.to(weight.device), None
-                    keep = masks.to_matrix(layer.mask, layer.target.layout)
+                    full, layer.ranked = layer.ranked.to(weight.device), None
+                    keep = masks.to_matrix(full, layer.target.layout)
                 else:
                     # a global group's N:M units were counted cheapest-first, so the layer drops those same groups
                     scores = matrices.pop(id(layer)) if id(layer) in matrices else self._score_matrix(layer)
                     keep = masks.compute_mask(scores, s.pattern, target, "cheapest" if s.is_global else "clearest")
-                    layer.mask = masks.from_matrix(keep, weight.shape, layer.target.layout)
-                layer._cast = None
-                if isinstance(s.pattern, BlockPattern) and s.pattern.prunes_rows:
-                    layer.bias_mask = keep.all(dim=1)
+                    full = masks.from_matrix(keep, weight.shape, layer.target.layout)
+                layer.set_mask(full, keep)
                 if step >= s.end_step:
                     layer.state = layer._spare = None  # the schedule is over: the mask is final
-                achieved = 1.0 - layer.mask.sum().item() / layer.mask.numel()
+                achieved = 1.0 - keep.sum().item() / keep.numel()
+                del full, keep
                 event = {"step": step, "layer": layer.name, "target": target, "sparsity": achieved}
                 if s.is_global:
                     event["group_target"] = group_target
@@ -226,10 +258,11 @@ class Pruner:
             for layer in active:
                 cast = layer.cast_mask()
                 weights, ms = by_dtype[(cast.device, cast.dtype)]
-                weights.append(layer.weight)
+                weights.append(layer.local_weight)
                 ms.append(cast)
                 bias = getattr(layer.target.module, "bias", None)
                 if layer.bias_mask is not None and bias is not None:
+                    bias = self.access.local(bias)
                     bias.mul_(layer.bias_mask.to(device=bias.device, dtype=bias.dtype))
                 if layer.bias_mask is not None:
                     _mask_followers(layer)
@@ -242,22 +275,28 @@ class Pruner:
                     for p in (norm.weight, norm.bias) if p is not None]
         self.access.masks_applied(changed)
 
+    def _full_bias_mask(self, layer: LayerState) -> Tensor:
+        bias = getattr(layer.target.module, "bias", None)
+        return layer.bias_mask if bias is None else self.access.gather(bias, layer.bias_mask)
+
     def _score_matrix(self, layer: LayerState) -> Tensor:
         """The layer's (complete) element scores in the ``[out, reduction]`` matrix view."""
         state = None if layer.state is None else self.access.complete_scores(layer.weight, layer.state)
-        return masks.to_matrix(criteria.score(layer.target.settings.method, layer.weight, state), layer.target.layout)
+        full = self.access.full(layer.weight)  # the one layer's whole weight, where it is sharded
+        return masks.to_matrix(criteria.score(layer.target.settings.method, full, state), layer.target.layout)
 
     # ------------------------------------------------------------ checkpoints
     def state_dict(self) -> Dict[str, Any]:
-        """Masks and complete scores; a collective where ranks keep partial scores (DeepSpeed ZeRO 1/2)."""
+        """Whole masks and complete scores; a collective where ranks keep partial scores (DeepSpeed ZeRO 1/2) or
+        shards (FSDP2)."""
         return {
             "version": STATE_VERSION,
             "layers": {
                 l.name: {
                     "shape": tuple(l.weight.shape),
                     "pattern": str(l.target.settings.pattern),
-                    "mask": None if l.mask is None else l.mask.clone(),
-                    "bias_mask": None if l.bias_mask is None else l.bias_mask.clone(),
+                    "mask": None if l.mask is None else l.full_mask().clone(),
+                    "bias_mask": None if l.bias_mask is None else self._full_bias_mask(l).clone(),
                     "state": None if l.state is None else self.access.complete_scores(l.weight, l.state).clone(),
                     "ranked": None if l.ranked is None else l.ranked.clone(),
                     # topk: the scores are the model's parameters; whether forward masking has begun is ours
@@ -286,8 +325,13 @@ class Pruner:
                                      f" differ from the model's {tuple(layer.weight.shape)} / "
                                      f"{layer.target.settings.pattern}")
             device = layer.weight.device
-            layer.mask = None if entry["mask"] is None else entry["mask"].to(device).clone()
-            layer.bias_mask = None if entry["bias_mask"] is None else entry["bias_mask"].to(device).clone()
+            layer.mask = None if entry["mask"] is None else self.access.shard_of(layer.weight,
+                                                                                  entry["mask"].to(device).clone())
+            bias = getattr(layer.target.module, "bias", None)
+            layer.bias_mask = None if entry["bias_mask"] is None else (
+                entry["bias_mask"].to(device).clone() if bias is None else
+                self.access.shard_of(bias, entry["bias_mask"].to(device).clone()))
+            layer.fingerprint_of_full = None
             layer.state = (None if entry["state"] is None
                            else self.access.local_scores(layer.weight, entry["state"].to(device).clone()))
             layer.ranked = None if entry.get("ranked") is None else entry["ranked"].to(device).clone()
@@ -308,6 +352,7 @@ def _mask_followers(layer: LayerState) -> None:
     for _, norm in layer.target.followers:
         for param in (norm.weight, norm.bias):
             if param is not None:
+                param = layer.access.local(param)
                 param.mul_(layer.bias_mask.to(device=param.device, dtype=param.dtype))
 
 

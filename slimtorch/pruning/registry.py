@@ -57,7 +57,8 @@ def masks_of(model: nn.Module) -> Dict[str, torch.Tensor]:
     active = _ACTIVE.get(unwrap(model))
     if active is None:
         return {}
-    return {l.name: l.mask for l in active.pruner.layers if l.mask is not None}
+    # whole masks: a collective where the weights are sharded (FSDP2), so call it on every rank there
+    return {l.name: l.full_mask() for l in active.pruner.layers if l.mask is not None}
 
 
 def learned_masks_of(model: nn.Module) -> Dict[str, torch.Tensor]:

@@ -102,7 +102,8 @@ def _numel(shape) -> int:
 
 
 def sparsity_report(model: nn.Module) -> SparsityReport:
-    """Per-layer sparsity of every Linear / Conv1d / Conv2d / Conv1D of ``model``.
+    """Per-layer sparsity of every Linear / Conv1d / Conv2d / Conv1D of ``model`` (under FSDP2 a collective: call it
+    on every rank).
 
     For layers pruned by slimtorch (active or finalized callbacks) it also gives the pattern, the final target and
     whether the pattern holds: on the live mask while callbacks are active, else on the weights' zeros (a kept
@@ -118,6 +119,8 @@ def sparsity_report(model: nn.Module) -> SparsityReport:
     rows = []
     for name, module in supported_layers(model):
         weight = module.weight.detach()
+        if type(weight).__name__ == "DTensor":  # FSDP2: the whole weight (every rank must call the report)
+            weight = weight.full_tensor()
         sparsity = (weight == 0).sum().item() / weight.numel() if weight.numel() else 0.0
         target = targets.get(name)
         if target is None:

@@ -81,7 +81,7 @@ def test_sharded_wrappers_are_refused_at_prepare():
             self.inner = inner
 
     model = nn.Sequential(FullyShardedDataParallel(nn.Linear(8, 8)), nn.Linear(8, 2))
-    with pytest.raises(st.UnsupportedModelError, match="wrapped by FSDP.*not supported yet"):
+    with pytest.raises(st.UnsupportedModelError, match="wrapped by FSDP1 .*supports FSDP2.*fully_shard"):
         st.prepare_pruning(model, W.config())
 
 

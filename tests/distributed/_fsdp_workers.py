@@ -1,0 +1,141 @@
+"""Process bodies for the FSDP2 tests: 2 CPU ranks (gloo), ``fully_shard`` on every transformer layer and the root,
+hands-free pruning, each rank training on its half of the same global batch (importable by spawned children)."""
+from __future__ import annotations
+
+import torch
+
+import slimtorch as st
+from tests.distributed import _workers as W
+from tests.llm.tiny_models import random_tokens, tiny_llama
+from tests.reference import protocol as P
+
+UPDATES = 8
+LR = 0.05
+
+
+def config(pattern: str, method: str = "snip_momentum"):
+    return {"compression_training": {"sparse_pruning": {"shared_parameters": {
+        "enabled": True, "method": method, "pattern": pattern, "dense_ratio": 0.5 if pattern == "2:4" else 0.25,
+        "scope": "local", "start_step": 0, "end_step": 6, "frequency": 2}}}}
+
+
+def build(arch: str) -> torch.nn.Module:
+    if arch == "llama":
+        return tiny_llama(0, num_hidden_layers=4).train()  # 4 query heads over 2 key/value heads
+    return P.tiny_bert(0)
+
+
+def layers(model: torch.nn.Module, arch: str):
+    return model.model.layers if arch == "llama" else model.bert.encoder.layer
+
+
+def batches(arch: str):
+    """UPDATES global batches of 8 sequences (kwargs for the model's forward, labels included)."""
+    if arch == "llama":
+        out = []
+        for i in range(UPDATES):
+            ids = random_tokens(64, 8, 12, i)
+            out.append({"input_ids": ids, "labels": ids})
+        return out
+    return P.batches(0, UPDATES)
+
+
+def share(batch, rank: int, world: int):
+    n = batch["input_ids"].shape[0] // world
+    return {k: v[rank * n:(rank + 1) * n] for k, v in batch.items()}
+
+
+def one_process(arch: str, pattern: str):
+    """The reference: the unsharded model on the whole global batches; masks after every update, final weights.
+    One thread, as the ranks run, so that the same sums are taken in the same order."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _one_process(arch, pattern)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _one_process(arch: str, pattern: str):
+    torch.manual_seed(0)
+    model = build(arch)
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
+    cb = st.prepare_pruning(model, config(pattern), optimizer=opt)
+    masks = []
+    for batch in batches(arch):
+        loss = model(**batch).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        masks.append({l.name: l.mask.clone() for l in cb.pruner.layers if l.mask is not None})
+    cb.finalize()
+    return masks, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def fsdp_train(rank: int, world: int, init_file: str, out_dir: str, arch: str, pattern: str,
+               same_batch: bool = False) -> None:
+    """``same_batch``: every rank trains on the whole global batch, so FSDP2's averaged gradient is exactly one
+    process's (g + g) / 2 == g and the arithmetic is the same; otherwise each rank takes its half."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    W._init(rank, world, init_file)
+    try:
+        mesh = init_device_mesh("cpu", (world,))
+        torch.manual_seed(0)
+        model = build(arch)
+        for layer in layers(model, arch):
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
+        cb = st.prepare_pruning(model, config(pattern), optimizer=opt)
+        steps, local_bytes = [], []
+        for batch in batches(arch):
+            loss = model(**(batch if same_batch else share(batch, rank, world))).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            steps.append({l.name: l.full_mask().clone() for l in cb.pruner.layers if l.mask is not None})
+            local_bytes.append({l.name: (l.mask.numel(), l.weight.numel()) for l in cb.pruner.layers
+                                if l.mask is not None})
+        state = cb.state_dict()  # a collective: whole masks and scores
+        report = [(r.name, r.pattern, r.sparsity, r.pattern_valid) for r in st.sparsity_report(model)]
+        cb.finalize()
+        weights = {k: (v.full_tensor() if type(v).__name__ == "DTensor" else v).detach().clone()
+                   for k, v in model.state_dict().items()}
+        torch.save({"steps": steps, "local": local_bytes, "state": state, "report": report, "weights": weights},
+                   f"{out_dir}/rank{rank}.pt")
+    finally:
+        W._close()
+
+
+TOPK = {"compression_training": {"row_pruning": {
+    "shared_parameters": {"enabled": True, "method": "topk", "schedule_offset": 0},
+    "different_groups": {"rp1": {"params": {"dense_ratio": 0.5}, "modules": ["intermediate.dense"]}}}}}
+
+
+def refusals(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    """What FSDP2 setups prepare_pruning refuses, on every rank alike and without hanging."""
+    from torch import nn
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Replicate, distribute_tensor
+
+    W._init(rank, world, init_file)
+    try:
+        mesh = init_device_mesh("cpu", (world,))
+        outcomes = []
+        model = P.tiny_bert(0)
+        fully_shard(model, mesh=mesh)
+        replicated = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 2))
+        replicated[0].weight = nn.Parameter(distribute_tensor(replicated[0].weight.detach(), mesh, [Replicate()]))
+        for candidate, cfg in ((model, TOPK), (replicated, config("2:4"))):
+            try:
+                st.prepare_pruning(candidate, cfg)
+                outcomes.append("no error")
+            except st.SlimError as e:
+                outcomes.append(f"{type(e).__name__}: {e}")
+        with open(f"{out_dir}/rank{rank}.txt", "w") as f:
+            f.write("\n".join(outcomes))
+    finally:
+        W._close()
