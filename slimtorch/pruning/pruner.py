@@ -214,6 +214,7 @@ class Pruner:
                 if step >= s.end_step:
                     layer.state = layer._spare = None  # the schedule is over: the mask is final
                 achieved = 1.0 - keep.sum().item() / keep.numel()
+                scores = None  # this layer's whole scores go before the next layer's are gathered (FSDP2)
                 del full, keep
                 event = {"step": step, "layer": layer.name, "target": target, "sparsity": achieved}
                 if s.is_global:

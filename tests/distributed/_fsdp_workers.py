@@ -139,3 +139,124 @@ def refusals(rank: int, world: int, init_file: str, out_dir: str) -> None:
             f.write("\n".join(outcomes))
     finally:
         W._close()
+
+
+def _sharded(arch: str, mesh):
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = build(arch)
+    for layer in layers(model, arch):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
+    return model, opt, st.prepare_pruning(model, config("2:4"), optimizer=opt)
+
+
+def _full_state(model):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def resume(rank: int, world: int, init_file: str, out_dir: str, resume_at: int) -> None:
+    """An uninterrupted run, then a run checkpointed after ``resume_at`` updates with torch.distributed.checkpoint
+    (sharded model and optimizer state) plus the pruning state, rebuilt from scratch, loaded and continued."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+    from torch.distributed.device_mesh import init_device_mesh
+
+    W._init(rank, world, init_file)
+    try:
+        mesh = init_device_mesh("cpu", (world,))
+        data = batches("llama")
+        outcome = {}
+        for mode in ("straight", "resumed"):
+            model, opt, cb = _sharded("llama", mesh)
+            for i, batch in enumerate(data):
+                if mode == "resumed" and i == resume_at:
+                    dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
+                             checkpoint_id=f"{out_dir}/dcp")
+                    pruning = cb.state_dict()  # collective: whole masks and scores
+                    if rank == 0:
+                        torch.save(pruning, f"{out_dir}/pruning.pt")
+                    torch.distributed.barrier()
+                    cb.finalize()
+                    model, opt, cb = _sharded("llama", mesh)
+                    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+                    dcp.load(state, checkpoint_id=f"{out_dir}/dcp")
+                    set_model_state_dict(model, state["model"])
+                    set_optimizer_state_dict(model, opt, state["optim"])
+                    cb.load_state_dict(torch.load(f"{out_dir}/pruning.pt"))
+                loss = model(**share(batch, rank, world)).loss
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            masks = {l.name: l.full_mask().clone() for l in cb.pruner.layers}
+            cb.finalize()
+            outcome[mode] = {"masks": masks, "weights": _full_state(model)}
+        torch.save(outcome, f"{out_dir}/rank{rank}.pt")
+    finally:
+        W._close()
+
+
+def memory(rank: int, world: int, init_file: str, out_dir: str, num_layers: int) -> None:
+    """A 16-layer tiny Llama under FSDP2: how many layers' whole tensors (gathered weights, scores, masks) are alive
+    at once during the mask updates, and the most bytes they hold, beside the shard each rank keeps."""
+    import weakref
+
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from slimtorch.pruning.fsdp import FSDP2Access
+
+    alive = {}  # id(param) -> number of its whole tensors alive
+    peak = {"layers": 0, "bytes": 0, "now": 0}
+
+    def track(method):
+        def wrapped(self, param, *args):
+            out = method(self, param, *args)
+            key, size = id(param), out.numel() * out.element_size()
+            alive[key] = alive.get(key, 0) + 1
+            peak["now"] += size
+            peak["layers"] = max(peak["layers"], len(alive))
+            peak["bytes"] = max(peak["bytes"], peak["now"])
+
+            def gone():
+                alive[key] -= 1
+                peak["now"] -= size
+                if not alive[key]:
+                    del alive[key]
+            weakref.finalize(out, gone)
+            return out
+        return wrapped
+
+    FSDP2Access.full = track(FSDP2Access.full)
+    FSDP2Access.gather = track(FSDP2Access.gather)
+    W._init(rank, world, init_file)
+    try:
+        mesh = init_device_mesh("cpu", (world,))
+        torch.manual_seed(0)
+        model = tiny_llama(0, num_hidden_layers=num_layers).train()
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
+        cb = st.prepare_pruning(model, config("2:4"), optimizer=opt)
+        for batch in batches("llama")[:5]:
+            loss = model(**share(batch, rank, world)).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        largest = max(l.weight.numel() * 4 for l in cb.pruner.layers)  # one layer's float32 weight
+        shard = sum(p.to_local().numel() * p.element_size() for p in model.parameters())
+        torch.save({"peak_layers": peak["layers"], "peak_bytes": peak["bytes"], "largest_layer_bytes": largest,
+                    "shard_bytes": shard, "layers": len(cb.pruner.layers)}, f"{out_dir}/rank{rank}.pt")
+        cb.finalize()
+    finally:
+        W._close()
