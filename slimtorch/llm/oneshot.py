@@ -23,7 +23,7 @@ from __future__ import annotations
 import copy
 import re
 import time
-from typing import Any, Dict, Iterable, List, Union
+from typing import Any, Dict, Iterable, List, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -43,14 +43,16 @@ from .recipe import Recipe
 SECTION_PATH = "compression_inference"
 
 
-def oneshot(model: nn.Module, config: Any, calib_data: Iterable, *, inplace: bool = False,
+def oneshot(model: nn.Module, config: Any, calib_data: Optional[Iterable], *, inplace: bool = False,
             device: Union[str, torch.device, None] = None, progress: bool = True) -> nn.Module:
     """The model with the Linears of its repeated blocks pruned and/or quantized as the config's
     ``oneshot_pruning``, ``weight_only_quantization`` and ``w8a8_quantization`` sections say; ``model`` itself is
     left as it was unless ``inplace`` (then it is returned, changed).
 
     ``calib_data``: an iterable of batches of token ids (``LongTensor [batch, tokens]``) or of dicts of model
-    inputs (``input_ids``, ``attention_mask``); 128 samples of 512 to 2048 tokens is typical. ``device``: where each
+    inputs (``input_ids``, ``attention_mask``); 128 samples of 512 to 2048 tokens is typical. A config that reads no
+    activations (RTN, dynamic W8A8/FP8 with RTN, magnitude pruning) never runs the model: ``calib_data`` is unused
+    and may be None. ``device``: where each
     block is compressed (e.g. "cuda"); the model may stay on the CPU, and only one block visits the device at a
     time. :func:`slimtorch.quantization_report` of the result lists every layer.
     """
@@ -65,6 +67,11 @@ def oneshot(model: nn.Module, config: Any, calib_data: Iterable, *, inplace: boo
             recipe.check_shapes(f"{blocks_path}.{i}.{name}", linear)
     report.left_float += _outside_blocks(target, blocks_path)
     compute = torch.device(device) if device is not None else model_device(target)
+    if not recipe.needs_data:  # nothing reads activations: no capture, no block runs
+        return _data_free(target, blocks, blocks_path, plan, recipe, report, compute, progress, started)
+    if calib_data is None:
+        raise CalibrationError(f"{SECTION_PATH}: this config needs calibration data (GPTQ, SparseGPT, Wanda, AWQ, "
+                               "SmoothQuant or static activation scales read the blocks' inputs); pass calib_data")
     captured = capture_block_inputs(target, blocks, calib_data, where=blocks_path, device=compute)
     report.calibration_batches = len(captured)
     tokens = sum(h.shape[:-1].numel() for h in captured.hidden)
@@ -83,6 +90,29 @@ def oneshot(model: nn.Module, config: Any, calib_data: Iterable, *, inplace: boo
             plan[i] = {}  # the replaced float Linears are freed now, not after the last block
             hidden = _run(block, inputs, where)  # the next block's inputs come from the compressed block
             del inputs
+            block.to(home)
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    report.seconds = time.perf_counter() - started
+    setattr(target, REPORT_ATTR, report)
+    return target
+
+
+def _data_free(target: nn.Module, blocks: List[nn.Module], blocks_path: str, plan: List[Dict[str, nn.Module]],
+               recipe: Recipe, report: QuantizationReport, compute: torch.device, progress: bool,
+               started: float) -> nn.Module:
+    """Round (or prune by magnitude) every block's Linears from their weights alone, one block on the device at a
+    time: the same layers the data path gives, without running the model."""
+    bar = progress_bar(len(blocks), "slimtorch oneshot", unit="block") if progress else None
+    try:
+        for i, block in enumerate(blocks):
+            home = model_device(block)
+            block.to(compute)
+            _compress_block(block, plan[i], [], recipe, f"{blocks_path}.{i}", report)
+            plan[i] = {}
             block.to(home)
             if bar is not None:
                 bar.update(1)

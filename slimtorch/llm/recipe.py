@@ -144,6 +144,12 @@ class Recipe:
         return self.w8a8 is not None and self.w8a8.activations == "static_per_tensor"
 
     @property
+    def needs_data(self) -> bool:
+        """Whether any step reads calibration activations (Hessians, input ranges, AWQ or SmoothQuant scales);
+        RTN, dynamic W8A8/FP8 with RTN, and magnitude pruning do not."""
+        return self.needs_hessian or self.needs_input_ranges or self.awq or self.smoothquant
+
+    @property
     def awq(self) -> bool:
         return self.quantization is not None and self.quantization.awq.enabled
 

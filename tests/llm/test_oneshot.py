@@ -125,6 +125,17 @@ def test_rtn_through_the_pipeline_is_rtn_of_every_block_weight(arch):
     report = st.quantization_report(q_model)
     assert report.mode == "weight-only" and len(report.quantized) == len(quantized)
     assert any("outside the repeated blocks" in f.reason for f in report.left_float)
+    assert report.calibration_batches == 0  # RTN reads no activations: the model never ran
+    no_data = st.oneshot(model, config(algorithm="rtn", group_size=32), None, progress=False)
+    for name, layer in no_data.named_modules():
+        if isinstance(layer, WeightOnlyLinear):
+            assert torch.equal(layer.dequantized_weight(), quantized[name].dequantized_weight()), name
+
+
+def test_a_config_that_reads_activations_needs_calibration_data():
+    model = TINY_MODELS["llama"]()
+    with pytest.raises(st.CalibrationError, match="this config needs calibration data .* pass calib_data"):
+        st.oneshot(model, config(algorithm="gptq", group_size=32), None, progress=False)
 
 
 def _logit_error(reference, model, ids):
@@ -185,8 +196,8 @@ class _NaNActivation(nn.Module):
 def test_nan_in_a_block_names_the_block():
     model = TINY_MODELS["llama"]()
     model.model.layers[1].mlp.act_fn = _NaNActivation()
-    with pytest.raises(st.CalibrationError, match=r"model\.layers\.1 returned NaN or inf"):
-        st.oneshot(model, config(algorithm="rtn", group_size=32), calibration(model), progress=False)
+    with pytest.raises(st.CalibrationError, match=r"model\.layers\.1 returned NaN or inf"):  # GPTQ runs the blocks
+        st.oneshot(model, config(algorithm="gptq", group_size=32), calibration(model), progress=False)
 
 
 def test_wrong_entry_point_and_empty_data_are_errors():
@@ -268,7 +279,7 @@ def test_blocks_the_forward_does_not_call_as_modules_are_an_error():
     model = _CallsForwardDirectly()
     with pytest.raises(st.UnsupportedModelError, match=r"reached layers\[1\] without calling layers\[0\] as a "
                                                        r"module.*blocks key"):
-        st.oneshot(model, config(algorithm="rtn", group_size=32), [torch.randint(0, 64, (1, 8))], progress=False)
+        st.oneshot(model, config(algorithm="gptq", group_size=8), [torch.randint(0, 64, (1, 8))], progress=False)
     assert isinstance(model.layers[0], nn.Linear)  # untouched
 
 
