@@ -79,26 +79,14 @@ def oneshot(model: nn.Module, config: Any, calib_data: Optional[Iterable], *, in
         for name, linear in linears.items():
             recipe.check_tokens(f"{blocks_path}.{i}.{name}", linear, tokens)
     hidden = captured.hidden
-    bar = progress_bar(len(blocks), "slimtorch oneshot", unit="block") if progress else None
-    try:
-        for i, block in enumerate(blocks):
-            where = f"{blocks_path}.{i}"
-            home = model_device(block)
-            block.to(compute)
-            inputs = captured.inputs_of(i, hidden)
-            _compress_block(block, plan[i], inputs, recipe, where, report)
-            plan[i] = {}  # the replaced float Linears are freed now, not after the last block
-            hidden = _run(block, inputs, where)  # the next block's inputs come from the compressed block
-            del inputs
-            block.to(home)
-            if bar is not None:
-                bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
-    report.seconds = time.perf_counter() - started
-    setattr(target, REPORT_ATTR, report)
-    return target
+    for i, block in _blocks_in_turn(blocks, compute, progress):
+        where = f"{blocks_path}.{i}"
+        inputs = captured.inputs_of(i, hidden)
+        _compress_block(block, plan[i], inputs, recipe, where, report)
+        plan[i] = {}  # the replaced float Linears are freed now, not after the last block
+        hidden = _run(block, inputs, where)  # the next block's inputs come from the compressed block
+        del inputs
+    return _finished(target, report, started)
 
 
 def _data_free(target: nn.Module, blocks: List[nn.Module], blocks_path: str, plan: List[Dict[str, nn.Module]],
@@ -106,19 +94,29 @@ def _data_free(target: nn.Module, blocks: List[nn.Module], blocks_path: str, pla
                started: float) -> nn.Module:
     """Round (or prune by magnitude) every block's Linears from their weights alone, one block on the device at a
     time: the same layers the data path gives, without running the model."""
+    for i, block in _blocks_in_turn(blocks, compute, progress):
+        _compress_block(block, plan[i], [], recipe, f"{blocks_path}.{i}", report)
+        plan[i] = {}
+    return _finished(target, report, started)
+
+
+def _blocks_in_turn(blocks: List[nn.Module], compute: torch.device, progress: bool):
+    """Each block in turn on the compute device (and back where it was after its turn), with the progress bar."""
     bar = progress_bar(len(blocks), "slimtorch oneshot", unit="block") if progress else None
     try:
         for i, block in enumerate(blocks):
             home = model_device(block)
             block.to(compute)
-            _compress_block(block, plan[i], [], recipe, f"{blocks_path}.{i}", report)
-            plan[i] = {}
+            yield i, block
             block.to(home)
             if bar is not None:
                 bar.update(1)
     finally:
         if bar is not None:
             bar.close()
+
+
+def _finished(target: nn.Module, report: QuantizationReport, started: float) -> nn.Module:
     report.seconds = time.perf_counter() - started
     setattr(target, REPORT_ATTR, report)
     return target
