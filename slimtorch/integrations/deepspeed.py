@@ -9,8 +9,9 @@ them:
 |------------|--------------------------------------------------|-----------------------------------------------|
 | 0          | ``param.grad`` after the engine's all-reduce     | the parameters (+ fp16 optimizer's fp32 master)|
 | 1, 2       | this rank's fragment of the reduced partitions:  | the parameters and their fp32 master fragment |
-|            | partial scores, summed only at a mask update     | (``safe_set_full_fp32_param``)                |
-| 3          | refused: parameters are partitioned              |                                               |
+|            | partial scores, summed only at a mask update     | (their fragment of it, multiplied by the mask) |
+| 3          | this rank's slice of the reduced gradient        | the local slice and its fp32 master           |
+|            | (local scores; :mod:`.zero3`)                    | (``safe_set_local_fp32_param``)               |
 
 At ZeRO 1/2 no update communicates for pruning: scores are element-wise, so each rank scores the gradient
 fragment it owns, and the shares are summed (one all-reduce per layer, exact) only when a mask is computed and in
@@ -28,7 +29,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -36,12 +37,12 @@ from torch import Tensor, nn
 from ..config import load_config
 from ..config.loader import SECTIONS, read_document
 from ..errors import ConfigError, SlimError, UnsupportedModelError
-from ..pruning.access import ParamAccess
 from ..pruning.callbacks import PruningCallbacks, prepare_for_engine
 from ..pruning.distributed import refuse_sharded
 from ..pruning.drivers import wrap_step
 from ..pruning.pruner import rank_at_prepare
 from ..pruning.structured_targets import attach_learned_scores, plan_training
+from .zero3 import ZeRO3Access, access_for
 
 #: key of the pruning state inside the ``client_state`` of DeepSpeed checkpoints
 CLIENT_STATE_KEY = "slimtorch_pruning"
@@ -72,7 +73,7 @@ def initialize(args: Any = None, model: Optional[nn.Module] = None, optimizer: A
     pruning = compression.has_training_pruning
     ranked = None
     if pruning:
-        _check_supported(deepspeed_config, model)
+        _check_supported(deepspeed_config, model, compression)
         ranked = rank_before_the_engine(model, compression)
         _learned_scores_before_the_engine(model, compression, model_parameters, optimizer)
     engine, ds_optimizer, dataloader, scheduler = deepspeed.initialize(
@@ -83,7 +84,7 @@ def initialize(args: Any = None, model: Optional[nn.Module] = None, optimizer: A
         return engine, ds_optimizer, dataloader, scheduler, None
     accumulate = _accumulation_steps(engine, compression.gradient_accumulation_steps)
     callbacks = prepare_for_engine(
-        engine.module, compression, access=DeepSpeedAccess(engine.optimizer), accumulate=accumulate,
+        engine.module, compression, access=access_for(engine.optimizer), accumulate=accumulate,
         driver=("engine.step()", "pass hands_free=False to slimtorch.deepspeed.initialize"), hands_free=hands_free,
         ranked=ranked)
     if hands_free:
@@ -97,6 +98,9 @@ def rank_before_the_engine(model: nn.Module, compression: Any) -> Optional[Dict[
     float weights here too, so half-precision rounding cannot reorder near-equal weights."""
     if not compression.prunes_in_training:
         return None
+    access = None
+    if any(hasattr(p, "ds_id") for p in model.parameters()):  # built under deepspeed.zero.Init: partitioned already
+        access = ZeRO3Access()
     sp = compression.sparse_pruning
     settings = [g.method for g in compression.structured_groups]
     if compression.pruning_enabled:
@@ -104,7 +108,7 @@ def rank_before_the_engine(model: nn.Module, compression: Any) -> Optional[Dict[
     if "l1" not in settings:
         return None
     try:
-        return rank_at_prepare(plan_training(model, compression).layers)
+        return rank_at_prepare(plan_training(model, compression).layers, access)
     except SlimError:
         return None  # prepare_for_engine raises the same error, on every rank, after the engine exists
 
@@ -134,133 +138,6 @@ def _learned_scores_before_the_engine(model: nn.Module, compression: Any, model_
             f"{' ...' if len(missing) > 3 else ''} that the row/head/channel pruning sections train; they are created "
             "on the model before the engine is built: pass model_parameters=None (DeepSpeed then takes "
             "model.parameters()), or build it after slimtorch.deepspeed.attach_learned_scores(model, config)")
-
-
-class DeepSpeedAccess(ParamAccess):
-    """Gradients and fp32 master weights behind DeepSpeed's optimizer (``engine.optimizer``: ZeRO 0-2, fp32 /
-    fp16 / bf16). Only the optimizer is needed, so the same access serves the Trainer, which keeps the engine."""
-
-    def __init__(self, optimizer: Any):
-        from deepspeed.utils import safe_get_full_grad, safe_set_full_fp32_param
-        self._get_grad, self._set_master = safe_get_full_grad, safe_set_full_fp32_param
-        self._optimizer = optimizer
-        self._flat_masters: Optional[Dict[int, Tensor]] = None
-
-    def grad(self, weight: Tensor) -> Optional[Tensor]:
-        # ZeRO 1/2 (and the bf16 optimizer): only this rank's share of the reduced gradient, zeros elsewhere, so the
-        # scores are partial (see ParamAccess.complete_scores) and no update pays a collective for its gradients
-        try:
-            grad = _gradient_share(weight) if _partitioned(weight) else self._get_grad(weight)
-        except ValueError as exc:  # DeepSpeed's "only available immediately after backward and before step"
-            raise ConfigError(
-                "slimtorch.deepspeed: gradients were read outside the engine's accumulation boundary "
-                f"({exc}); with hands_free=False call callbacks.on_before_optimizer_step() after engine.backward() "
-                "and before engine.step(), once per micro-batch") from None
-        if grad is not None and _grads_are_loss_scaled(self._optimizer):
-            scale = _loss_scale(self._optimizer)
-            if scale and scale != 1.0:
-                grad = grad.float() / scale  # the scores must not move with the dynamic loss scale
-        return grad
-
-    def complete_scores(self, weight: Tensor, scores: Tensor) -> Tensor:
-        if not _partitioned(weight):
-            return scores
-        from deepspeed import comm
-        full = scores.clone()
-        # the ranks' shares are disjoint and zero elsewhere: the sum is exact, so every rank gets the same bits
-        comm.all_reduce(full, group=getattr(weight, "_dp_group", None))
-        return full
-
-    def local_scores(self, weight: Tensor, scores: Tensor) -> Tensor:
-        return _share_of(weight, scores) if _partitioned(weight) else scores
-
-    def update_applied(self) -> Optional[bool]:
-        # what engine.was_step_applied() reports: DeepSpeed's fp16 optimizers set overflow on a skipped update
-        return not bool(getattr(self._optimizer, "overflow", False))
-
-    def masks_applied(self, params: List[Tensor]) -> None:
-        with torch.no_grad():
-            for param in params:
-                if getattr(param, "_hp_mapping", None) is not None:  # ZeRO 1/2, bf16 optimizer
-                    self._set_master(param, param.detach().float())
-                else:
-                    master = self._fp16_masters().get(id(param))  # ZeRO 0 fp16 optimizer
-                    if master is not None:
-                        master.copy_(param.detach().reshape(master.shape))
-
-    def _fp16_masters(self) -> Dict[int, Tensor]:
-        """id(fp16 parameter) -> its view in the fp32 master of DeepSpeed's (ZeRO 0) FP16 optimizers."""
-        if self._flat_masters is None:
-            self._flat_masters = {}
-            optimizer = self._optimizer
-            groups = getattr(optimizer, "fp16_groups", None)
-            if groups is not None and hasattr(optimizer, "fp32_groups_flat"):   # fused: one flat tensor per group
-                for params, flat in zip(groups, optimizer.fp32_groups_flat):
-                    offset = 0
-                    for p in params:
-                        self._flat_masters[id(p)] = flat.data.narrow(0, offset, p.numel()).view(p.shape)
-                        offset += p.numel()
-            elif groups is not None and hasattr(optimizer, "fp32_groups"):    # unfused: one fp32 copy per param
-                for params, masters in zip(groups, optimizer.fp32_groups):
-                    for p, m in zip(params, masters):
-                        self._flat_masters[id(p)] = m.data
-        return self._flat_masters
-
-
-def _partitioned(weight: Tensor) -> bool:
-    """Whether DeepSpeed linked ``weight`` to a partitioned fp32 master (ZeRO 1/2, the bf16 optimizer): each rank
-    then owns a fragment of the flattened weight (``_hp_mapping.lp_fragment_address``; None: no fragment here)."""
-    return hasattr(weight, "_hp_mapping")
-
-
-def _placed(weight: Tensor, fragment: Callable[[int, int], Tensor]) -> Tensor:
-    """A float32 tensor shaped like ``weight``: ``fragment(start, numel)`` (flat) where this rank owns the weight's
-    fragment, zeros elsewhere."""
-    share = torch.zeros(weight.numel(), dtype=torch.float32, device=weight.device)
-    mapping = weight._hp_mapping
-    if mapping is not None:
-        start, numel = mapping.lp_fragment_address.start, mapping.lp_fragment_address.numel
-        share.narrow(0, start, numel).copy_(fragment(start, numel))
-    return share.view(weight.shape)
-
-
-def _share_of(weight: Tensor, full: Tensor) -> Tensor:
-    """This rank's share of a full weight-shaped tensor (e.g. loaded scores)."""
-    return _placed(weight, lambda start, numel: full.reshape(-1).narrow(0, start, numel))
-
-
-def _gradient_share(weight: Tensor) -> Tensor:
-    """This rank's share of ``weight``'s reduced gradient: what ``safe_get_full_grad`` all-reduces, before the
-    all-reduce (its fragment of DeepSpeed's reduced partition; a ``.grad`` already full is cut to the fragment)."""
-    if getattr(weight, "_hp_grad", None) is None and weight.grad is not None:
-        return _share_of(weight, weight.grad)
-
-    def fragment(start: int, numel: int) -> Tensor:
-        values = weight._hp_mapping.get_lp_grad_fragment(weight._index_in_param_group).reshape(-1)
-        # the bf16 optimizer keeps the whole gradient on every rank: take this rank's fragment of it
-        return values.narrow(0, start, numel) if values.numel() == weight.numel() else values
-
-    return _placed(weight, fragment)
-
-
-def _loss_scale(optimizer: Any) -> Optional[float]:
-    """The current loss scale of a DeepSpeed optimizer (1.0 without fp16), as ``engine._get_optimizer_loss_scale``."""
-    config = getattr(optimizer, "loss_scale_config", None)
-    return getattr(config, "cur_scale", None) if config is not None else getattr(optimizer, "cur_scale", None)
-
-
-def _grads_are_loss_scaled(optimizer: Any) -> bool:
-    """Whether the gradients at the boundary still carry the fp16 loss scale.
-
-    ZeRO optimizers scale the loss in ``engine.backward``. DeepSpeed's stage-0 fp16 optimizers scaled it in their
-    own ``backward`` in older releases; since ``ZeROOptimizer.scale_if_loss`` exists (0.19.8 here) the engine
-    scales only through ZeRO optimizers, and the H100 run of benchmarks/deepspeed_pruning.py measured unscaled
-    stage-0 fp16 gradients (scores 1/4096 of the fp32 run's when divided by the scale).
-    """
-    from deepspeed.runtime.base_optimizer import ZeROOptimizer
-    if isinstance(optimizer, ZeROOptimizer):
-        return True
-    return not hasattr(ZeROOptimizer, "scale_if_loss")
 
 
 def drive_from_optimizer_step(optimizer: Any, callbacks: PruningCallbacks) -> None:
@@ -331,18 +208,22 @@ def _config_source(args: Any, config: Any, config_params: Any) -> Tuple[Any, Any
     return given[0][1], args
 
 
-def _check_supported(deepspeed_config: Dict[str, Any], model: nn.Module) -> None:
+def _check_supported(deepspeed_config: Dict[str, Any], model: nn.Module, compression: Any) -> None:
     zero = deepspeed_config.get("zero_optimization") or {}
     stage = zero.get("stage", 0) if isinstance(zero, dict) else 0
-    if stage == 3:
+    topk = [f"{g.technique.section}.different_groups.{g.group}" for g in compression.structured_groups
+            if g.method == "topk"]
+    if stage == 3 and topk:
         raise UnsupportedModelError(
-            "zero_optimization.stage: 3 partitions the parameters across ranks, so slimtorch would compute each "
-            "rank's masks from its own partition; ZeRO-3 is not supported with pruning yet. Use stage 0, 1 or 2")
+            f"compression_training.{topk[0]}: method topk trains a score per row, head or channel as a new "
+            "parameter of the layer, which ZeRO-3 would partition and gather with the layer; topk runs under ZeRO "
+            "stage 0-2 and DDP. Under ZeRO-3 use l1 or a sparse_pruning method (snip_momentum with the 'channelx1' "
+            "or 'head' pattern prunes whole rows or heads)")
     if deepspeed_config.get("managed_gradient_accumulation", True) is False:
         raise UnsupportedModelError(
             "managed_gradient_accumulation: false makes engine.step() reduce the gradients, after the point where "
             "slimtorch reads them; pruning needs the engine-managed accumulation (the default)")
-    refuse_sharded(model)
+    refuse_sharded(model, zero3=stage == 3)
 
 
 def _accumulation_steps(engine: Any, configured: int) -> int:

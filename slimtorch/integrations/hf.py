@@ -100,10 +100,10 @@ class PruningCallback(TrainerCallback):
         else:
             # DeepSpeed's engine steps inside accelerator.backward(), before the Trainer's optimizer events, and
             # keeps the reduced gradients (ZeRO 1/2: in partitions) only until then: pruning rides on the DeepSpeed
-            # optimizer's own step, as in slimtorch.deepspeed.initialize (ZeRO-3 parameters are refused there)
-            from .deepspeed import DeepSpeedAccess, drive_from_optimizer_step
+            # optimizer's own step, as in slimtorch.deepspeed.initialize (ZeRO-3: its partitions, zero3.py)
+            from .deepspeed import access_for, drive_from_optimizer_step
             self.callbacks = prepare_for_engine(
-                model, self.config, access=DeepSpeedAccess(deepspeed_optimizer), accumulate=1, hands_free=True,
+                model, self.config, access=access_for(deepspeed_optimizer), accumulate=1, hands_free=True,
                 driver=("DeepSpeed's optimizer step (Trainer with DeepSpeed)", "train without DeepSpeed"),
                 ranked=self._ranked)
             drive_from_optimizer_step(deepspeed_optimizer, self.callbacks)

@@ -7,13 +7,43 @@ fp32 master copy of every weight that its optimizer steps and copies back. An en
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
+import torch
 from torch import Tensor
+
+
+def full_shape(param: Tensor) -> torch.Size:
+    """The shape of the whole parameter: a DeepSpeed ZeRO-3 parameter's own ``shape`` is empty between forwards
+    (``ds_shape`` holds it); a DTensor's ``shape`` is already the global one."""
+    return getattr(param, "ds_shape", None) or param.shape
+
+
+def shape_only(param: Tensor) -> Tensor:
+    """A meta tensor shaped like the whole ``param``: for planning, which needs shapes, never values."""
+    return torch.empty(full_shape(param), device="meta")
+
+
+def whole(param: Tensor) -> Tensor:
+    """The whole parameter's values, detached: gathered where it is sharded (a collective under FSDP2 and ZeRO-3:
+    every rank must call it)."""
+    if type(param).__name__ == "DTensor":
+        return param.full_tensor().detach()
+    if hasattr(param, "ds_id"):
+        import deepspeed  # only a ZeRO-3 parameter gets here, so DeepSpeed is installed
+
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+            return param.detach().clone()
+    return param.detach()
 
 
 class ParamAccess:
     """Plain PyTorch: ``weight.grad``, and nothing to do after the pruner zeroed weights in place."""
+
+    #: whether the access reads DeepSpeed ZeRO-3's partitioned parameters (refused without one)
+    handles_zero3 = False
+    #: whether parameters are sharded, so topk's scores (new parameters) cannot be added to a layer
+    shards_parameters = False
 
     # A sharded engine (FSDP2) keeps only some rows of each parameter per rank: element-wise work (scores, applying
     # masks) runs on ``local`` tensors; a mask is computed from the ``full`` weight and scores and each rank keeps
@@ -42,9 +72,10 @@ class ParamAccess:
         """Whether the last optimizer step changed the weights (False: skipped on overflow); None: unknown."""
         return None
 
-    def masks_applied(self, params: List[Tensor]) -> None:
-        """Called after pruned entries of ``params`` (weights, biases of pruned rows) were zeroed in place: write
-        them to any other copy of those parameters."""
+    def masks_applied(self, masked: List[Tuple[Tensor, Tensor]]) -> None:
+        """Called after the pruned entries of parameters (weights, biases of pruned rows, followers' scales) were
+        zeroed in place, with each parameter and its keep-mask (shaped like its ``local`` part): zero the same
+        entries in any other copy of those parameters (an engine's fp32 master), keeping the others' values."""
 
     # An engine that partitions gradients (DeepSpeed ZeRO 1/2) may hand out only this rank's share of each gradient,
     # zeros elsewhere. Scores are element-wise, so each rank then keeps a *partial* score that is exact where it owns

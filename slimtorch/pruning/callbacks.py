@@ -67,7 +67,7 @@ def prepare_for_engine(model: nn.Module, config: ConfigSource, *, optimizer: Opt
     so the explicit hooks refuse to be called as well; ``ranked`` holds prepare-time rankings made before the
     engine cast the weights (``pruner.rank_at_prepare``)."""
     model = unwrap(model)  # a torch.compile'd model shares its parameters with the original module
-    refuse_sharded(model)
+    refuse_sharded(model, zero3=access is not None and access.handles_zero3)
     if access is None and is_fsdp2(model):
         access = FSDP2Access()
     cfg = load_config(config)
@@ -82,11 +82,11 @@ def prepare_for_engine(model: nn.Module, config: ConfigSource, *, optimizer: Opt
         if cfg.prunes_in_training:
             plan = plan_training(model, cfg)
             learned = [t.name for t in plan.layers if t.settings.learned]
-            if learned and isinstance(access, FSDP2Access):
+            if learned and access is not None and access.shards_parameters:
                 raise UnsupportedModelError(
                     f"prepare_pruning: {learned[0]!r} uses topk, whose scores would be new parameters of a layer "
-                    "that FSDP2 has already sharded; under FSDP2 use l1 or a sparse_pruning method (topk runs "
-                    "under DDP and DeepSpeed ZeRO 0-2)")
+                    "whose parameters are already sharded (FSDP2, ZeRO-3); there use l1 or a sparse_pruning method "
+                    "(topk runs under DDP and DeepSpeed ZeRO 0-2)")
         else:
             warnings.warn("slimtorch: no compression_training pruning section is enabled (shared_parameters.enabled "
                           "is false); the model will not be pruned", stacklevel=2)

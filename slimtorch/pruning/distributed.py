@@ -9,8 +9,9 @@ every rank at once, so that no rank waits forever in a collective the others nev
 * after every mask update: a fingerprint of the masks (kept weights per layer) is reduced with MIN and MAX; any
   difference means the replicas drifted (e.g. scores built from unsynchronised gradients) and is an error.
 
-FSDP2's sharded parameters (:mod:`.fsdp`) are scored on each rank's shard and masked from whole layers gathered one
-at a time; FSDP1 and ZeRO-3 are refused at prepare time.
+FSDP2's sharded parameters (:mod:`.fsdp`) and DeepSpeed ZeRO-3's partitions (:mod:`slimtorch.integrations.zero3`)
+are scored on each rank's shard and masked from whole layers gathered one at a time; FSDP1 is refused at prepare
+time.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import DistributedError, UnsupportedModelError
+from .access import full_shape
 
 
 def active_world() -> Optional[int]:
@@ -49,8 +51,9 @@ def _is_deepspeed_engine(model: nn.Module) -> bool:
         getattr(model, "module", None), nn.Module)
 
 
-def refuse_sharded(model: nn.Module) -> None:
-    """Refuse the sharded layouts slimtorch does not handle: FSDP1, DeepSpeed ZeRO-3, DTensors other than FSDP2's.
+def refuse_sharded(model: nn.Module, zero3: bool = False) -> None:
+    """Refuse the sharded layouts slimtorch does not handle: FSDP1, DTensors other than FSDP2's, and DeepSpeed ZeRO-3
+    parameters unless ``zero3`` (the engine's own access reads them: :mod:`slimtorch.integrations.zero3`).
 
     FSDP2 (``fully_shard``: DTensor parameters sharded on dim 0 of a 1-D mesh) is handled by :mod:`.fsdp`."""
     for name, module in model.named_modules():
@@ -60,11 +63,12 @@ def refuse_sharded(model: nn.Module) -> None:
                 "(FullyShardedDataParallel), whose flat parameters mix layers; slimtorch supports FSDP2: shard the "
                 "model with torch.distributed.fsdp.fully_shard instead, or prune with DDP or ZeRO stage 0-2")
     for name, param in model.named_parameters():
-        if hasattr(param, "ds_id"):  # deepspeed.zero.Init / ZeRO stage 3 partitions every parameter
+        if hasattr(param, "ds_id") and not zero3:  # deepspeed.zero.Init / ZeRO stage 3 partitions every parameter
             raise UnsupportedModelError(
-                f"prepare_pruning: parameter {name!r} is partitioned by DeepSpeed ZeRO stage 3; masks would be "
-                "computed from each rank's partition. ZeRO-3 is not supported yet: use zero_optimization.stage 0, "
-                "1 or 2 (gradients and optimizer states are still partitioned at stage 2)")
+                f"prepare_pruning: parameter {name!r} is partitioned by DeepSpeed ZeRO stage 3, and only DeepSpeed's "
+                "optimizer knows where its gradient and fp32 master live. Prune through the engine: "
+                "slimtorch.deepspeed.initialize(model=..., config=...) (or the Trainer's PruningCallback), which "
+                "reads them")
     from .fsdp import check_fsdp2_layout
 
     check_fsdp2_layout(model)
@@ -72,7 +76,7 @@ def refuse_sharded(model: nn.Module) -> None:
 
 def plan_signature(layers) -> List[Tuple[str, Tuple[int, ...], str]]:
     """What must agree across ranks: each pruned layer's name, weight shape and resolved settings."""
-    return [(t.name, tuple(t.module.weight.shape), repr(t.settings)) for t in layers]
+    return [(t.name, tuple(full_shape(t.module.weight)), repr(t.settings)) for t in layers]
 
 
 def check_same_plan(layers, failure: Optional[BaseException] = None) -> None:

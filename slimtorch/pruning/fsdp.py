@@ -11,7 +11,7 @@ Memory during a mask update: the shard, plus one layer's full weight, scores and
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -45,6 +45,8 @@ def check_fsdp2_layout(model: nn.Module) -> None:
 
 class FSDP2Access(ParamAccess):
     """Shards of DTensor parameters: local gradients, local scores, full weights and scores gathered on demand."""
+
+    shards_parameters = True
 
     def local(self, tensor: Tensor) -> Tensor:
         return tensor.to_local() if _is_dtensor(tensor) else tensor
@@ -83,5 +85,5 @@ class FSDP2Access(ParamAccess):
     def local_scores(self, weight: Tensor, scores: Tensor) -> Tensor:
         return self.shard_of(weight, scores)
 
-    def masks_applied(self, params: List[Tensor]) -> None:
+    def masks_applied(self, masked: List[Tuple[Tensor, Tensor]]) -> None:
         """The sharded parameters are the optimizer's: nothing else to write."""

@@ -16,7 +16,7 @@ from torch import Tensor
 from ..config.patterns import BlockPattern
 from ..errors import StateDictError
 from . import allocation, criteria, learned, masks
-from .access import ParamAccess
+from .access import ParamAccess, full_shape
 from .distributed import mask_fingerprint
 from .schedules import is_pruning_step, sparsity_at
 from .targets import TargetLayer
@@ -32,7 +32,7 @@ class LayerState:
         self.access = access or ParamAccess()
         # masks and scores are shaped like this rank's part of the weight (the whole weight unless sharded: FSDP2)
         self.mask: Optional[Tensor] = None       # bool, weight's (local) shape; None = not pruned yet
-        self.bias_mask: Optional[Tensor] = None  # bool [out] (local), only for whole-row patterns
+        self.bias_mask: Optional[Tensor] = None  # bool [out] (whole: it is small), only for whole-row patterns
         self.fingerprint_of_full: Optional[Tuple[float, float]] = None  # of the whole mask, where it is sharded
         self.state: Optional[Tensor] = None      # criterion state (float32), e.g. snip_momentum's S
         self._cast: Optional[Tensor] = None      # mask in the weight's dtype, for a fused multiply
@@ -89,9 +89,7 @@ class LayerState:
         self.fingerprint_of_full = mask_fingerprint(full) if self.mask is not full else None
         self.bias_mask = None
         if isinstance(s.pattern, BlockPattern) and s.pattern.prunes_rows:
-            bias = getattr(self.target.module, "bias", None)
-            rows = keep.all(dim=1)
-            self.bias_mask = rows if bias is None else self.access.shard_of(bias, rows)
+            self.bias_mask = keep.all(dim=1)
         self._cast = None
 
     def full_mask(self) -> Optional[Tensor]:
@@ -209,7 +207,7 @@ class Pruner:
                     # a global group's N:M units were counted cheapest-first, so the layer drops those same groups
                     scores = matrices.pop(id(layer)) if id(layer) in matrices else self._score_matrix(layer)
                     keep = masks.compute_mask(scores, s.pattern, target, "cheapest" if s.is_global else "clearest")
-                    full = masks.from_matrix(keep, weight.shape, layer.target.layout)
+                    full = masks.from_matrix(keep, full_shape(weight), layer.target.layout)
                 layer.set_mask(full, keep)
                 if step >= s.end_step:
                     layer.state = layer._spare = None  # the schedule is over: the mask is final
@@ -253,6 +251,7 @@ class Pruner:
         active = [l for l in self.layers if l.mask is not None]
         if not active:
             return
+        changed: List[Tuple[Tensor, Tensor]] = []  # (parameter, its local keep-mask), for the engine's copies
         with torch.no_grad():
             by_dtype: Dict[Tuple[torch.device, torch.dtype], Tuple[List[Tensor], List[Tensor]]] = defaultdict(
                 lambda: ([], []))
@@ -261,24 +260,17 @@ class Pruner:
                 weights, ms = by_dtype[(cast.device, cast.dtype)]
                 weights.append(layer.local_weight)
                 ms.append(cast)
+                changed.append((layer.weight, layer.mask))
+                if layer.bias_mask is None:
+                    continue
                 bias = getattr(layer.target.module, "bias", None)
-                if layer.bias_mask is not None and bias is not None:
-                    bias = self.access.local(bias)
-                    bias.mul_(layer.bias_mask.to(device=bias.device, dtype=bias.dtype))
-                if layer.bias_mask is not None:
-                    _mask_followers(layer)
+                followers = [p for _, norm in layer.target.followers for p in (norm.weight, norm.bias)]
+                for param in [bias] + followers:  # a follower's scale and shift go with the layer's rows
+                    if param is not None:
+                        changed.append((param, _mask_rows(layer, param)))
             for weights, ms in by_dtype.values():
                 torch._foreach_mul_(weights, ms)
-        changed = [l.weight for l in active]
-        changed += [l.target.module.bias for l in active
-                    if l.bias_mask is not None and getattr(l.target.module, "bias", None) is not None]
-        changed += [p for l in active if l.bias_mask is not None for _, norm in l.target.followers
-                    for p in (norm.weight, norm.bias) if p is not None]
         self.access.masks_applied(changed)
-
-    def _full_bias_mask(self, layer: LayerState) -> Tensor:
-        bias = getattr(layer.target.module, "bias", None)
-        return layer.bias_mask if bias is None else self.access.gather(bias, layer.bias_mask)
 
     def _score_matrix(self, layer: LayerState) -> Tensor:
         """The layer's (complete) element scores in the ``[out, reduction]`` matrix view."""
@@ -294,10 +286,10 @@ class Pruner:
             "version": STATE_VERSION,
             "layers": {
                 l.name: {
-                    "shape": tuple(l.weight.shape),
+                    "shape": tuple(full_shape(l.weight)),
                     "pattern": str(l.target.settings.pattern),
                     "mask": None if l.mask is None else l.full_mask().clone(),
-                    "bias_mask": None if l.bias_mask is None else self._full_bias_mask(l).clone(),
+                    "bias_mask": None if l.bias_mask is None else l.bias_mask.clone(),
                     "state": None if l.state is None else self.access.complete_scores(l.weight, l.state).clone(),
                     "ranked": None if l.ranked is None else l.ranked.clone(),
                     # topk: the scores are the model's parameters; whether forward masking has begun is ours
@@ -320,18 +312,16 @@ class Pruner:
         for name, entry in saved.items():
             layer = ours[name]
             pattern = str(layer.target.settings.pattern)
-            if tuple(entry["shape"]) != tuple(layer.weight.shape) or entry["pattern"] != pattern:
+            shape = tuple(full_shape(layer.weight))
+            if tuple(entry["shape"]) != shape or entry["pattern"] != pattern:
                 raise StateDictError(f"layer {name!r}: saved shape {tuple(entry['shape'])} / pattern "
                                      f"{entry['pattern']!r}"
-                                     f" differ from the model's {tuple(layer.weight.shape)} / "
+                                     f" differ from the model's {shape} / "
                                      f"{layer.target.settings.pattern}")
             device = layer.weight.device
             layer.mask = None if entry["mask"] is None else self.access.shard_of(layer.weight,
                                                                                   entry["mask"].to(device).clone())
-            bias = getattr(layer.target.module, "bias", None)
-            layer.bias_mask = None if entry["bias_mask"] is None else (
-                entry["bias_mask"].to(device).clone() if bias is None else
-                self.access.shard_of(bias, entry["bias_mask"].to(device).clone()))
+            layer.bias_mask = None if entry["bias_mask"] is None else entry["bias_mask"].to(device).clone()
             layer.fingerprint_of_full = None
             layer.state = (None if entry["state"] is None
                            else self.access.local_scores(layer.weight, entry["state"].to(device).clone()))
@@ -347,23 +337,23 @@ class Pruner:
 
 
 
-def _mask_followers(layer: LayerState) -> None:
-    """Zero the scale and shift of the BatchNorm channels that follow the layer's pruned output channels
-    (channel_pruning's related BatchNorms): the pruned channels then carry nothing, in training as after it."""
-    for _, norm in layer.target.followers:
-        for param in (norm.weight, norm.bias):
-            if param is not None:
-                param = layer.access.local(param)
-                param.mul_(layer.bias_mask.to(device=param.device, dtype=param.dtype))
+def _mask_rows(layer: LayerState, param: Tensor) -> Tensor:
+    """Zero the entries of a per-row ``param`` (the layer's bias; the scale and shift of channel_pruning's related
+    BatchNorms, so pruned channels carry nothing in training as after it) whose rows the layer prunes, in place on
+    this rank's part; returns that part's keep-mask."""
+    local = layer.access.local(param)
+    keep = layer.access.shard_of(param, layer.bias_mask.to(local.device))
+    local.mul_(keep.to(local.dtype))
+    return keep
 
 
-def rank_at_prepare(layers: List[TargetLayer]) -> Dict[str, Tensor]:
+def rank_at_prepare(layers: List[TargetLayer], access: Optional[ParamAccess] = None) -> Dict[str, Tensor]:
     """The prepare-time keep-masks of the layers that rank once (DeepSpeed's l1), by name.
 
     An engine that casts the weights (DeepSpeed fp16/bf16) calls this on the float model first, as DeepSpeed's own
     ``init_compression`` ranks before its engine exists, and hands the result to :class:`Pruner`.
     """
-    return {t.name: LayerState(t).ranked for t in layers if t.settings.ranks_at_prepare}
+    return {t.name: LayerState(t, access=access).ranked for t in layers if t.settings.ranks_at_prepare}
 
 
 def _global_groups(layers: List[LayerState]) -> Dict[Optional[str], List[LayerState]]:

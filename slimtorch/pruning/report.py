@@ -9,6 +9,7 @@ from torch import nn
 
 from ..config.patterns import NMPattern
 from . import masks
+from .access import whole
 from .distributed import unwrap
 from .registry import is_active, learned_masks_of, masks_of, plan_of
 from .targets import layer_layout, supported_layers
@@ -102,8 +103,8 @@ def _numel(shape) -> int:
 
 
 def sparsity_report(model: nn.Module) -> SparsityReport:
-    """Per-layer sparsity of every Linear / Conv1d / Conv2d / Conv1D of ``model`` (under FSDP2 a collective: call it
-    on every rank).
+    """Per-layer sparsity of every Linear / Conv1d / Conv2d / Conv1D of ``model`` (under FSDP2 and ZeRO-3 a
+    collective: call it on every rank).
 
     For layers pruned by slimtorch (active or finalized callbacks) it also gives the pattern, the final target and
     whether the pattern holds: on the live mask while callbacks are active, else on the weights' zeros (a kept
@@ -118,9 +119,7 @@ def sparsity_report(model: nn.Module) -> SparsityReport:
     plan_is_active = is_active(model)
     rows = []
     for name, module in supported_layers(model):
-        weight = module.weight.detach()
-        if type(weight).__name__ == "DTensor":  # FSDP2: the whole weight (every rank must call the report)
-            weight = weight.full_tensor()
+        weight = whole(module.weight)  # FSDP2, ZeRO-3: gathered (every rank must call the report)
         sparsity = (weight == 0).sum().item() / weight.numel() if weight.numel() else 0.0
         target = targets.get(name)
         if target is None:

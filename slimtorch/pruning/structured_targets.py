@@ -23,6 +23,7 @@ from ..config.schema import CompressionConfig, PruningSettings
 from ..config.structured_schema import StructuredSettings
 from ..errors import ConfigError, PatternShapeError, SlimError
 from . import learned
+from .access import full_shape, shape_only
 from .targets import (
     LeftOut,
     TargetLayer,
@@ -88,10 +89,11 @@ def _pair_batchnorms(targets: List[TargetLayer], group, modules: Dict[str, nn.Mo
                     "one")
             for target, name in zip(targets, norms):
                 conv, norm = target.module, modules[name]
-                if norm.num_features != conv.weight.shape[0]:
+                channels = full_shape(conv.weight)[0]
+                if norm.num_features != channels:
                     raise ConfigError(
                         f"{where}.related_modules[{i}][{j}]: {name!r} ({norm.num_features} channels) is paired with "
-                        f"{target.name!r} ({conv.weight.shape[0]} output channels) by position; they must have the "
+                        f"{target.name!r} ({channels} output channels) by position; they must have the "
                         "same width. Reorder or narrow the patterns")
                 target.followers.append((name, norm))
 
@@ -99,7 +101,7 @@ def _pair_batchnorms(targets: List[TargetLayer], group, modules: Dict[str, nn.Mo
 def _target(name: str, module: nn.Module, s: StructuredSettings, where: str) -> TargetLayer:
     layout, in_per_group = layer_layout(module)
     if s.technique.unit == "head":
-        width = masks.to_matrix(module.weight, layout).shape[1]
+        width = masks.to_matrix(shape_only(module.weight), layout).shape[1]
         if width % s.num_heads:
             raise PatternShapeError(
                 f"{where}: {name!r} has {width} input features, not a multiple of num_heads {s.num_heads}; "

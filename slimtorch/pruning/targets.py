@@ -23,6 +23,7 @@ from ..config.patterns import HeadBlocks, HeadPattern
 from ..config.schema import PruningSettings, SparsePruningConfig
 from ..errors import ConfigError, NothingToPruneError, PatternShapeError
 from . import masks
+from .access import full_shape, shape_only
 from .heads import head_unit_width
 
 SP_PATH = "compression_training.sparse_pruning"
@@ -77,7 +78,7 @@ LAYER_KINDS: Dict[str, LayerKind] = {
     "Conv1d": LayerKind(lambda m: isinstance(m, nn.Conv1d), masks.CONV, lambda m: m.in_channels // m.groups),
     "Conv2d": LayerKind(lambda m: isinstance(m, nn.Conv2d), masks.CONV, lambda m: m.in_channels // m.groups),
     # Conv1D stores [in, out]
-    "Conv1D": LayerKind(_is_transformers_conv1d, masks.TRANSPOSED, lambda m: m.weight.shape[0]),
+    "Conv1D": LayerKind(_is_transformers_conv1d, masks.TRANSPOSED, lambda m: full_shape(m.weight)[0]),
 }
 
 
@@ -197,20 +198,20 @@ def plan_targets(model: nn.Module, config: SparsePruningConfig) -> TargetPlan:
             continue
         settings = config.settings_for(group)
         layout, in_per_group = layer_layout(module)
-        matrix = masks.to_matrix(module.weight, layout)
+        matrix = masks.to_matrix(shape_only(module.weight), layout)  # shapes only: the weight may be sharded
         if isinstance(settings.pattern, HeadPattern):
             width, why = head_unit_width(model, name, matrix.shape[1])
             if width is None:
                 where = f"different_groups.{group}" if group else "shared_parameters"
                 raise PatternShapeError(f"{SP_PATH}.{where}.pattern: 'head' on {name!r} (weight "
-                                        f"{tuple(module.weight.shape)}): {why}")
+                                        f"{tuple(full_shape(module.weight))}): {why}")
             settings = dataclasses.replace(settings, pattern=HeadBlocks(None, width))
         problem = masks.fit_problem(settings.pattern, matrix.shape[0], matrix.shape[1], in_per_group)
         if problem:
             where = f"different_groups.{group}.modules" if group else "shared_parameters.modules"
             if chosen_by and _names_exactly(chosen_by, name):
                 raise PatternShapeError(
-                    f"{SP_PATH}.{where}: layer {name!r} (weight {tuple(module.weight.shape)}) cannot hold its "
+                    f"{SP_PATH}.{where}: layer {name!r} (weight {tuple(full_shape(module.weight))}) cannot hold its "
                     f"pattern: {problem}. Choose a pattern that divides its shape or remove it from {where}"
                 )
             plan.left_out.append(LeftOut(name, f"shape does not fit: {problem}"))

@@ -217,29 +217,31 @@ def resume(rank: int, world: int, init_file: str, out_dir: str, resume_at: int) 
         W._close()
 
 
-def memory(rank: int, world: int, init_file: str, out_dir: str, num_layers: int) -> None:
-    """A 16-layer tiny Llama under FSDP2: how many layers' whole tensors (gathered weights, scores, masks) are alive
-    at once during the mask updates, and the most bytes they hold, beside the shard each rank keeps."""
+def track_whole_tensors(access_cls):
+    """Count every whole tensor ``access_cls.full`` and ``.gather`` hand out while it is alive: the most layers with
+    one alive at once and the most bytes they hold (the returned dict fills in as the run goes)."""
     import weakref
-
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    from slimtorch.pruning.fsdp import FSDP2Access
 
     alive = {}  # id(param) -> number of its whole tensors alive
     peak = {"layers": 0, "bytes": 0, "now": 0}
 
+    storages = set()  # a tensor counted once, however many tracked methods hand it on (full() may call gather())
+
     def track(method):
         def wrapped(self, param, *args):
             out = method(self, param, *args)
-            key, size = id(param), out.numel() * out.element_size()
+            storage = out.untyped_storage().data_ptr()
+            if storage in storages:
+                return out
+            storages.add(storage)
+            key, size = id(param), out.untyped_storage().nbytes()
             alive[key] = alive.get(key, 0) + 1
             peak["now"] += size
             peak["layers"] = max(peak["layers"], len(alive))
             peak["bytes"] = max(peak["bytes"], peak["now"])
 
             def gone():
+                storages.discard(storage)
                 alive[key] -= 1
                 peak["now"] -= size
                 if not alive[key]:
@@ -248,8 +250,20 @@ def memory(rank: int, world: int, init_file: str, out_dir: str, num_layers: int)
             return out
         return wrapped
 
-    FSDP2Access.full = track(FSDP2Access.full)
-    FSDP2Access.gather = track(FSDP2Access.gather)
+    access_cls.full = track(access_cls.full)
+    access_cls.gather = track(access_cls.gather)
+    return peak
+
+
+def memory(rank: int, world: int, init_file: str, out_dir: str, num_layers: int) -> None:
+    """A 16-layer tiny Llama under FSDP2: how many layers' whole tensors (gathered weights, scores, masks) are alive
+    at once during the mask updates, and the most bytes they hold, beside the shard each rank keeps."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from slimtorch.pruning.fsdp import FSDP2Access
+
+    peak = track_whole_tensors(FSDP2Access)
     W._init(rank, world, init_file)
     try:
         mesh = init_device_mesh("cpu", (world,))

@@ -129,12 +129,17 @@ def test_conflicting_gradient_accumulation_is_an_error_on_every_rank(tmp_path):
                                "gradient_accumulation_steps is 4 but the DeepSpeed engine accumulates 2"), text
 
 
-def test_zero_3_is_refused_before_deepspeed_builds_anything():
-    model = W.digits_cnn()
+def test_topk_under_zero_3_is_refused_before_deepspeed_builds_anything():
+    """topk's scores would be new parameters of layers ZeRO-3 partitions: refused before the engine (and before the
+    scores are attached), so the model is untouched; sparse_pruning methods and l1 run under ZeRO-3 (test_zero3)."""
+    from tests.distributed import _fsdp_workers as F
+
+    model = F.build("bert")
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    cfg = D.ds_config(3)
-    with pytest.raises(st.UnsupportedModelError, match=r"zero_optimization.stage: 3 .* Use stage 0, 1 or 2"):
-        st.deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+    cfg = {**D.ds_config(3), "compression_training": F.TOPK["compression_training"]}
+    with pytest.raises(st.UnsupportedModelError, match=r"row_pruning.different_groups.rp1: method topk .* ZeRO-3"):
+        st.deepspeed.initialize(model=model, config=cfg)
+    assert model.state_dict().keys() == before.keys()  # no scores were attached
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
@@ -173,7 +178,7 @@ def test_zero_3_partitioned_parameters_are_refused_at_prepare():
     model = W.digits_cnn()
     for p in model.parameters():
         p.ds_id = 0
-    with pytest.raises(st.UnsupportedModelError, match="partitioned by DeepSpeed ZeRO stage 3"):
+    with pytest.raises(st.UnsupportedModelError, match="partitioned by DeepSpeed ZeRO stage 3.*through the engine"):
         st.prepare_pruning(model, W.config())
 
 

@@ -1,0 +1,107 @@
+"""slimtorch.deepspeed.initialize under DeepSpeed ZeRO stage 3 (parameters partitioned): 2 CPU ranks, gloo."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests._multiproc import WORLD, spawn
+from tests.distributed import _fsdp_workers as F
+
+pytest.importorskip("deepspeed")
+
+from tests.integrations import _zero3_workers as Z  # noqa: E402  (needs DeepSpeed)
+
+
+def _ranks(tmp_path):
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+@pytest.mark.parametrize("arch,pattern,persistence", [
+    ("llama", "2:4", 100000),  # DeepSpeed's default: every tiny-Llama parameter stays whole between forwards
+    ("llama", "4x1", 0),       # every parameter partitioned
+    pytest.param("minilm", "2:4", 100000, marks=pytest.mark.slow),
+    pytest.param("minilm", "4x1", 100000, marks=pytest.mark.slow),
+])
+def test_zero3_masks_match_one_process_and_checkpoints_hold_the_zeros(arch, pattern, persistence, tmp_path):
+    """Every rank on the whole global batch (ZeRO-3's averaged gradient is then one process's): whole masks after
+    every update bitwise one process's, on both ranks; each rank keeps its slice; the engine's 16-bit model and
+    zero_to_fp32's consolidation hold exactly the pruned zeros."""
+    spawn(Z.train, tmp_path, arch, pattern, True, persistence, timeout=600)
+    ranks = _ranks(tmp_path)
+    one, weights = F.one_process(arch, pattern)
+    for update, (a, b, o) in enumerate(zip(ranks[0]["steps"], ranks[1]["steps"], one)):
+        assert a.keys() == b.keys() == o.keys() and o, update
+        for name in o:
+            assert torch.equal(a[name], b[name]), (update, name)
+            assert torch.equal(a[name], o[name]), (update, name)
+    for name, (local, whole) in ranks[0]["local"].items():
+        assert local == -(-whole // WORLD), name  # a rank holds its flat slice of each mask
+    assert all(valid for _, p, _, valid in ranks[0]["report"] if p is not None)
+    final = one[-1]
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    for saved in (torch.load(tmp_path / "16bit" / "model.bin", weights_only=True),
+                  get_fp32_state_dict_from_zero_checkpoint(str(tmp_path / "ckpt"), tag="end")):
+        for layer, mask in final.items():
+            weight = saved[f"{layer}.weight"]
+            assert torch.equal(weight != 0, mask), layer  # zeros exactly where pruned
+        for key, value in weights.items():
+            if key in saved:
+                torch.testing.assert_close(saved[key].float(), value, rtol=1e-5, atol=1e-6)
+
+
+def test_zero3_with_split_batches_keeps_the_ranks_identical(tmp_path):
+    """Each rank on its half of the global batch: ZeRO-3 averages the halves' gradients, which is not one process's
+    arithmetic, so masks are equal across ranks after every update and nearly one process's (near-ties)."""
+    spawn(Z.train, tmp_path, "llama", "2:4", False, 0, timeout=600)
+    ranks = _ranks(tmp_path)
+    one, _ = F.one_process("llama", "2:4")
+    differing = total = 0
+    for a, b, o in zip(ranks[0]["steps"], ranks[1]["steps"], one):
+        for name in o:
+            assert torch.equal(a[name], b[name]), name
+            differing += int((a[name] != o[name]).sum())
+            total += o[name].numel()
+    assert differing <= 1e-3 * total, (differing, total)
+    assert all(valid for _, p, _, valid in ranks[0]["report"] if p is not None)
+
+
+def test_zero3_resumes_bitwise_from_the_engines_checkpoint(tmp_path):
+    """engine.save_checkpoint after 3 updates (mid-schedule: masks are recomputed at 0, 2, 4 and 6) carries the
+    pruning state in its client_state; a fresh engine that loads it continues bitwise as the uninterrupted run."""
+    spawn(Z.resume, tmp_path, 3, timeout=600)
+    for rank in range(WORLD):
+        run = torch.load(tmp_path / f"rank{rank}.pt")
+        straight, resumed = run["straight"], run["resumed"]
+        assert straight["masks"] and straight["masks"].keys() == resumed["masks"].keys()
+        for name, mask in straight["masks"].items():
+            assert torch.equal(mask, resumed["masks"][name]), (rank, name)
+        if rank == 0:
+            for name, mask in straight["masks"].items():
+                assert torch.equal(straight["weights"][f"{name}.weight"] != 0, mask), name
+            for key, value in straight["weights"].items():
+                assert torch.equal(value, resumed["weights"][key]), key
+
+
+def test_a_zero3_mask_update_holds_one_layer_whole_at_a_time(tmp_path):
+    """Beside its partition, a rank holds during a mask update the whole weight and scores of one layer at a time,
+    never more: counted on every whole tensor the ZeRO-3 access gathers, on a 16-layer tiny Llama."""
+    spawn(Z.memory, tmp_path, 16, timeout=600)
+    for rank in range(WORLD):
+        m = torch.load(tmp_path / f"rank{rank}.pt")
+        assert m["layers"] == 16 * 7
+        assert m["peak_layers"] == 1, m
+        assert m["peak_bytes"] <= 2 * m["largest_layer_bytes"], m  # weight + scores, float32
+        print(f"rank {rank}: partition {m['shard_bytes'] / 1e6:.2f} MB; at most {m['peak_bytes'] / 1e6:.3f} MB of "
+              f"whole tensors during mask updates (largest layer {m['largest_layer_bytes'] / 1e6:.3f} MB)")
+
+
+def test_what_zero3_cannot_serve_is_refused_on_every_rank(tmp_path):
+    spawn(Z.refusals, tmp_path, timeout=600)
+    for rank in range(WORLD):
+        topk, plain, mismatched = (tmp_path / f"rank{rank}.txt").read_text().split("\n")
+        assert topk.startswith("UnsupportedModelError: compression_training.row_pruning.different_groups.rp1: "
+                               "method topk"), topk
+        assert plain.startswith("UnsupportedModelError: prepare_pruning: parameter "), plain
+        assert "slimtorch.deepspeed.initialize" in plain, plain
+        assert mismatched.startswith("DistributedError: prepare_pruning: rank 1 would prune other layers"), mismatched
