@@ -14,7 +14,10 @@ GLOBAL = 8  # sequences per update (F.batches)
 
 def ds_config(micro_batch: int, **zero):
     return {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": 1,
-            "zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True, **zero},
+            # memory_efficient_linear (DeepSpeed's default: on) computes Linear layers with a bias as a matmul then an
+            # add, whose rounding differs from F.linear's fused addmm: off, the forward is one process's
+            "zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True,
+                                  "memory_efficient_linear": False, **zero},
             "gradient_clipping": 0.0,  # DeepSpeed 0.19 clips at 1.0 unless told; one process does not
             "zero_allow_untested_optimizer": True, "steps_per_print": 10 ** 6, "wall_clock_breakdown": False}
 

@@ -386,6 +386,7 @@ DEEPSPEED_SCRIPT = """
 import os, sys, torch
 sys.path[:0] = [{root!r}]
 from deepspeed.utils import safe_get_full_fp32_param
+from slimtorch.pruning.access import whole
 from tests.integrations.test_hf import make_trainer, tiny_bert, prune_config, PruningCallback
 out = {out!r}
 ds = {{"zero_optimization": {{"stage": {stage}}}, "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
@@ -394,27 +395,32 @@ model = tiny_bert()
 cb = PruningCallback(prune_config(start_step=2, end_step=8, frequency=2), finalize_at_end=False)
 trainer = make_trainer(model, out, [cb], max_steps=10, per_device_train_batch_size=4, gradient_accumulation_steps=2,
                        deepspeed=ds, save_strategy="steps", save_steps=5)
-trainer.train()
-master = {{n: safe_get_full_fp32_param(p) for n, p in model.named_parameters()}}  # collective: every rank
-torch.save({{"masks": {{l.name: l.mask for l in cb.callbacks.pruner.layers}}, "weights": model.state_dict(),
+trainer.train(resume_from_checkpoint={resume!r})
+# collectives (every rank): DeepSpeed's fp32 master, whole masks and weights (ZeRO-3 partitions them)
+master = {{n: safe_get_full_fp32_param(p) for n, p in model.named_parameters()}}
+masks = {{l.name: l.full_mask() for l in cb.callbacks.pruner.layers}}
+weights = {{n: whole(p).clone() for n, p in model.named_parameters()}}
+torch.save({{"masks": masks, "weights": weights,
             "master": {{n: m for n, m in master.items() if m is not None}}, "step": cb.step,
-            "global_step": trainer.state.global_step, "wrapper": type(trainer.model_wrapped).__name__}},
-           os.path.join(out, f"rank{{torch.distributed.get_rank()}}.pt"))
+            "global_step": trainer.state.global_step, "wrapper": type(trainer.model_wrapped).__name__,
+            "access": type(cb.callbacks.pruner.access).__name__}},
+           os.path.join(out, f"{tag}rank{{torch.distributed.get_rank()}}.pt"))
 torch.distributed.barrier()  # the Trainer leaves the group up: end both ranks together, or gloo's threads can
 torch.distributed.destroy_process_group()  # abort ("terminate called") in whichever rank exits last
 """
 
 
-@pytest.mark.parametrize("stage", [0, 2])
+@pytest.mark.parametrize("stage", [0, 2, 3])
 def test_deepspeed_trainer_prunes_alike_on_every_rank(tmp_path, stage):
     pytest.importorskip("deepspeed")
     # a real 2-process DeepSpeed Trainer on CPU (gloo) under torchrun; gradient accumulation 2, checkpoints at 5, 10
     script = tmp_path / "train.py"
-    script.write_text(DEEPSPEED_SCRIPT.format(root=str(ROOT), out=str(tmp_path), stage=stage))
+    script.write_text(DEEPSPEED_SCRIPT.format(root=str(ROOT), out=str(tmp_path), stage=stage, resume=None, tag=""))
     done = torchrun(script, timeout=400, env={"HF_HUB_OFFLINE": "1", "DS_BUILD_OPS": "0"})
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     assert rank0["wrapper"] == "DeepSpeedEngine"
+    assert rank0["access"] == ("ZeRO3Access" if stage == 3 else "DeepSpeedAccess")
     assert rank0["step"] == rank1["step"] == rank0["global_step"] == 10  # one count per DeepSpeed update
     assert sorted(rank0["masks"]) == sorted(TARGETS)
     for name, mask in rank0["masks"].items():
@@ -423,9 +429,22 @@ def test_deepspeed_trainer_prunes_alike_on_every_rank(tmp_path, stage):
         assert rank0["weights"][f"{name}.weight"][~mask].eq(0).all(), name
     for key, value in rank0["weights"].items():
         assert torch.equal(value, rank1["weights"][key]), key
-    if stage == 2:  # DeepSpeed's fp32 master copy holds the same zeros (what its checkpoints keep)
+    if stage >= 2:  # DeepSpeed's fp32 master copy holds the same zeros (what its checkpoints keep)
         assert rank0["master"].keys() and all(torch.equal(m, rank0["weights"][n]) for n, m in rank0["master"].items())
     assert all((tmp_path / f"checkpoint-{n}" / STATE_FILE).is_file() for n in (5, 10))
+    if stage != 3:
+        return
+    # resume from the Trainer's checkpoint-5 (mid-schedule: masks at 2, 4, 6, 8): the rest is bitwise the same run
+    script.write_text(DEEPSPEED_SCRIPT.format(root=str(ROOT), out=str(tmp_path), stage=stage,
+                                              resume=str(tmp_path / "checkpoint-5"), tag="resumed-"))
+    done = torchrun(script, timeout=400, env={"HF_HUB_OFFLINE": "1", "DS_BUILD_OPS": "0"})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    resumed = torch.load(tmp_path / "resumed-rank0.pt")
+    assert resumed["step"] == 10
+    for name, mask in rank0["masks"].items():
+        assert torch.equal(mask, resumed["masks"][name]), name
+    for key, value in rank0["weights"].items():
+        assert torch.equal(value, resumed["weights"][key]), key
 
 
 DDP_SCRIPT = """
