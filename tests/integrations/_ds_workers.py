@@ -130,8 +130,9 @@ def gradient_accumulation_mismatch(rank: int, world: int, init_file: str, out_di
 
 
 def l1_in_bf16(rank: int, world: int, init_file: str, out_dir: str, stage: int) -> None:
-    """DeepSpeed's l1 config under a bf16 engine: save this rank's mask of the digits CNN's hidden Linear and the
-    float weights it started from (the engine casts the model to bf16 before any step)."""
+    """DeepSpeed's l1 config under a bf16 engine: save the whole mask of the digits CNN's hidden Linear, the float
+    weights it started from (the engine casts the model to bf16 before any step) and the fp32 master after 2
+    updates (masks applied at the first)."""
     _init(rank, world, init_file)
     try:
         x, y = W.digits_tensors()
@@ -149,7 +150,11 @@ def l1_in_bf16(rank: int, world: int, init_file: str, out_dir: str, stage: int) 
             xb, yb = _micro_batches(rank, world, 1, update, x, y)[0]
             engine.backward(nn.functional.cross_entropy(engine(xb.to(torch.bfloat16)).float(), yb))
             engine.step()
-        torch.save({"mask": cb.pruner.layers[0].mask.cpu(), "start": start,
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        layer = cb.pruner.layers[0]
+        torch.save({"mask": layer.full_mask().cpu(), "start": start,  # whole mask: a collective under ZeRO-3
+                    "master": safe_get_full_fp32_param(layer.weight).cpu(),  # a collective too
                     "dtype": str(engine.module.get_submodule("6").weight.dtype)}, f"{out_dir}/rank{rank}.pt")
     finally:
         W._close()

@@ -148,3 +148,41 @@ def refusals(rank: int, world: int, init_file: str, out_dir: str) -> None:
             f.write("\n".join(outcomes))
     finally:
         D.W._close()
+
+
+L1 = {"compression_training": {"sparse_pruning": {
+    "shared_parameters": {"enabled": True, "method": "l1", "schedule_offset": 1},
+    "different_groups": {"mlp": {"params": {"dense_ratio": 0.5}, "modules": ["mlp.up_proj"]}}}}}
+
+
+def zero_init(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    """The tiny Llama partitioned by ``deepspeed.zero.Init`` before slimtorch sees it (as ``from_pretrained`` does
+    under a ZeRO-3 Trainer), pruned by DeepSpeed's l1: the whole weights it started from, the whole masks after 3
+    updates and the engine's 16-bit model."""
+    import deepspeed
+
+    from slimtorch.pruning.access import whole
+    from tests.llm.tiny_models import tiny_llama
+
+    D._init(rank, world, init_file)
+    try:
+        config = {**ds_config(GLOBAL // world), **L1}
+        torch.manual_seed(0)
+        model = tiny_llama(0, num_hidden_layers=4).train()
+        start = {n: p.detach().clone() for n, p in model.named_parameters() if "up_proj" in n}
+        deepspeed.zero.Init(module=model, config_dict_or_path=ds_config(GLOBAL // world))  # partitions in place
+        partitioned = all(p.shape.numel() == 0 for p in model.parameters())
+        gathered = {n: whole(p).clone() for n, p in model.named_parameters() if "up_proj" in n}  # collectives
+        assert all(torch.equal(gathered[n], w) for n, w in start.items())
+        opt = torch.optim.SGD(model.parameters(), lr=F.LR)
+        eng, _, _, _, cb = st.deepspeed.initialize(model=model, optimizer=opt, config=config,
+                                                   dist_init_required=False)
+        for batch in F.batches("llama")[:3]:
+            eng.backward(F.loss_of(eng, F.share(batch, rank, world), "llama"))
+            eng.step()
+        masks = _whole_masks(cb)
+        eng.save_16bit_model(f"{out_dir}/16bit", "model.bin")
+        cb.finalize()
+        torch.save({"partitioned": partitioned, "start": start, "masks": masks}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        D.W._close()

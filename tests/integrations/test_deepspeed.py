@@ -183,12 +183,15 @@ def test_zero_3_partitioned_parameters_are_refused_at_prepare():
 
 
 @pytest.mark.slow
-def test_l1_under_a_bf16_engine_ranks_the_float_weights_as_deepspeed_does(tmp_path):
+@pytest.mark.parametrize("stage", [2, 3])
+def test_l1_under_a_bf16_engine_ranks_the_float_weights_as_deepspeed_does(tmp_path, stage):
     """DeepSpeed's init_compression ranks |w| before its engine casts the model; slimtorch ranks the float weights
-    before deepspeed.initialize too, so bf16 rounding (which reorders near-equal weights) changes nothing."""
+    before deepspeed.initialize too, so bf16 rounding (which reorders near-equal weights) changes nothing. The fp32
+    master holds the zeros, and its kept weights keep their fp32 values (masking multiplies the master; writing the
+    bf16 weights into it would round them)."""
     from tests.reference.protocol import ceil_top_k
 
-    tmp = spawn(D.l1_in_bf16, tmp_path, 2)
+    tmp = spawn(D.l1_in_bf16, tmp_path, stage)
     ranks = [torch.load(tmp / f"rank{r}.pt") for r in range(2)]
     assert ranks[0]["dtype"] == "torch.bfloat16"
     assert torch.equal(ranks[0]["mask"], ranks[1]["mask"])
@@ -197,6 +200,10 @@ def test_l1_under_a_bf16_engine_ranks_the_float_weights_as_deepspeed_does(tmp_pa
     assert torch.equal(ranks[0]["mask"], ceil_top_k(start, 0.3))
     # ranking the cast weights would differ
     assert not torch.equal(ceil_top_k(start, 0.3), ceil_top_k(start.to(torch.bfloat16), 0.3))
+    master, mask = ranks[0]["master"], ranks[0]["mask"]
+    assert torch.equal(master != 0, mask)
+    kept = master[mask]
+    assert (kept != kept.to(torch.bfloat16).float()).float().mean() > 0.5  # fp32 values, not bf16 ones
 
 
 def single_process_topk():

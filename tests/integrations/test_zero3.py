@@ -115,3 +115,19 @@ def test_what_zero3_cannot_serve_is_refused_on_every_rank(tmp_path):
         assert plain.startswith("UnsupportedModelError: prepare_pruning: parameter "), plain
         assert "slimtorch.deepspeed.initialize" in plain, plain
         assert mismatched.startswith("DistributedError: prepare_pruning: rank 1 would prune other layers"), mismatched
+
+
+def test_a_model_built_under_zero_init_is_planned_and_ranked_on_its_whole_weights(tmp_path):
+    """A model partitioned before slimtorch sees it (deepspeed.zero.Init): layers are planned from the real shapes,
+    DeepSpeed's l1 ranks the whole (gathered) weights before the engine exists, and the zeros reach the 16-bit model."""
+    from tests.reference.protocol import ceil_top_k
+
+    spawn(Z.zero_init, tmp_path, timeout=600)
+    ranks = _ranks(tmp_path)
+    assert ranks[0]["partitioned"]
+    saved = torch.load(tmp_path / "16bit" / "model.bin", weights_only=True)
+    assert sorted(ranks[0]["masks"]) == [f"model.layers.{i}.mlp.up_proj" for i in range(4)]
+    for name, mask in ranks[0]["masks"].items():
+        assert torch.equal(mask, ranks[1]["masks"][name]), name
+        assert torch.equal(mask, ceil_top_k(ranks[0]["start"][f"{name}.weight"], 0.5)), name
+        assert torch.equal(saved[f"{name}.weight"] != 0, mask), name
