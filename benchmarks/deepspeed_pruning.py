@@ -3,7 +3,7 @@
 stage and precision. Meant for GPU machines (NCCL); runs on CPU (gloo) too.
 
     torchrun --standalone --nproc_per_node 2 benchmarks/deepspeed_pruning.py          # 2 GPUs (or 2 CPU ranks)
-    python benchmarks/deepspeed_pruning.py --stages 0 1 2 --dtypes fp32 bf16 fp16     # 1 process, 1 GPU
+    python benchmarks/deepspeed_pruning.py --stages 0 1 2 3 --dtypes fp32 bf16 fp16   # 1 process, 1 GPU
 
 For each (stage, precision) a BERT-shaped encoder (random weights, random tokens: the checks need no data
 quality) trains ``--updates`` updates with snip_momentum 2:4 on the default targets (every Linear but the
@@ -102,9 +102,11 @@ def run(stage: int, dtype: str, args, device: torch.device, prune: bool) -> dict
 def check(engine, cb) -> dict:
     from deepspeed.utils import safe_get_full_fp32_param
 
+    from slimtorch.pruning.access import whole
+
     valid, master_ok, fingerprint = True, True, 0.0
-    for layer in cb.pruner.layers:
-        mask, weight = layer.mask, layer.weight.detach()
+    for layer in cb.pruner.layers:  # whole masks and weights: collectives under ZeRO-3, which partitions them
+        mask, weight = layer.full_mask(), whole(layer.weight)
         groups = mask.reshape(-1, 4).sum(dim=1)
         valid &= bool((groups == 2).all()) and bool(weight[~mask].eq(0).all())
         master = safe_get_full_fp32_param(layer.weight)
@@ -113,7 +115,7 @@ def check(engine, cb) -> dict:
         if master is not None:
             master_ok &= bool(master.reshape(mask.shape)[~mask].eq(0).all())
         fingerprint += float(mask.nonzero()[:, -1].double().sum())
-    lo = torch.tensor([fingerprint], dtype=torch.float64, device=cb.pruner.layers[0].weight.device)
+    lo = torch.tensor([fingerprint], dtype=torch.float64, device=weight.device)
     hi = lo.clone()
     dist.all_reduce(lo, op=dist.ReduceOp.MIN)
     dist.all_reduce(hi, op=dist.ReduceOp.MAX)
@@ -124,7 +126,7 @@ def check(engine, cb) -> dict:
 
 
 def scores_norm(cb) -> float:
-    """L2 norm of all running scores, complete (under ZeRO 1/2 each rank keeps its share: a collective)."""
+    """L2 norm of all running scores, complete (under ZeRO 1-3 each rank keeps its share: a collective)."""
     access = cb.pruner.access
     return sum(float(access.complete_scores(l.weight, l.state).double().norm() ** 2)
                for l in cb.pruner.layers if l.state is not None) ** 0.5
@@ -148,7 +150,7 @@ def init() -> torch.device:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--stages", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--stages", type=int, nargs="+", default=[0, 1, 2, 3])
     p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16", "fp16"], choices=["fp32", "bf16", "fp16"])
     p.add_argument("--updates", type=int, default=40)
     p.add_argument("--hidden", type=int, default=768)

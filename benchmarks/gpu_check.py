@@ -6,7 +6,7 @@
 Checks, each printed PASS/FAIL with its numbers:
 
 1. pruning in bf16 and fp16 on the device: hands-free 2:4 snip_momentum on a seeded tiny BERT; every mask exactly 2:4
-   and the pruned weights exactly 0 in the half-precision weights; the same through DeepSpeed's ZeRO-2 fp16 and bf16
+   and the pruned weights exactly 0 in the half-precision weights; the same through DeepSpeed's ZeRO-2/3 fp16 and bf16
    engines (one process, nccl), with the zeros in DeepSpeed's fp32 master copy too;
 2. static QDQ quantization on the device and ONNX export from there (verified in ONNX Runtime by export_onnx);
 3. the LLM pipeline with offloading: a tiny Llama kept on the CPU, compressed with GPTQ int4 and SparseGPT 2:4 on the
@@ -61,7 +61,7 @@ def check_pruning_half(device: str) -> str:
 
 
 def check_deepspeed_half(device: str) -> str:
-    """slimtorch.deepspeed.initialize under a ZeRO-2 fp16 engine and a bf16 one (one process): hands-free 2:4
+    """slimtorch.deepspeed.initialize under ZeRO-2 and ZeRO-3 fp16 and bf16 engines (one process): hands-free 2:4
     snip_momentum on the digits CNN; every mask exactly 2:4, and the pruned weights exactly 0 both in the half-precision
     module and in DeepSpeed's fp32 master copy."""
     if device == "cpu":
@@ -89,12 +89,14 @@ def _deepspeed_half_runs(W, st) -> str:
     from deepspeed.utils import safe_get_full_fp32_param
     from torch import nn
 
+    from slimtorch.pruning.access import whole
+
     x, y = W.digits_tensors()
     details = []
-    for half in ("fp16", "bf16"):
+    for stage, half in ((2, "fp16"), (2, "bf16"), (3, "fp16"), (3, "bf16")):
         model = W.digits_cnn()
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-        config = {"train_micro_batch_size_per_gpu": W.GLOBAL_BATCH, "zero_optimization": {"stage": 2},
+        config = {"train_micro_batch_size_per_gpu": W.GLOBAL_BATCH, "zero_optimization": {"stage": stage},
                   half: {"enabled": True}, "zero_allow_untested_optimizer": True, "steps_per_print": 10 ** 6,
                   **W.config()}
         engine, _, _, _, cb = st.deepspeed.initialize(model=model, optimizer=opt, config=config,
@@ -107,19 +109,19 @@ def _deepspeed_half_runs(W, st) -> str:
             engine.step()
         zeros = 0
         for layer in cb.pruner.layers:
-            weight = engine.module.get_submodule(layer.name).weight.detach()
+            weight = whole(engine.module.get_submodule(layer.name).weight)  # ZeRO-3: gathered
             # 2:4 runs along the input channels (for a conv: at each kernel position)
             per_input = weight.transpose(0, 1).reshape(weight.shape[1], -1).t() if weight.dim() == 4 else weight
             groups = (per_input.reshape(weight.shape[0] if weight.dim() == 2 else per_input.shape[0], -1, 4) != 0)
             assert bool((groups.sum(-1) <= 2).all()), f"{half} {layer.name}: not 2:4"
-            pruned = layer.mask.to(weight.device).reshape(weight.shape) == 0
+            pruned = layer.full_mask().to(weight.device).reshape(weight.shape) == 0
             master = safe_get_full_fp32_param(engine.module.get_submodule(layer.name).weight)
             assert bool((weight[pruned] == 0).all()), f"{half} {layer.name}: pruned weights are not 0"
             assert master is not None and bool((master.reshape(weight.shape)[pruned.to(master.device)] == 0).all()), (
                 f"{half} {layer.name}: the fp32 master copy lost pruned zeros")
             zeros += int(pruned.sum())
-        details.append(f"{half} {zeros} zeros in module and master")
-    return "ZeRO-2, 2:4 exact; " + ", ".join(details)
+        details.append(f"ZeRO-{stage} {half} {zeros} zeros in module and master")
+    return "2:4 exact; " + ", ".join(details)
 
 
 def check_qdq_export(device: str) -> str:

@@ -17,7 +17,7 @@ buffer: the same size).
 """
 from __future__ import annotations
 
-from typing import Any, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -47,6 +47,9 @@ class ZeRO3Access(DeepSpeedAccess):
 
     def __init__(self, optimizer: Any = None):
         super().__init__(optimizer)
+        # id(persistent parameter) -> (the local keep-mask last applied, its whole mask): masks change only at mask
+        # updates, so the whole mask is gathered once per change, not at every update
+        self._whole_keeps: Dict[int, Tuple[Tensor, Tensor]] = {}
 
     def local(self, tensor: Tensor) -> Tensor:
         return tensor.ds_tensor if is_zero3(tensor) else tensor
@@ -101,8 +104,17 @@ class ZeRO3Access(DeepSpeedAccess):
                     safe_set_local_fp32_param(param, master.detach() * keep.to(master.device, torch.float32))
                 if param.data.numel() == param.ds_numel and param.ds_numel > 0:
                     # a persistent parameter (kept whole on every rank between forwards): its whole copy is what
-                    # the next forward reads. The same parameters on every rank, in the same order: a collective
-                    param.data.mul_(self.gather(param, keep).to(param.data.dtype))
+                    # the next forward reads
+                    param.data.mul_(self._whole_keep(param, keep).to(param.data.dtype))
+
+    def _whole_keep(self, param: Tensor, keep: Tensor) -> Tensor:
+        """The whole mask of a persistent parameter; gathered (a collective: the same parameters on every rank, in
+        the same order) only when its local mask is a new one."""
+        cached = self._whole_keeps.get(id(param))
+        if cached is None or cached[0] is not keep:
+            cached = (keep, self.gather(param, keep))
+            self._whole_keeps[id(param)] = cached
+        return cached[1]
 
 
 def access_for(optimizer: Any) -> DeepSpeedAccess:

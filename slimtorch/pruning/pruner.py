@@ -33,6 +33,7 @@ class LayerState:
         # masks and scores are shaped like this rank's part of the weight (the whole weight unless sharded: FSDP2)
         self.mask: Optional[Tensor] = None       # bool, weight's (local) shape; None = not pruned yet
         self.bias_mask: Optional[Tensor] = None  # bool [out] (whole: it is small), only for whole-row patterns
+        self.row_keeps: Dict[int, Tuple[Tensor, Tensor]] = {}  # id(per-row param) -> (bias_mask, its local part)
         self.fingerprint_of_full: Optional[Tuple[float, float]] = None  # of the whole mask, where it is sharded
         self.state: Optional[Tensor] = None      # criterion state (float32), e.g. snip_momentum's S
         self._cast: Optional[Tensor] = None      # mask in the weight's dtype, for a fused multiply
@@ -340,9 +341,13 @@ class Pruner:
 def _mask_rows(layer: LayerState, param: Tensor) -> Tensor:
     """Zero the entries of a per-row ``param`` (the layer's bias; the scale and shift of channel_pruning's related
     BatchNorms, so pruned channels carry nothing in training as after it) whose rows the layer prunes, in place on
-    this rank's part; returns that part's keep-mask."""
+    this rank's part; returns that part's keep-mask (the same tensor until the rows change)."""
     local = layer.access.local(param)
-    keep = layer.access.shard_of(param, layer.bias_mask.to(local.device))
+    cached = layer.row_keeps.get(id(param))
+    if cached is None or cached[0] is not layer.bias_mask:
+        cached = (layer.bias_mask, layer.access.shard_of(param, layer.bias_mask.to(local.device)))
+        layer.row_keeps[id(param)] = cached
+    keep = cached[1]
     local.mul_(keep.to(local.dtype))
     return keep
 
