@@ -14,7 +14,9 @@ Checks, each printed PASS/FAIL with its numbers:
    FP8 and int8 W8A8 (SmoothQuant + GPTQ) and AWQ the same way, then run in bfloat16 on the device;
 4. slim() of a masked tiny BERT and tiny Llama on the device, outputs equal to the masked model's; DeepSpeed's
    row_pruning and head_pruning with topk (scores trained in bf16 on the device), finalized and slimmed there;
-5. the test-suite cases that skip without CUDA (pytest -k cuda selection), including DeepSpeed/accelerate fp16.
+5. the transformers Trainer with FSDP2 (accelerate shards only on accelerators): one torchrun process, pruned through
+   FSDP2's access;
+6. the test-suite cases that skip without CUDA (pytest -k cuda selection), including DeepSpeed/accelerate fp16.
 """
 from __future__ import annotations
 
@@ -281,6 +283,46 @@ def check_structured_topk(device: str) -> str:
             f"{st.slim_report(small).max_relative_difference:.1e}")
 
 
+TRAINER_FSDP2 = """
+import os, sys, torch
+sys.path[:0] = [{root!r}]
+from slimtorch.pruning.access import whole
+from tests.integrations.test_hf import make_trainer, tiny_bert, prune_config, PruningCallback
+model = tiny_bert()
+cb = PruningCallback(prune_config(start_step=2, end_step=8, frequency=2), finalize_at_end=False)
+trainer = make_trainer(model, {out!r}, [cb], max_steps=10, per_device_train_batch_size=8, use_cpu=False,
+                       fsdp="full_shard", fsdp_config={{"fsdp_version": 2,
+                                                        "transformer_layer_cls_to_wrap": ["BertLayer"]}})
+trainer.train()
+access = type(cb.callbacks.pruner.access).__name__
+assert access == "FSDP2Access", access
+for layer in cb.callbacks.pruner.layers:
+    mask, weight = layer.full_mask(), whole(layer.weight)  # collectives
+    assert bool(mask.reshape(mask.shape[0], -1, 4).sum(-1).eq(2).all()), layer.name
+    assert bool(weight[~mask.to(weight.device)].eq(0).all()), layer.name
+print("TRAINER_FSDP2_OK", len(cb.callbacks.pruner.layers), cb.step)
+torch.distributed.destroy_process_group()
+"""
+
+
+def check_trainer_fsdp2(device: str) -> str:
+    """The transformers Trainer with FSDP2 (accelerate shards the model with fully_shard; it does so only on
+    accelerators, so the CPU suite cannot run it): one torchrun process on the device, the PruningCallback prunes
+    through FSDP2's access, every mask 2:4 and the pruned weights 0."""
+    if device == "cpu":
+        return "skipped on cpu (accelerate enables FSDP only on accelerators)"
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as out:
+        script = Path(out) / "trainer_fsdp2.py"
+        script.write_text(TRAINER_FSDP2.format(root=str(ROOT), out=out))
+        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                               "1", str(script)], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                              env=dict(__import__("os").environ, HF_HUB_OFFLINE="1"))
+    assert done.returncode == 0 and "TRAINER_FSDP2_OK" in done.stdout, done.stdout[-2000:] + done.stderr[-3000:]
+    return done.stdout.strip().splitlines()[-1]
+
+
 def check_cuda_tests(device: str) -> str:
     if device == "cpu":
         return "skipped on cpu"
@@ -295,7 +337,7 @@ CHECKS: List[Tuple[str, Callable[[str], str]]] = [
     ("pruning bf16/fp16", check_pruning_half), ("DeepSpeed fp16/bf16", check_deepspeed_half),
     ("QDQ + ONNX export", check_qdq_export),
     ("LLM offloading", check_llm_offloading), ("LLM W8A8/FP8/AWQ", check_llm_w8a8_awq), ("slim", check_slim),
-    ("row/head topk", check_structured_topk),
+    ("row/head topk", check_structured_topk), ("Trainer + FSDP2", check_trainer_fsdp2),
     ("CUDA test cases", check_cuda_tests)]
 
 
