@@ -291,7 +291,7 @@ from tests.integrations.test_hf import make_trainer, tiny_bert, prune_config, Pr
 model = tiny_bert()
 cb = PruningCallback(prune_config(start_step=2, end_step=8, frequency=2), finalize_at_end=False)
 trainer = make_trainer(model, {out!r}, [cb], max_steps=10, per_device_train_batch_size=8, use_cpu=False,
-                       fsdp="full_shard", fsdp_config={{"fsdp_version": 2,
+                       fsdp="full_shard", fsdp_config={{"version": 2,
                                                         "transformer_layer_cls_to_wrap": ["BertLayer"]}})
 trainer.train()
 access = type(cb.callbacks.pruner.access).__name__
