@@ -1,12 +1,15 @@
 #!/usr/bin/env python
-"""Prune while training with DeepSpeed's engine: ZeRO 2, gradient accumulation, hands-free 2:4 snip_momentum.
+"""Prune while training with DeepSpeed's engine: ZeRO 2 (or 3), gradient accumulation, hands-free 2:4 snip_momentum.
 
     torchrun --standalone --nproc_per_node 2 examples/prune_deepspeed.py [examples/configs/deepspeed_zero2_2to4.json]
+    torchrun --standalone --nproc_per_node 2 examples/prune_deepspeed.py examples/configs/deepspeed_zero3_2to4.json
 
 The config is an ordinary DeepSpeed config with a ``compression_training`` section: slimtorch reads that section
 and passes the rest to ``deepspeed.initialize``. Every ``engine.step()`` drives pruning; the gradients come from
 DeepSpeed's reduced partitions and the masked weights go to its fp32 master copy too, so a ZeRO checkpoint holds
-the pruned zeros. Runs on CPU (gloo) or GPUs (NCCL). Rank 0 prints the report and whether all ranks agree.
+the pruned zeros. Under ZeRO-3 each rank holds a slice of every weight: the report, the checksum and the accuracy
+below read whole weights, so every rank takes part. Runs on CPU (gloo) or GPUs (NCCL). Rank 0 prints the report and
+whether all ranks agree.
 """
 import os
 import sys
@@ -46,15 +49,17 @@ def main(config: str) -> None:
             engine.backward(loss)
             engine.step()  # pruning happens in here, once per update (every 2 micro-batches)
     callbacks.finalize()
-    checksum = torch.tensor([float(sum(p.detach().double().sum() for p in model.parameters()))],
+    # every rank: under ZeRO-3 these gather the partitioned weights (collectives)
+    report = st.sparsity_report(engine)
+    checksum = torch.tensor([float(sum(st.whole_parameter(p).double().sum() for p in model.parameters()))],
                             dtype=torch.float64, device=engine.device)
     low, high = checksum.clone(), checksum.clone()
     dist.all_reduce(low, op=dist.ReduceOp.MIN)
     dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    with torch.no_grad():
+        accuracy = float((engine(x).argmax(1) == y).float().mean())
     if rank == 0:
-        print(st.sparsity_report(model))
-        with torch.no_grad():
-            accuracy = float((model(x).argmax(1) == y).float().mean())
+        print(report)
         print(f"{callbacks.step} updates; train accuracy {accuracy:.4f}; weights identical on all {world} ranks: "
               f"{bool(low == high)}")
     dist.barrier()

@@ -15,7 +15,7 @@ from .errors import (
 )
 from .export import export_onnx
 from .llm import load_compressed, oneshot, perplexity, save_compressed
-from .pruning import PruningCallbacks, SparsityReport, prepare_pruning, sparsity_report
+from .pruning import PruningCallbacks, SparsityReport, prepare_pruning, sparsity_report, whole_parameter
 from .quantization import QuantizationReport, load_quantized, quantization_report, quantize
 from .slimming import SlimReport, load_slim, save_slim, slim, slim_report
 
@@ -23,7 +23,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "load_config", "CompressionConfig",
-    "prepare_pruning", "PruningCallbacks", "sparsity_report", "SparsityReport",
+    "prepare_pruning", "PruningCallbacks", "sparsity_report", "SparsityReport", "whole_parameter",
     "quantize", "load_quantized", "quantization_report", "QuantizationReport", "export_onnx",
     "oneshot", "save_compressed", "load_compressed", "perplexity",
     "slim", "slim_report", "SlimReport", "save_slim", "load_slim",

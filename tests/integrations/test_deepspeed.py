@@ -166,8 +166,9 @@ def test_importing_slimtorch_does_not_import_deepspeed():
     assert out.stdout.strip() == "False"
 
 
-def test_the_deepspeed_example_runs_under_torchrun():
-    done = torchrun(ROOT / "examples" / "prune_deepspeed.py")
+@pytest.mark.parametrize("config", ["deepspeed_zero2_2to4.json", "deepspeed_zero3_2to4.json"])
+def test_the_deepspeed_example_runs_under_torchrun(config):
+    done = torchrun(ROOT / "examples" / "prune_deepspeed.py", str(ROOT / "examples" / "configs" / config))
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     assert "overall sparsity of pruned layers: 50.0% (2 of 3 layers pruned)" in done.stdout, done.stdout[-2000:]
     assert "56 updates" in done.stdout and "weights identical on all 2 ranks: True" in done.stdout
