@@ -184,12 +184,23 @@ class Pruner:
         events = []
         with torch.no_grad():
             due = [layer for layer in self.layers if self._due(layer, step)]
-            # scores of global layers are needed together (one ranking); local ones one at a time, so a large
-            # model never holds every layer's score matrix at once
-            matrices = {id(layer): self._score_matrix(layer) for layer in due if layer.target.settings.is_global}
+            # global layers are ranked together by their units (a block's or an N:M group's score, 1/M to 1/block
+            # of the scores); local ones one at a time. Where parameters are sharded, each layer's whole scores are
+            # gathered for its units and dropped, then gathered again for its mask: a rank holds one layer whole at
+            # a time plus the units. Unsharded, the score matrices are kept between the two uses.
+            keep_matrices = not self.access.shards_parameters
+            matrices: Dict[int, Tensor] = {}
+            units: Dict[int, allocation.Units] = {}
+            for layer in due:
+                if layer.target.settings.is_global:
+                    matrix = self._score_matrix(layer)
+                    units[id(layer)] = allocation.layer_units(matrix, layer.target.settings.pattern)
+                    if keep_matrices:
+                        matrices[id(layer)] = matrix
+                    del matrix
             allocated: Dict[int, float] = {}
             for members in _global_groups(due).values():
-                allocated.update(_allocate(members, matrices, step))
+                allocated.update(_allocate(members, units, step))
             for layer in due:
                 s = layer.target.settings
                 group_target = sparsity_at(step, s.start_step, s.end_step, s.dense_ratio, s.decay)
@@ -370,12 +381,12 @@ def _global_groups(layers: List[LayerState]) -> Dict[Optional[str], List[LayerSt
     return groups
 
 
-def _allocate(members: List[LayerState], matrices: Dict[int, Tensor], step: int) -> Dict[int, float]:
-    """Sparsity of each layer of one global group at ``step`` (by ``id`` of its LayerState)."""
+def _allocate(members: List[LayerState], units: Dict[int, allocation.Units], step: int) -> Dict[int, float]:
+    """Sparsity of each layer of one global group at ``step`` (by ``id`` of its LayerState), from each layer's
+    units (a "head" pattern resolves to each layer's own head width)."""
     s = members[0].target.settings  # one group: one pattern, schedule and bounds
     target = sparsity_at(step, s.start_step, s.end_step, s.dense_ratio, s.decay)
     low = allocation.scaled_low(s.min_sparsity, target, s.target_sparsity)
-    # per layer: a "head" pattern resolves to each layer's own head width
-    units = [allocation.layer_units(matrices[id(layer)], layer.target.settings.pattern) for layer in members]
-    counts = allocation.allocate(units, target, [low] * len(units), [s.max_sparsity] * len(units))
-    return {id(layer): u.sparsity(c) for layer, u, c in zip(members, units, counts)}
+    ours = [units[id(layer)] for layer in members]
+    counts = allocation.allocate(ours, target, [low] * len(ours), [s.max_sparsity] * len(ours))
+    return {id(layer): u.sparsity(c) for layer, u, c in zip(members, ours, counts)}

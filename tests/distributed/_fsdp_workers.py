@@ -13,10 +13,10 @@ UPDATES = 8
 LR = 0.05
 
 
-def config(pattern: str, method: str = "snip_momentum"):
+def config(pattern: str, method: str = "snip_momentum", scope: str = "local"):
     return {"compression_training": {"sparse_pruning": {"shared_parameters": {
         "enabled": True, "method": method, "pattern": pattern, "dense_ratio": 0.5 if pattern == "2:4" else 0.25,
-        "scope": "local", "start_step": 0, "end_step": 6, "frequency": 2}}}}
+        "scope": scope, "start_step": 0, "end_step": 6, "frequency": 2}}}}
 
 
 def build(arch: str) -> torch.nn.Module:
@@ -64,22 +64,22 @@ def share(batch, rank: int, world: int):
     return {k: v[rank * n:(rank + 1) * n] for k, v in batch.items()}
 
 
-def one_process(arch: str, pattern: str):
+def one_process(arch: str, pattern: str, scope: str = "local"):
     """The reference: the unsharded model on the whole global batches; masks after every update, final weights.
     One thread, as the ranks run, so that the same sums are taken in the same order."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _one_process(arch, pattern)
+        return _one_process(arch, pattern, scope)
     finally:
         torch.set_num_threads(threads)
 
 
-def _one_process(arch: str, pattern: str):
+def _one_process(arch: str, pattern: str, scope: str = "local"):
     torch.manual_seed(0)
     model = build(arch)
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
-    cb = st.prepare_pruning(model, config(pattern), optimizer=opt)
+    cb = st.prepare_pruning(model, config(pattern, scope=scope), optimizer=opt)
     masks = []
     for batch in batches(arch):
         loss = loss_of(model, batch, arch)
@@ -255,7 +255,7 @@ def track_whole_tensors(access_cls):
     return peak
 
 
-def memory(rank: int, world: int, init_file: str, out_dir: str, num_layers: int) -> None:
+def memory(rank: int, world: int, init_file: str, out_dir: str, num_layers: int, scope: str = "local") -> None:
     """A 16-layer tiny Llama under FSDP2: how many layers' whole tensors (gathered weights, scores, masks) are alive
     at once during the mask updates, and the most bytes they hold, beside the shard each rank keeps."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -273,7 +273,7 @@ def memory(rank: int, world: int, init_file: str, out_dir: str, num_layers: int)
             fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
         opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
-        cb = st.prepare_pruning(model, config("2:4"), optimizer=opt)
+        cb = st.prepare_pruning(model, config("2:4", scope=scope), optimizer=opt)
         for batch in batches("llama")[:5]:
             loss = model(**share(batch, rank, world)).loss
             opt.zero_grad()

@@ -22,12 +22,12 @@ def ds_config(micro_batch: int, **zero):
             "zero_allow_untested_optimizer": True, "steps_per_print": 10 ** 6, "wall_clock_breakdown": False}
 
 
-def engine(arch: str, pattern: str, micro_batch: int, **zero):
+def engine(arch: str, pattern: str, micro_batch: int, scope: str = "local", **zero):
     """The seeded model under a ZeRO-3 engine with SGD (elementwise: the partitions step as one process does)."""
     torch.manual_seed(0)
     model = F.build(arch)
     opt = torch.optim.SGD(model.parameters(), lr=F.LR, momentum=0.9)
-    config = {**ds_config(micro_batch, **zero), **F.config(pattern)}
+    config = {**ds_config(micro_batch, **zero), **F.config(pattern, scope=scope)}
     eng, _, _, _, cb = st.deepspeed.initialize(model=model, optimizer=opt, config=config, dist_init_required=False)
     return eng, cb
 
@@ -37,7 +37,7 @@ def _whole_masks(cb):
 
 
 def train(rank: int, world: int, init_file: str, out_dir: str, arch: str, pattern: str, same_batch: bool,
-          persistence: int = 100000) -> None:
+          persistence: int = 100000, scope: str = "local") -> None:
     """UPDATES updates; whole masks after every one; the engine's checkpoint, its 16-bit model and the report.
 
     ``same_batch``: every rank takes the whole global batch, so ZeRO-3's averaged gradient is one process's
@@ -45,7 +45,7 @@ def train(rank: int, world: int, init_file: str, out_dir: str, arch: str, patter
     elements whole on every rank between forwards (100000 is DeepSpeed's default: the tiny Llama's all are)."""
     D._init(rank, world, init_file)
     try:
-        eng, cb = engine(arch, pattern, GLOBAL if same_batch else GLOBAL // world,
+        eng, cb = engine(arch, pattern, GLOBAL if same_batch else GLOBAL // world, scope,
                          stage3_param_persistence_threshold=persistence)
         steps = []
         for batch in F.batches(arch):
@@ -88,7 +88,7 @@ def resume(rank: int, world: int, init_file: str, out_dir: str, resume_at: int) 
         D.W._close()
 
 
-def memory(rank: int, world: int, init_file: str, out_dir: str, num_layers: int) -> None:
+def memory(rank: int, world: int, init_file: str, out_dir: str, num_layers: int, scope: str = "local") -> None:
     """A 16-layer tiny Llama under ZeRO-3 (every parameter partitioned): how many layers' whole tensors (gathered
     weights, scores, masks) are alive at once during the mask updates, and the most bytes they hold."""
     from slimtorch.integrations.zero3 import ZeRO3Access
@@ -101,7 +101,7 @@ def memory(rank: int, world: int, init_file: str, out_dir: str, num_layers: int)
 
         model = tiny_llama(0, num_hidden_layers=num_layers).train()
         opt = torch.optim.SGD(model.parameters(), lr=F.LR, momentum=0.9)
-        config = {**ds_config(GLOBAL // world, stage3_param_persistence_threshold=0), **F.config("2:4")}
+        config = {**ds_config(GLOBAL // world, stage3_param_persistence_threshold=0), **F.config("2:4", scope=scope)}
         eng, _, _, _, cb = st.deepspeed.initialize(model=model, optimizer=opt, config=config,
                                                    dist_init_required=False)
         for batch in F.batches("llama")[:5]:

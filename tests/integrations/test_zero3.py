@@ -16,13 +16,14 @@ def _ranks(tmp_path):
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
-@pytest.mark.parametrize("arch,pattern,persistence", [
-    ("llama", "2:4", 100000),  # DeepSpeed's default: every tiny-Llama parameter stays whole between forwards
-    ("llama", "4x1", 0),       # every parameter partitioned
-    pytest.param("minilm", "2:4", 100000, marks=pytest.mark.slow),
-    pytest.param("minilm", "4x1", 100000, marks=pytest.mark.slow),
+@pytest.mark.parametrize("arch,pattern,persistence,scope", [
+    ("llama", "2:4", 100000, "local"),  # DeepSpeed's default: every tiny-Llama parameter stays whole between forwards
+    ("llama", "4x1", 0, "local"),       # every parameter partitioned
+    ("llama", "4x1", 0, "global"),      # one ranking across the layers, from units gathered one layer at a time
+    pytest.param("minilm", "2:4", 100000, "local", marks=pytest.mark.slow),
+    pytest.param("minilm", "4x1", 100000, "local", marks=pytest.mark.slow),
 ])
-def test_zero3_masks_match_one_process_and_checkpoints_hold_the_zeros(arch, pattern, persistence, tmp_path):
+def test_zero3_masks_match_one_process_and_checkpoints_hold_the_zeros(arch, pattern, persistence, scope, tmp_path):
     """Every rank on the whole global batch: whole masks after every update equal on both ranks and one process's;
     each rank keeps its slice; the engine's 16-bit model and zero_to_fp32's consolidation hold exactly the zeros.
 
@@ -31,9 +32,9 @@ def test_zero3_masks_match_one_process_and_checkpoints_hold_the_zeros(arch, patt
     relative, measured on the tiny Llama), so on all-MiniLM-L6-v2 near-ties flip: 84 of 10.6 million mask entries
     after 8 updates (24,174 with DeepSpeed's memory_efficient_linear on, whose Linear rounds differently; the
     workers turn it off). The weights both runs keep agree within rtol 1e-5."""
-    spawn(Z.train, tmp_path, arch, pattern, True, persistence, timeout=600)
+    spawn(Z.train, tmp_path, arch, pattern, True, persistence, scope, timeout=600)
     ranks = _ranks(tmp_path)
-    one, weights = F.one_process(arch, pattern)
+    one, weights = F.one_process(arch, pattern, scope)
     differing = total = 0
     for update, (a, b, o) in enumerate(zip(ranks[0]["steps"], ranks[1]["steps"], one)):
         assert a.keys() == b.keys() == o.keys() and o, update
@@ -93,10 +94,12 @@ def test_zero3_resumes_bitwise_from_the_engines_checkpoint(tmp_path):
                 assert torch.equal(value, resumed["weights"][key]), key
 
 
-def test_a_zero3_mask_update_holds_one_layer_whole_at_a_time(tmp_path):
+@pytest.mark.parametrize("scope", ["local", "global"])
+def test_a_zero3_mask_update_holds_one_layer_whole_at_a_time(tmp_path, scope):
     """Beside its partition, a rank holds during a mask update the whole weight and scores of one layer at a time,
-    never more: counted on every whole tensor the ZeRO-3 access gathers, on a 16-layer tiny Llama."""
-    spawn(Z.memory, tmp_path, 16, timeout=600)
+    never more: counted on every whole tensor the ZeRO-3 access gathers, on a 16-layer tiny Llama (global scope:
+    units of every layer, whole tensors of one)."""
+    spawn(Z.memory, tmp_path, 16, scope, timeout=600)
     for rank in range(WORLD):
         m = torch.load(tmp_path / f"rank{rank}.pt")
         assert m["layers"] == 16 * 7
