@@ -2,8 +2,10 @@
 
 In plain PyTorch (and DDP) the gradient is ``weight.grad`` and the parameter is the only copy of the weight. A
 training engine may keep them elsewhere: DeepSpeed ZeRO 1/2 holds the reduced gradients in flat partitions and an
-fp32 master copy of every weight that its optimizer steps and copies back. An engine integration passes its own
-:class:`ParamAccess` so the same pruner works unchanged on top of it.
+fp32 master copy of every weight that its optimizer steps and copies back; FSDP2 and ZeRO-3 also shard the
+parameters themselves (rows of a DTensor; flat slices). An engine integration passes its own :class:`ParamAccess`
+so the same pruner works unchanged on top of it: ``pruning/fsdp.py``, ``integrations/deepspeed_access.py``,
+``integrations/zero3.py``.
 """
 from __future__ import annotations
 
@@ -45,9 +47,9 @@ class ParamAccess:
     #: whether parameters are sharded, so topk's scores (new parameters) cannot be added to a layer
     shards_parameters = False
 
-    # A sharded engine (FSDP2) keeps only some rows of each parameter per rank: element-wise work (scores, applying
-    # masks) runs on ``local`` tensors; a mask is computed from the ``full`` weight and scores and each rank keeps
-    # its ``shard_of`` it. Unsharded parameters are their own local and full tensors.
+    # A sharded engine (FSDP2: rows; ZeRO-3: a flat slice) keeps only part of each parameter per rank: element-wise
+    # work (scores, applying masks) runs on ``local`` tensors; a mask is computed from the ``full`` weight and scores
+    # and each rank keeps its ``shard_of`` it. Unsharded parameters are their own local and full tensors.
     def local(self, tensor: Tensor) -> Tensor:
         """The part of a parameter (or its gradient) this rank holds and updates in place."""
         return tensor
