@@ -293,17 +293,23 @@ class Pruner:
     # ------------------------------------------------------------ checkpoints
     def state_dict(self) -> Dict[str, Any]:
         """Whole masks and complete scores; a collective where ranks keep partial scores (DeepSpeed ZeRO 1/2) or
-        shards (FSDP2)."""
+        shards (FSDP2, ZeRO-3). Sharded, each layer is gathered in turn and moved to the host, so the device never
+        holds two layers whole (the host holds the whole state, as a consolidated checkpoint does)."""
+        host = self.access.shards_parameters
+
+        def saved(t: Optional[Tensor]) -> Optional[Tensor]:
+            return None if t is None else t.detach().to("cpu", copy=True) if host else t.detach().clone()
+
         return {
             "version": STATE_VERSION,
             "layers": {
                 l.name: {
                     "shape": tuple(full_shape(l.weight)),
                     "pattern": str(l.target.settings.pattern),
-                    "mask": None if l.mask is None else l.full_mask().clone(),
-                    "bias_mask": None if l.bias_mask is None else l.bias_mask.clone(),
-                    "state": None if l.state is None else self.access.complete_scores(l.weight, l.state).clone(),
-                    "ranked": None if l.ranked is None else l.ranked.clone(),
+                    "mask": None if l.mask is None else saved(l.full_mask()),
+                    "bias_mask": saved(l.bias_mask),
+                    "state": None if l.state is None else saved(self.access.complete_scores(l.weight, l.state)),
+                    "ranked": saved(l.ranked),
                     # topk: the scores are the model's parameters; whether forward masking has begun is ours
                     "learned_active": l.learned is not None and l.learned.active,
                 }

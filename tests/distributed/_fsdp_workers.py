@@ -279,6 +279,8 @@ def memory(rank: int, world: int, init_file: str, out_dir: str, num_layers: int,
             opt.zero_grad()
             loss.backward()
             opt.step()
+        state = cb.state_dict()  # a checkpoint's pruning state: gathered one layer at a time, kept on the host
+        assert state
         largest = max(l.weight.numel() * 4 for l in cb.pruner.layers)  # one layer's float32 weight
         shard = sum(p.to_local().numel() * p.element_size() for p in model.parameters())
         torch.save({"peak_layers": peak["layers"], "peak_bytes": peak["bytes"], "largest_layer_bytes": largest,

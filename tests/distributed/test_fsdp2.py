@@ -88,7 +88,8 @@ def test_fsdp2_resumes_bitwise_from_a_distributed_checkpoint_and_consolidates_th
 def test_a_mask_update_holds_one_layer_whole_at_a_time(tmp_path, scope):
     """Beside its shard, a rank holds during a mask update the whole weight and scores of one layer at a time, never
     more: counted on every whole tensor the FSDP2 access gathers, on a 16-layer tiny Llama. Global scope ranks the
-    layers' units (1/4 of the scores for 2:4), gathering each layer for them and again for its mask."""
+    layers' units (1/4 of the scores for 2:4), gathering each layer for them and again for its mask. The same while
+    the pruning state of a checkpoint is gathered."""
     spawn(F.memory, tmp_path, 16, scope)
     for rank in range(WORLD):
         m = torch.load(tmp_path / f"rank{rank}.pt")

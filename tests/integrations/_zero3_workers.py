@@ -107,6 +107,8 @@ def memory(rank: int, world: int, init_file: str, out_dir: str, num_layers: int,
         for batch in F.batches("llama")[:5]:
             eng.backward(F.loss_of(eng, F.share(batch, rank, world), "llama"))
             eng.step()
+        state = cb.state_dict()  # a checkpoint's pruning state: gathered one layer at a time, kept on the host
+        assert state
         largest = max(l.mask.numel() * world * 4 for l in cb.pruner.layers)  # one layer's float32 weight (padded)
         shard = sum(p.ds_tensor.numel() * p.ds_tensor.element_size() for p in model.parameters())
         torch.save({"peak_layers": peak["layers"], "peak_bytes": peak["bytes"], "largest_layer_bytes": largest,

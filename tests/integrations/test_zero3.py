@@ -98,7 +98,7 @@ def test_zero3_resumes_bitwise_from_the_engines_checkpoint(tmp_path):
 def test_a_zero3_mask_update_holds_one_layer_whole_at_a_time(tmp_path, scope):
     """Beside its partition, a rank holds during a mask update the whole weight and scores of one layer at a time,
     never more: counted on every whole tensor the ZeRO-3 access gathers, on a 16-layer tiny Llama (global scope:
-    units of every layer, whole tensors of one)."""
+    units of every layer, whole tensors of one), and while the pruning state of a checkpoint is gathered."""
     spawn(Z.memory, tmp_path, 16, scope, timeout=600)
     for rank in range(WORLD):
         m = torch.load(tmp_path / f"rank{rank}.pt")
