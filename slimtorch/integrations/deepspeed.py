@@ -28,6 +28,7 @@ otherwise the optimizer would copy the pruned values back into the model at the 
 from __future__ import annotations
 
 import copy
+import os
 import warnings
 from typing import Any, Callable, Dict, Optional, Tuple
 
@@ -36,7 +37,7 @@ from torch import Tensor, nn
 
 from ..config import load_config
 from ..config.loader import SECTIONS, read_document
-from ..errors import ConfigError, SlimError, UnsupportedModelError
+from ..errors import ConfigError, SlimError, StateDictError, UnsupportedModelError
 from ..pruning.callbacks import PruningCallbacks, prepare_for_engine
 from ..pruning.distributed import refuse_sharded
 from ..pruning.drivers import wrap_step
@@ -154,21 +155,35 @@ def drive_from_optimizer_step(optimizer: Any, callbacks: PruningCallbacks) -> No
 
 
 def _keep_in_checkpoints(engine: Any, callbacks: PruningCallbacks) -> None:
-    """Carry the pruning state in every DeepSpeed checkpoint's ``client_state``, and restore it on load."""
+    """Carry the pruning state in every DeepSpeed checkpoint and restore it on load.
+
+    ZeRO 0-2: in the checkpoint's ``client_state`` (whole masks and summed scores; DeepSpeed writes rank 0's). ZeRO-3:
+    each rank writes its own parts beside ZeRO's partitions (``slimtorch_pruning_rank{r}.pt`` in the tag's folder),
+    so no rank gathers a whole layer to save; ``client_state`` records that, and loading needs the same world size,
+    as ZeRO's own partitioned files do."""
     save, load = engine.save_checkpoint, engine.load_checkpoint
+    per_rank = callbacks.pruner.access.shards_parameters
 
     def save_checkpoint(save_dir: str, tag: Any = None, client_state: Optional[Dict[str, Any]] = None,
                         *args: Any, **kwargs: Any) -> Any:
         state = dict(client_state or {})
+        pruning = None
         if not callbacks.finalized:
-            state[CLIENT_STATE_KEY] = callbacks.state_dict()
-        return save(save_dir, tag, state, *args, **kwargs)
+            pruning = callbacks.state_dict(sharded=per_rank)
+            state[CLIENT_STATE_KEY] = {SHARDED_KEY: _world()} if per_rank else pruning
+        tag = f"global_step{engine.global_steps}" if tag is None else tag  # DeepSpeed's default tag
+        saved = save(save_dir, tag, state, *args, **kwargs)
+        if per_rank and pruning is not None:
+            torch.save(pruning, os.path.join(save_dir, str(tag), _rank_file()))
+        return saved
 
     def load_checkpoint(load_dir: str, tag: Any = None, *args: Any, **kwargs: Any) -> Any:
         path, client_state = load(load_dir, tag, *args, **kwargs)
         if path is None or callbacks.finalized:
             return path, client_state
         state = (client_state or {}).pop(CLIENT_STATE_KEY, None)
+        if isinstance(state, dict) and SHARDED_KEY in state:
+            state = _read_rank_file(os.path.dirname(path), state[SHARDED_KEY])
         if state is None:
             warnings.warn(f"slimtorch: the DeepSpeed checkpoint {path} holds no pruning state (saved without "
                           "slimtorch?); the pruning schedule starts again at step 0", stacklevel=2)
@@ -178,6 +193,31 @@ def _keep_in_checkpoints(engine: Any, callbacks: PruningCallbacks) -> None:
 
     save_checkpoint.__doc__, load_checkpoint.__doc__ = save.__doc__, load.__doc__
     engine.save_checkpoint, engine.load_checkpoint = save_checkpoint, load_checkpoint
+
+
+#: marks a ``client_state`` whose pruning state is in per-rank files (ZeRO-3), with the world size that wrote them
+SHARDED_KEY = "per_rank_files_of_world"
+
+
+def _world() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def _rank_file() -> str:
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    return f"slimtorch_pruning_rank{rank}.pt"
+
+
+def _read_rank_file(folder: str, world: int) -> Dict[str, Any]:
+    if world != _world():
+        raise StateDictError(
+            f"the DeepSpeed checkpoint in {folder} holds the pruning state of {world} ranks, one file each (ZeRO-3); "
+            f"this run has {_world()}. Resume with {world} ranks, as ZeRO-3's own partitioned files require")
+    path = os.path.join(folder, _rank_file())
+    if not os.path.isfile(path):
+        raise StateDictError(f"{path} is missing: under ZeRO-3 every rank writes its pruning state beside the "
+                             "checkpoint's partitions; copy the whole checkpoint folder")
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _import_deepspeed() -> Any:

@@ -212,12 +212,17 @@ class PruningCallbacks:
         self.pruner.apply_masks()
 
     # ------------------------------------------------------------ checkpoints and the end
-    def state_dict(self) -> Dict[str, Any]:
+    def state_dict(self, sharded: bool = False) -> Dict[str, Any]:
         """Everything needed to resume mid-schedule: step counters, masks and criterion scores.
 
-        Under DeepSpeed ZeRO 1/2 each rank keeps its share of the scores, so this is a collective: call it on every
-        rank (``engine.save_checkpoint`` does, as DeepSpeed requires), then write it from one."""
-        return self._lifecycle.state_dict()
+        Under DeepSpeed ZeRO 1-3 and FSDP2 each rank keeps its share of the scores (and under FSDP2 and ZeRO-3 its
+        part of the masks), so this is a collective: call it on every rank (``engine.save_checkpoint`` does, as
+        DeepSpeed requires), then write it from one. It gathers one layer at a time onto the host.
+
+        ``sharded=True`` (FSDP2, ZeRO-3): this rank's parts only, no collective and nothing whole; every rank writes
+        its own, and loads its own with the same world size (``slimtorch.deepspeed.initialize`` does so under
+        ZeRO-3). Elsewhere the same as ``state_dict()``."""
+        return self._lifecycle.state_dict(sharded)
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self._lifecycle.check_alive("load_state_dict")

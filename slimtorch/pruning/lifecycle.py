@@ -74,10 +74,11 @@ class PruningLifecycle:
         self.masks_for = self.step
 
     # ------------------------------------------------------------ checkpoints and the end
-    def state_dict(self) -> Dict[str, Any]:
-        """Counters, history, masks and (complete) criterion scores; a collective where scores are partial."""
+    def state_dict(self, sharded: bool = False) -> Dict[str, Any]:
+        """Counters, history, masks and (complete) criterion scores; a collective where scores are partial.
+        ``sharded``: this rank's parts of sharded parameters' masks and scores (:meth:`Pruner.state_dict`)."""
         return {"step": self.step, "micro": self.micro, "masks_for": self.masks_for, "history": list(self.history),
-                "pruner": self.pruner.state_dict()}
+                "pruner": self.pruner.state_dict(sharded)}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         if not isinstance(state, dict) or not {"step", "micro", "pruner"} <= set(state):

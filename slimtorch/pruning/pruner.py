@@ -291,10 +291,15 @@ class Pruner:
         return masks.to_matrix(criteria.score(layer.target.settings.method, full, state), layer.target.layout)
 
     # ------------------------------------------------------------ checkpoints
-    def state_dict(self) -> Dict[str, Any]:
+    def state_dict(self, sharded: bool = False) -> Dict[str, Any]:
         """Whole masks and complete scores; a collective where ranks keep partial scores (DeepSpeed ZeRO 1/2) or
         shards (FSDP2, ZeRO-3). Sharded, each layer is gathered in turn and moved to the host, so the device never
-        holds two layers whole (the host holds the whole state, as a consolidated checkpoint does)."""
+        holds two layers whole (the host holds the whole state, as a consolidated checkpoint does).
+
+        ``sharded``: where parameters are sharded, this rank's parts only (no collective, no whole layer), to be
+        written by every rank and loaded by the same rank of the same world size."""
+        if sharded and self.access.shards_parameters:
+            return self._local_state_dict()
         host = self.access.shards_parameters
 
         def saved(t: Optional[Tensor]) -> Optional[Tensor]:
@@ -317,10 +322,42 @@ class Pruner:
             },
         }
 
+    def _local_state_dict(self) -> Dict[str, Any]:
+        """This rank's masks and scores as it holds them (rows, flat slices), on the host."""
+        def saved(t: Optional[Tensor]) -> Optional[Tensor]:
+            return None if t is None else t.detach().to("cpu", copy=True)
+
+        return {
+            "version": STATE_VERSION,
+            "sharded": {"world": _world(), "rank": _rank()},
+            "layers": {
+                l.name: {
+                    "shape": tuple(full_shape(l.weight)),
+                    "pattern": str(l.target.settings.pattern),
+                    "mask": saved(l.mask),
+                    "fingerprint": None if l.mask is None else l.fingerprint(),  # of the whole mask
+                    "bias_mask": saved(l.bias_mask),
+                    "state": saved(l.state),
+                    "ranked": saved(l.ranked),
+                    "learned_active": False,  # topk is refused where parameters are sharded
+                }
+                for l in self.layers
+            },
+        }
+
     def load_state_dict(self, sd: Dict[str, Any]) -> None:
         if not isinstance(sd, dict) or sd.get("version") != STATE_VERSION or "layers" not in sd:
             raise StateDictError("not a slimtorch pruning state_dict (expected the dict PruningCallbacks.state_dict() "
                                  "returns)")
+        local = sd.get("sharded") is not None
+        if local:
+            theirs, here = sd["sharded"], {"world": _world(), "rank": _rank()}
+            if theirs != here or not self.access.shards_parameters:
+                raise StateDictError(
+                    f"this pruning state holds the parts of rank {theirs['rank']} of {theirs['world']} (saved with "
+                    f"state_dict(sharded=True)); here is rank {here['rank']} of {here['world']}"
+                    f"{'' if self.access.shards_parameters else ' without sharded parameters'}. Load each rank's own "
+                    "file with the same world size and sharding, or save with state_dict() (whole masks) to reshard")
         saved = sd["layers"]
         ours = {l.name: l for l in self.layers}
         if set(saved) != set(ours):
@@ -337,10 +374,22 @@ class Pruner:
                                      f" differ from the model's {shape} / "
                                      f"{layer.target.settings.pattern}")
             device = layer.weight.device
+            if local:  # this rank's own parts, saved by this rank
+                layer.mask = None if entry["mask"] is None else entry["mask"].to(device).clone()
+                layer.state = None if entry["state"] is None else entry["state"].to(device).clone()
+                layer.bias_mask = None if entry["bias_mask"] is None else entry["bias_mask"].to(device).clone()
+                layer.fingerprint_of_full = None if entry["fingerprint"] is None else tuple(entry["fingerprint"])
+                layer.ranked = None if entry.get("ranked") is None else entry["ranked"].to(device).clone()
+                layer.row_keeps = {}
+                layer._cast = None
+                continue
             layer.mask = None if entry["mask"] is None else self.access.shard_of(layer.weight,
                                                                                   entry["mask"].to(device).clone())
             layer.bias_mask = None if entry["bias_mask"] is None else entry["bias_mask"].to(device).clone()
-            layer.fingerprint_of_full = None
+            # the cross-rank check compares whole masks: a rank holding part of one keeps the whole one's fingerprint
+            sharded_mask = entry["mask"] is not None and self.access.shards_parameters
+            layer.fingerprint_of_full = mask_fingerprint(entry["mask"]) if sharded_mask else None
+            layer.row_keeps = {}
             layer.state = (None if entry["state"] is None
                            else self.access.local_scores(layer.weight, entry["state"].to(device).clone()))
             layer.ranked = None if entry.get("ranked") is None else entry["ranked"].to(device).clone()
@@ -353,6 +402,14 @@ class Pruner:
         self.apply_masks()
 
 
+
+
+def _world() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
 
 def _mask_rows(layer: LayerState, param: Tensor) -> Tensor:

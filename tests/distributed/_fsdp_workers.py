@@ -171,9 +171,10 @@ def _full_state(model):
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def resume(rank: int, world: int, init_file: str, out_dir: str, resume_at: int) -> None:
+def resume(rank: int, world: int, init_file: str, out_dir: str, resume_at: int, per_rank: bool = False) -> None:
     """An uninterrupted run, then a run checkpointed after ``resume_at`` updates with torch.distributed.checkpoint
-    (sharded model and optimizer state) plus the pruning state, rebuilt from scratch, loaded and continued."""
+    (sharded model and optimizer state) plus the pruning state, rebuilt from scratch, loaded and continued.
+    ``per_rank``: every rank saves and loads its own parts (``state_dict(sharded=True)``), else rank 0 the whole."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
         get_model_state_dict,
@@ -194,9 +195,9 @@ def resume(rank: int, world: int, init_file: str, out_dir: str, resume_at: int) 
                 if mode == "resumed" and i == resume_at:
                     dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
                              checkpoint_id=f"{out_dir}/dcp")
-                    pruning = cb.state_dict()  # collective: whole masks and scores
-                    if rank == 0:
-                        torch.save(pruning, f"{out_dir}/pruning.pt")
+                    pruning = cb.state_dict(sharded=per_rank)  # whole: a collective; per rank: local parts
+                    if per_rank or rank == 0:
+                        torch.save(pruning, f"{out_dir}/pruning{rank if per_rank else ''}.pt")
                     torch.distributed.barrier()
                     cb.finalize()
                     model, opt, cb = _sharded("llama", mesh)
@@ -204,7 +205,7 @@ def resume(rank: int, world: int, init_file: str, out_dir: str, resume_at: int) 
                     dcp.load(state, checkpoint_id=f"{out_dir}/dcp")
                     set_model_state_dict(model, state["model"])
                     set_optimizer_state_dict(model, opt, state["optim"])
-                    cb.load_state_dict(torch.load(f"{out_dir}/pruning.pt"))
+                    cb.load_state_dict(torch.load(f"{out_dir}/pruning{rank if per_rank else ''}.pt"))
                 loss = model(**share(batch, rank, world)).loss
                 opt.zero_grad()
                 loss.backward()

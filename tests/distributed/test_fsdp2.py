@@ -63,11 +63,13 @@ def test_what_fsdp2_cannot_serve_is_refused_on_every_rank(tmp_path):
                                      "placements (Replicate(),)"), replicated
 
 
-def test_fsdp2_resumes_bitwise_from_a_distributed_checkpoint_and_consolidates_the_zeros(tmp_path):
+@pytest.mark.parametrize("per_rank", [False, True])
+def test_fsdp2_resumes_bitwise_from_a_distributed_checkpoint_and_consolidates_the_zeros(tmp_path, per_rank):
     """torch.distributed.checkpoint (sharded model and optimizer) plus the callbacks' state, saved after 3 updates
     (mid-schedule: masks are recomputed at 0, 2, 4 and 6) and loaded into a fresh sharded model: the rest of the run
-    is bitwise the uninterrupted one's. The consolidated (full) state dict holds exactly the pruned zeros."""
-    spawn(F.resume, tmp_path, 3)
+    is bitwise the uninterrupted one's, with the pruning state whole (rank 0's file) or each rank's own parts. The
+    consolidated (full) state dict holds exactly the pruned zeros."""
+    spawn(F.resume, tmp_path, 3, per_rank)
     for rank in range(WORLD):
         run = torch.load(tmp_path / f"rank{rank}.pt")
         straight, resumed = run["straight"], run["resumed"]

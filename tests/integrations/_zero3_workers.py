@@ -3,6 +3,8 @@ through ``slimtorch.deepspeed.initialize`` with ``zero_optimization.stage`` 3, h
 children). The models, batches, losses and the one-process reference are the FSDP2 tests' (``_fsdp_workers``)."""
 from __future__ import annotations
 
+import os
+
 import torch
 
 import slimtorch as st
@@ -75,6 +77,7 @@ def resume(rank: int, world: int, init_file: str, out_dir: str, resume_at: int) 
             for i, batch in enumerate(data):
                 if mode == "resumed" and i == resume_at:
                     eng.save_checkpoint(f"{out_dir}/mid", tag="mid")
+                    outcome["rank_file"] = os.path.isfile(f"{out_dir}/mid/mid/slimtorch_pruning_rank{rank}.pt")
                     cb.finalize()
                     eng, cb = engine("llama", "2:4", GLOBAL // world, stage3_param_persistence_threshold=0)
                     eng.load_checkpoint(f"{out_dir}/mid", tag="mid")

@@ -78,12 +78,14 @@ def test_zero3_with_split_batches_keeps_the_ranks_identical(tmp_path):
 
 
 def test_zero3_resumes_bitwise_from_the_engines_checkpoint(tmp_path):
-    """engine.save_checkpoint after 3 updates (mid-schedule: masks are recomputed at 0, 2, 4 and 6) carries the
-    pruning state in its client_state; a fresh engine that loads it continues bitwise as the uninterrupted run."""
+    """engine.save_checkpoint after 3 updates (mid-schedule: masks are recomputed at 0, 2, 4 and 6) writes each
+    rank's part of the pruning state beside ZeRO's partitions; a fresh engine that loads the checkpoint continues
+    bitwise as the uninterrupted run."""
     spawn(Z.resume, tmp_path, 3, timeout=600)
     for rank in range(WORLD):
         run = torch.load(tmp_path / f"rank{rank}.pt")
         straight, resumed = run["straight"], run["resumed"]
+        assert run["rank_file"]
         assert straight["masks"] and straight["masks"].keys() == resumed["masks"].keys()
         for name, mask in straight["masks"].items():
             assert torch.equal(mask, resumed["masks"][name]), (rank, name)

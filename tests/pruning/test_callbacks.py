@@ -275,6 +275,11 @@ def test_lifecycle_misuse_is_a_clear_error():
         cb.load_state_dict(other.state_dict())
     with pytest.raises(st.ConfigError, match="torch.nn.Module"):
         st.prepare_pruning("model", config())
+    assert "sharded" not in cb.state_dict(sharded=True)["pruner"]  # unsharded parameters: the whole state
+    one_rank_of_two = cb.state_dict()
+    one_rank_of_two["pruner"]["sharded"] = {"world": 2, "rank": 1}  # what rank 1 of an FSDP2/ZeRO-3 run writes
+    with pytest.raises(st.StateDictError, match=r"parts of rank 1 of 2 .* here is rank 0 of 1"):
+        cb.load_state_dict(one_rank_of_two)
 
 
 def test_disabled_config_warns_and_prunes_nothing():
