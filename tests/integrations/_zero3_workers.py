@@ -14,8 +14,12 @@ from tests.integrations import _ds_workers as D
 GLOBAL = 8  # sequences per update (F.batches)
 
 
-def ds_config(micro_batch: int, **zero):
-    return {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": 1,
+def ds_config(micro_batch: int, offload: bool = False, **zero):
+    # offload: the fp32 masters, their gradients and the optimizer's state in host memory, stepped by a torch optimizer
+    extra = {"zero_force_ds_cpu_optimizer": False} if offload else {}
+    if offload:
+        zero = {**zero, "offload_optimizer": {"device": "cpu"}}
+    return {**extra, "train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": 1,
             # memory_efficient_linear (DeepSpeed's default: on) computes Linear layers with a bias as a matmul then an
             # add, whose rounding differs from F.linear's fused addmm: off, the forward is one process's
             "zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True,
@@ -24,12 +28,12 @@ def ds_config(micro_batch: int, **zero):
             "zero_allow_untested_optimizer": True, "steps_per_print": 10 ** 6, "wall_clock_breakdown": False}
 
 
-def engine(arch: str, pattern: str, micro_batch: int, scope: str = "local", **zero):
+def engine(arch: str, pattern: str, micro_batch: int, scope: str = "local", offload: bool = False, **zero):
     """The seeded model under a ZeRO-3 engine with SGD (elementwise: the partitions step as one process does)."""
     torch.manual_seed(0)
     model = F.build(arch)
     opt = torch.optim.SGD(model.parameters(), lr=F.LR, momentum=0.9)
-    config = {**ds_config(micro_batch, **zero), **F.config(pattern, scope=scope)}
+    config = {**ds_config(micro_batch, offload, **zero), **F.config(pattern, scope=scope)}
     eng, _, _, _, cb = st.deepspeed.initialize(model=model, optimizer=opt, config=config, dist_init_required=False)
     return eng, cb
 
@@ -39,7 +43,7 @@ def _whole_masks(cb):
 
 
 def train(rank: int, world: int, init_file: str, out_dir: str, arch: str, pattern: str, same_batch: bool,
-          persistence: int = 100000, scope: str = "local") -> None:
+          persistence: int = 100000, scope: str = "local", offload: bool = False) -> None:
     """UPDATES updates; whole masks after every one; the engine's checkpoint, its 16-bit model and the report.
 
     ``same_batch``: every rank takes the whole global batch, so ZeRO-3's averaged gradient is one process's
@@ -47,7 +51,7 @@ def train(rank: int, world: int, init_file: str, out_dir: str, arch: str, patter
     elements whole on every rank between forwards (100000 is DeepSpeed's default: the tiny Llama's all are)."""
     D._init(rank, world, init_file)
     try:
-        eng, cb = engine(arch, pattern, GLOBAL if same_batch else GLOBAL // world, scope,
+        eng, cb = engine(arch, pattern, GLOBAL if same_batch else GLOBAL // world, scope, offload,
                          stage3_param_persistence_threshold=persistence)
         steps = []
         for batch in F.batches(arch):

@@ -16,14 +16,17 @@ def _ranks(tmp_path):
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
-@pytest.mark.parametrize("arch,pattern,persistence,scope", [
-    ("llama", "2:4", 100000, "local"),  # DeepSpeed's default: every tiny-Llama parameter stays whole between forwards
-    ("llama", "4x1", 0, "local"),       # every parameter partitioned
-    ("llama", "4x1", 0, "global"),      # one ranking across the layers, from units gathered one layer at a time
-    pytest.param("minilm", "2:4", 100000, "local", marks=pytest.mark.slow),
-    pytest.param("minilm", "4x1", 100000, "local", marks=pytest.mark.slow),
+@pytest.mark.parametrize("arch,pattern,persistence,scope,offload", [
+    # DeepSpeed's default persistence: every tiny-Llama parameter stays whole between forwards
+    ("llama", "2:4", 100000, "local", False),
+    ("llama", "4x1", 0, "local", False),       # every parameter partitioned
+    ("llama", "4x1", 0, "global", False),      # one ranking across the layers, from units gathered layer by layer
+    ("llama", "2:4", 0, "local", True),        # fp32 masters and optimizer state offloaded to host memory
+    pytest.param("minilm", "2:4", 100000, "local", False, marks=pytest.mark.slow),
+    pytest.param("minilm", "4x1", 100000, "local", False, marks=pytest.mark.slow),
 ])
-def test_zero3_masks_match_one_process_and_checkpoints_hold_the_zeros(arch, pattern, persistence, scope, tmp_path):
+def test_zero3_masks_match_one_process_and_checkpoints_hold_the_zeros(arch, pattern, persistence, scope, offload,
+                                                                       tmp_path):
     """Every rank on the whole global batch: whole masks after every update equal on both ranks and one process's;
     each rank keeps its slice; the engine's 16-bit model and zero_to_fp32's consolidation hold exactly the zeros.
 
@@ -32,7 +35,7 @@ def test_zero3_masks_match_one_process_and_checkpoints_hold_the_zeros(arch, patt
     relative, measured on the tiny Llama), so on all-MiniLM-L6-v2 near-ties flip: 84 of 10.6 million mask entries
     after 8 updates (24,174 with DeepSpeed's memory_efficient_linear on, whose Linear rounds differently; the
     workers turn it off). The weights both runs keep agree within rtol 1e-5."""
-    spawn(Z.train, tmp_path, arch, pattern, True, persistence, scope, timeout=600)
+    spawn(Z.train, tmp_path, arch, pattern, True, persistence, scope, offload, timeout=600)
     ranks = _ranks(tmp_path)
     one, weights = F.one_process(arch, pattern, scope)
     differing = total = 0
