@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .distributed import unwrap
-from .pruner import Pruner
+from .pruner import LayerState, Pruner
 from .targets import TargetPlan
 
 
@@ -50,6 +50,16 @@ def plan_of(model: nn.Module) -> Optional[TargetPlan]:
     model = unwrap(model)
     active = _ACTIVE.get(model)
     return active.plan if active is not None else _FINALIZED.get(model)
+
+
+def pruned_layers_of(model: nn.Module) -> Dict[str, LayerState]:
+    """The layers of ``model``'s active callbacks that hold a mask, by name (their whole masks are
+    ``layer.full_mask()``: a collective where the weights are sharded, so fetch them in the same order on every
+    rank)."""
+    active = _ACTIVE.get(unwrap(model))
+    if active is None:
+        return {}
+    return {l.name: l for l in active.pruner.layers if l.mask is not None}
 
 
 def masks_of(model: nn.Module) -> Dict[str, torch.Tensor]:

@@ -11,7 +11,7 @@ from ..config.patterns import NMPattern
 from . import masks
 from .access import whole
 from .distributed import unwrap
-from .registry import is_active, learned_masks_of, masks_of, plan_of
+from .registry import is_active, learned_masks_of, plan_of, pruned_layers_of
 from .targets import layer_layout, supported_layers
 
 
@@ -114,7 +114,7 @@ def sparsity_report(model: nn.Module) -> SparsityReport:
     plan = plan_of(model)
     targets = {t.name: t for t in plan.layers} if plan else {}
     left_out = {lo.name: lo.reason for lo in plan.left_out} if plan else {}
-    live = masks_of(model)
+    live = pruned_layers_of(model)  # whole masks fetched per layer below: one layer whole at a time
     learned = learned_masks_of(model)
     plan_is_active = is_active(model)
     rows = []
@@ -135,7 +135,7 @@ def sparsity_report(model: nn.Module) -> SparsityReport:
                                     f"{_note(target)}; topk mask applied in forward, zeros written at finalize()",
                                     target.settings.scope, None))
             continue
-        mask = live.get(name)
+        mask = live[name].full_mask() if name in live else None
         if mask is None and plan_is_active:
             rows.append(LayerReport(name, tuple(weight.shape), str(target.settings.pattern),
                                     target.settings.target_sparsity, sparsity, None,
