@@ -74,9 +74,10 @@ class ZeRO3Access(DeepSpeedAccess):
         world, _, length = _split(param)
         dtype = local.dtype
         sent = local.reshape(-1).to(torch.uint8) if dtype == torch.bool else local.reshape(-1).contiguous()
-        parts = [torch.empty_like(sent) for _ in range(world)]
-        torch.distributed.all_gather(parts, sent, group=getattr(param, "ds_process_group", None))
-        whole = torch.cat(parts)[:param.ds_numel].view(param.ds_shape)
+        # the slices land in the rows of one buffer: the whole layer once (padded), no second copy to concatenate
+        buffer = sent.new_empty((world, length))
+        torch.distributed.all_gather(list(buffer.unbind(0)), sent, group=getattr(param, "ds_process_group", None))
+        whole = buffer.view(-1)[:param.ds_numel].view(param.ds_shape)
         return whole.to(dtype)
 
     def _reduced_grad(self, weight: Tensor) -> Optional[Tensor]:
