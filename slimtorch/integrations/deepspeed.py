@@ -15,8 +15,9 @@ them:
 
 At ZeRO 1-3 no update communicates for pruning: scores are element-wise, so each rank scores the gradient
 fragment it owns, and the shares are summed (ZeRO 1/2: one all-reduce per layer, exact) or gathered (ZeRO-3, with
-the layer's weight) only when a mask is computed and in ``state_dict``. Gathering each layer's full gradient every update, as ``safe_get_full_grad`` does, would add an
-all-reduce of every pruned weight per update, more traffic than ZeRO's own gradient reduction.
+the layer's weight) only when a mask is computed and in ``state_dict``. Gathering each layer's full gradient every
+update, as ``safe_get_full_grad`` does, would add an all-reduce of every pruned weight per update, more traffic than
+ZeRO's own gradient reduction.
 
 Gradients are read at the accumulation boundary, after ``engine.backward`` reduced them and before DeepSpeed's
 optimizer unscales and applies them (where clipping happens differs per stage: docs/deepspeed.md); under fp16,
