@@ -32,9 +32,9 @@ def test_zero3_masks_match_one_process_and_checkpoints_hold_the_zeros(arch, patt
 
     The tiny Llama's masks are bitwise one process's. The engine's arithmetic is not exactly one process's: the loss
     and the last layers' gradients are bitwise equal, but attention's gradients differ in the last bits (about 3e-7
-    relative, measured on the tiny Llama), so on all-MiniLM-L6-v2 near-ties flip: 84 of 10.6 million mask entries
-    after 8 updates (24,174 with DeepSpeed's memory_efficient_linear on, whose Linear rounds differently; the
-    workers turn it off). The weights both runs keep agree within rtol 1e-5."""
+    relative, measured on the tiny Llama), so on all-MiniLM-L6-v2 near-ties flip in 2:4: 84 of 10.6 million mask
+    entries after 8 updates (24,174 with DeepSpeed's memory_efficient_linear on, whose Linear rounds differently;
+    the workers turn it off); its 4x1 masks came out bitwise. The weights both runs keep agree within rtol 1e-5."""
     spawn(Z.train, tmp_path, arch, pattern, True, persistence, scope, offload, timeout=600)
     ranks = _ranks(tmp_path)
     one, weights = F.one_process(arch, pattern, scope)
