@@ -174,6 +174,7 @@ def main() -> None:
             if dtype == "fp32":
                 fp32_norm = pruned["score_norm"]
             rows.append({"stage": stage, "dtype": dtype, **pruned, "dense_ms": dense["ms"],
+                         "dense_loss_last": dense["loss_last"],
                          "overhead": pruned["ms"] / dense["ms"],
                          "score_vs_fp32": pruned["score_norm"] / fp32_norm if fp32_norm else None})
     if dist.get_rank() == 0:
@@ -181,14 +182,15 @@ def main() -> None:
               f"{dist.get_world_size()}, BERT {args.layers}x{args.hidden}, micro-batch {args.micro}x{args.seq}, "
               f"{args.updates} updates, DeepSpeed {__import__('deepspeed').__version__}, torch {torch.__version__}")
         print("| ZeRO | dtype | pruned layers | sparsity | 2:4 ok | master zeros | ranks equal | score norm / fp32 "
-              "| skipped (no-grad warnings) | loss first -> last | ms/update pruned | dense | ratio |")
+              "| skipped (no-grad warnings) | loss first -> last (dense last) | ms/update pruned | dense | ratio |")
         print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in rows:
             ratio = "-" if r["score_vs_fp32"] is None else f"{r['score_vs_fp32']:.3f}"
             print(f"| {r['stage']} | {r['dtype']} | {r['layers']} | {r['sparsity']:.4f} | {r['pattern_ok']} | "
                   f"{r['master_zeros']} | {r['ranks_equal']} | {ratio} | {r['skipped']} ({r['no_grad_warnings']}) | "
                   f"{r['loss_first']:.3f} -> "
-                  f"{r['loss_last']:.3f} | {r['ms']:.1f} | {r['dense_ms']:.1f} | {r['overhead']:.2f} |")
+                  f"{r['loss_last']:.3f} ({r['dense_loss_last']:.3f}) | {r['ms']:.1f} | {r['dense_ms']:.1f} | "
+                  f"{r['overhead']:.2f} |")
         if args.out:
             args.out.write_text(json.dumps(rows, indent=1))
     dist.barrier()
