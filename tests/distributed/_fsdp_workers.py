@@ -59,6 +59,19 @@ def batches(arch: str):
     return P.batches(0, UPDATES)
 
 
+def masks_against_one_process(rank0_steps, rank1_steps, one):
+    """Assert that both ranks hold the same whole masks after every update (and the same layers as one process);
+    return (mask entries differing from one process's, all entries), summed over the updates."""
+    differing = total = 0
+    for update, (a, b, o) in enumerate(zip(rank0_steps, rank1_steps, one)):
+        assert a.keys() == b.keys() == o.keys() and o, update
+        for name in o:
+            assert torch.equal(a[name], b[name]), (update, name)
+            differing += int((a[name] != o[name]).sum())
+            total += o[name].numel()
+    return differing, total
+
+
 def share(batch, rank: int, world: int):
     n = batch["input_ids"].shape[0] // world
     return {k: v[rank * n:(rank + 1) * n] for k, v in batch.items()}

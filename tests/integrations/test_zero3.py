@@ -38,13 +38,7 @@ def test_zero3_masks_match_one_process_and_checkpoints_hold_the_zeros(arch, patt
     spawn(Z.train, tmp_path, arch, pattern, True, persistence, scope, offload, timeout=600)
     ranks = _ranks(tmp_path)
     one, weights = F.one_process(arch, pattern, scope)
-    differing = total = 0
-    for update, (a, b, o) in enumerate(zip(ranks[0]["steps"], ranks[1]["steps"], one)):
-        assert a.keys() == b.keys() == o.keys() and o, update
-        for name in o:
-            assert torch.equal(a[name], b[name]), (update, name)
-            differing += int((a[name] != o[name]).sum())
-            total += o[name].numel()
+    differing, total = F.masks_against_one_process(ranks[0]["steps"], ranks[1]["steps"], one)
     if arch == "llama":
         assert differing == 0
     assert differing <= 1e-4 * total, (differing, total)
@@ -70,12 +64,7 @@ def test_zero3_with_split_batches_keeps_the_ranks_identical(tmp_path):
     spawn(Z.train, tmp_path, "llama", "2:4", False, 0, timeout=600)
     ranks = _ranks(tmp_path)
     one, _ = F.one_process("llama", "2:4")
-    differing = total = 0
-    for a, b, o in zip(ranks[0]["steps"], ranks[1]["steps"], one):
-        for name in o:
-            assert torch.equal(a[name], b[name]), name
-            differing += int((a[name] != o[name]).sum())
-            total += o[name].numel()
+    differing, total = F.masks_against_one_process(ranks[0]["steps"], ranks[1]["steps"], one)
     assert differing <= 1e-3 * total, (differing, total)
     assert all(valid for _, p, _, valid in ranks[0]["report"] if p is not None)
     print(f"split batches: {differing} of {total} mask entries differ from one process over {len(one)} updates")
