@@ -422,7 +422,7 @@ def _mask_rows(layer: LayerState, param: Tensor) -> Tensor:
         cached = (layer.bias_mask, layer.access.shard_of(param, layer.bias_mask.to(local.device)))
         layer.row_keeps[id(param)] = cached
     keep = cached[1]
-    local.mul_(keep.to(local.dtype))
+    local.mul_(keep.to(device=local.device, dtype=local.dtype))  # the model may have moved since (model.to)
     return keep
 
 
