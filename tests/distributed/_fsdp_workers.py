@@ -269,6 +269,20 @@ def track_whole_tensors(access_cls):
     return peak
 
 
+def check_one_layer_whole(out_dir, world: int, num_layers: int) -> None:
+    """Assert what ``memory`` (FSDP2) or the ZeRO-3 one recorded on every rank: at most one layer's whole tensors
+    alive at once, at most its float32 weight and scores; print the figures."""
+    import pathlib
+
+    for rank in range(world):
+        m = torch.load(pathlib.Path(out_dir) / f"rank{rank}.pt")
+        assert m["layers"] == num_layers * 7
+        assert m["peak_layers"] == 1, m
+        assert m["peak_bytes"] <= 2 * m["largest_layer_bytes"], m  # weight + scores, float32
+        print(f"rank {rank}: shard {m['shard_bytes'] / 1e6:.2f} MB; at most {m['peak_bytes'] / 1e6:.3f} MB of whole "
+              f"tensors during mask updates (largest layer {m['largest_layer_bytes'] / 1e6:.3f} MB)")
+
+
 def memory(rank: int, world: int, init_file: str, out_dir: str, num_layers: int, scope: str = "local") -> None:
     """A 16-layer tiny Llama under FSDP2: how many layers' whole tensors (gathered weights, scores, masks) are alive
     at once during the mask updates, and the most bytes they hold, beside the shard each rank keeps."""

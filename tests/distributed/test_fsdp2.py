@@ -88,10 +88,4 @@ def test_a_mask_update_holds_one_layer_whole_at_a_time(tmp_path, scope):
     layers' units (1/4 of the scores for 2:4), gathering each layer for them and again for its mask. The same while
     the pruning state of a checkpoint is gathered."""
     spawn(F.memory, tmp_path, 16, scope)
-    for rank in range(WORLD):
-        m = torch.load(tmp_path / f"rank{rank}.pt")
-        assert m["layers"] == 16 * 7
-        assert m["peak_layers"] == 1, m
-        assert m["peak_bytes"] <= 2 * m["largest_layer_bytes"], m  # weight + scores, float32
-        print(f"rank {rank}: shard {m['shard_bytes'] / 1e6:.2f} MB; at most {m['peak_bytes'] / 1e6:.3f} MB of whole "
-              f"tensors during mask updates (largest layer {m['largest_layer_bytes'] / 1e6:.3f} MB)")
+    F.check_one_layer_whole(tmp_path, WORLD, 16)

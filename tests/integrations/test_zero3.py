@@ -95,13 +95,7 @@ def test_a_zero3_mask_update_holds_one_layer_whole_at_a_time(tmp_path, scope):
     never more: counted on every whole tensor the ZeRO-3 access gathers, on a 16-layer tiny Llama (global scope:
     units of every layer, whole tensors of one), and while the pruning state of a checkpoint is gathered."""
     spawn(Z.memory, tmp_path, 16, scope, timeout=600)
-    for rank in range(WORLD):
-        m = torch.load(tmp_path / f"rank{rank}.pt")
-        assert m["layers"] == 16 * 7
-        assert m["peak_layers"] == 1, m
-        assert m["peak_bytes"] <= 2 * m["largest_layer_bytes"], m  # weight + scores, float32
-        print(f"rank {rank}: partition {m['shard_bytes'] / 1e6:.2f} MB; at most {m['peak_bytes'] / 1e6:.3f} MB of "
-              f"whole tensors during mask updates (largest layer {m['largest_layer_bytes'] / 1e6:.3f} MB)")
+    F.check_one_layer_whole(tmp_path, WORLD, 16)
 
 
 def test_what_zero3_cannot_serve_is_refused_on_every_rank(tmp_path):
