@@ -40,10 +40,11 @@ from ..config import load_config
 from ..config.loader import SECTIONS, read_document
 from ..errors import ConfigError, SlimError, StateDictError, UnsupportedModelError
 from ..pruning.callbacks import PruningCallbacks, prepare_for_engine
-from ..pruning.distributed import refuse_sharded
+from ..pruning.distributed import check_same_plan, failed_on, refuse_sharded
 from ..pruning.drivers import wrap_step
 from ..pruning.pruner import rank_at_prepare
 from ..pruning.structured_targets import attach_learned_scores, plan_training
+from ..ranks import raise_everywhere
 from .zero3 import ZeRO3Access, access_for
 
 #: key of the pruning state inside the ``client_state`` of DeepSpeed checkpoints
@@ -65,19 +66,22 @@ def initialize(args: Any = None, model: Optional[nn.Module] = None, optimizer: A
     config has no pruning section (sparse_pruning, row_pruning, head_pruning, channel_pruning).
     """
     deepspeed = _import_deepspeed()
-    if not isinstance(model, nn.Module):
-        raise ConfigError(f"slimtorch.deepspeed.initialize: model must be a torch.nn.Module, got "
-                          f"{type(model).__name__}")
-    source, args = _config_source(args, config, config_params)
-    document = read_document(source)
-    compression = load_config(document)  # a bad compression section fails before DeepSpeed builds anything
-    deepspeed_config = {k: v for k, v in document.items() if k not in SECTIONS}
-    pruning = compression.has_training_pruning
+    failure: Optional[Exception] = None
+    try:  # the checks of this rank, none collective; the ranks agree on their outcome below
+        args, compression, deepspeed_config, plan = _checked_arguments(args, model, config, config_params)
+        pruning = compression.has_training_pruning
+        if pruning:
+            _learned_scores_before_the_engine(model, compression, model_parameters, optimizer)
+    except Exception as error:  # noqa: BLE001  (whatever fails here, the other ranks must hear of it)
+        failure = error
+    _init_distributed(deepspeed, dist_init_required, deepspeed_kwargs, failure)
+    raise_everywhere(failure, failed_on("slimtorch.deepspeed.initialize"))  # a hang inside DeepSpeed otherwise
+    if failure is not None:
+        raise failure
     ranked = None
     if pruning:
-        _check_supported(deepspeed_config, model, compression)
+        check_same_plan([] if plan is None else plan.layers, compression, "slimtorch.deepspeed.initialize")
         ranked = rank_before_the_engine(model, compression)
-        _learned_scores_before_the_engine(model, compression, model_parameters, optimizer)
     engine, ds_optimizer, dataloader, scheduler = deepspeed.initialize(
         args=args, model=model, optimizer=optimizer, model_parameters=model_parameters, training_data=training_data,
         lr_scheduler=lr_scheduler, mpu=mpu, dist_init_required=dist_init_required, collate_fn=collate_fn,
@@ -93,6 +97,44 @@ def initialize(args: Any = None, model: Optional[nn.Module] = None, optimizer: A
         drive_from_optimizer_step(engine.optimizer, callbacks)  # engine.step() steps it once per update
         _keep_in_checkpoints(engine, callbacks)
     return engine, ds_optimizer, dataloader, scheduler, callbacks
+
+
+def _checked_arguments(args: Any, model: Any, config: Any, config_params: Any) -> Tuple[Any, Any, Dict[str, Any], Any]:
+    """``(args, compression config, DeepSpeed's own config, pruning plan or None)``, or the error of a bad argument,
+    config or model: every check that needs no communication, so that a bad compression section fails before
+    DeepSpeed builds anything."""
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"slimtorch.deepspeed.initialize: model must be a torch.nn.Module, got "
+                          f"{type(model).__name__}")
+    source, args = _config_source(args, config, config_params)
+    document = read_document(source)
+    compression = load_config(document)
+    deepspeed_config = {k: v for k, v in document.items() if k not in SECTIONS}
+    plan = None
+    if compression.has_training_pruning:
+        _check_supported(deepspeed_config, model, compression)
+        if compression.prunes_in_training:
+            plan = plan_training(model, compression)
+    return args, compression, deepspeed_config, plan
+
+
+def _init_distributed(deepspeed: Any, dist_init_required: Optional[bool], deepspeed_kwargs: Dict[str, Any],
+                      failure: Optional[Exception]) -> None:
+    """What ``deepspeed.initialize`` does first (``deepspeed.init_distributed``), done before the ranks agree on
+    their checks; nothing when torch.distributed is initialized already. When it fails, this rank's own failure
+    (if any) is the error the user needs."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return
+    from deepspeed.accelerator import get_accelerator
+
+    try:
+        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
+                                   distributed_port=deepspeed_kwargs.get("distributed_port", 29500),
+                                   dist_init_required=dist_init_required)
+    except Exception:
+        if failure is not None:
+            raise failure from None
+        raise
 
 
 def rank_before_the_engine(model: nn.Module, compression: Any) -> Optional[Dict[str, Tensor]]:

@@ -26,6 +26,7 @@ from ..config import load_config
 from ..config.loader import ConfigSource
 from ..errors import ConfigError, LifecycleError, StateDictError, UnsupportedModelError
 from ..pruning.callbacks import PruningCallbacks, prepare_for_engine
+from ..pruning.distributed import agree
 from ..pruning.structured_targets import attach_learned_scores
 
 #: file written next to each Trainer checkpoint (``<output_dir>/checkpoint-N/``)
@@ -47,18 +48,21 @@ class PruningCallback(TrainerCallback):
 
     def __init__(self, config: ConfigSource, finalize_at_end: bool = True,
                  resume_from: Union[None, bool, PathLike] = None):
-        if not hasattr(TrainerCallback, "on_pre_optimizer_step"):
-            raise UnsupportedModelError(
-                f"PruningCallback: transformers {_transformers_version()} has no on_pre_optimizer_step event, "
-                "which the callback needs to read each update's gradients; use transformers 4.45 or later")
-        self.config = load_config(config)  # a bad config is an error now, before the Trainer touches the model
-        if not self.config.has_training_pruning:
-            raise ConfigError("PruningCallback: the config has no compression_training pruning section "
-                              "(sparse_pruning, row_pruning, head_pruning or channel_pruning); add one (see "
-                              "docs/config.md) or leave the callback out")
-        if resume_from is True:
-            raise ConfigError("PruningCallback(resume_from=True): pass None (find the state in the checkpoint the "
-                              "Trainer resumes from), a checkpoint folder, or False (start the schedule afresh)")
+        # under torch.distributed already (TrainingArguments made first): a check failing on one rank fails on all
+        with agree("PruningCallback"):
+            if not hasattr(TrainerCallback, "on_pre_optimizer_step"):
+                raise UnsupportedModelError(
+                    f"PruningCallback: transformers {_transformers_version()} has no on_pre_optimizer_step event, "
+                    "which the callback needs to read each update's gradients; use transformers 4.45 or later")
+            self.config = load_config(config)  # a bad config is an error now, before the Trainer touches the model
+            if not self.config.has_training_pruning:
+                raise ConfigError("PruningCallback: the config has no compression_training pruning section "
+                                  "(sparse_pruning, row_pruning, head_pruning or channel_pruning); add one (see "
+                                  "docs/config.md) or leave the callback out")
+            if resume_from is True:
+                raise ConfigError("PruningCallback(resume_from=True): pass None (find the state in the checkpoint "
+                                  "the Trainer resumes from), a checkpoint folder, or False (start the schedule "
+                                  "afresh)")
         self.finalize_at_end = finalize_at_end
         self.resume_from = resume_from
         self.callbacks: Optional[PruningCallbacks] = None  # set at on_train_begin

@@ -27,10 +27,10 @@ from torch import nn
 
 from ..config import CompressionConfig, load_config
 from ..config.loader import ConfigSource
-from ..errors import ConfigError, LifecycleError, SlimError, UnsupportedModelError
+from ..errors import ConfigError, LifecycleError, UnsupportedModelError
 from . import drivers, registry
 from .access import ParamAccess
-from .distributed import check_same_plan, refuse_sharded, unwrap
+from .distributed import agree, check_same_plan, refuse_sharded, unwrap
 from .fsdp import FSDP2Access, is_fsdp2
 from .lifecycle import PruningLifecycle
 from .pruner import Pruner
@@ -67,6 +67,20 @@ def prepare_for_engine(model: nn.Module, config: ConfigSource, *, optimizer: Opt
     so the explicit hooks refuse to be called as well; ``ranked`` holds prepare-time rankings made before the
     engine cast the weights (``pruner.rank_at_prepare``)."""
     model = unwrap(model)  # a torch.compile'd model shares its parameters with the original module
+    with agree("prepare_pruning"):  # under torch.distributed a check failing on one rank raises on every rank
+        cfg, plan, access = _checked_plan(model, config, access)
+    check_same_plan(plan.layers, cfg)  # under torch.distributed: every rank must prune the same layers alike
+    for line in cfg.notes + tuple(describe_training(plan, cfg) if plan.layers else ()):
+        logger.info("slimtorch prepare_pruning: %s", line)
+    callbacks = PruningCallbacks(model, cfg, plan, optimizer, access=access, accumulate=accumulate, driver=driver,
+                                 hands_free=hands_free, ranked=ranked)
+    registry.register(model, callbacks.plan, callbacks.pruner)
+    return callbacks
+
+
+def _checked_plan(model: nn.Module, config: ConfigSource,
+                  access: Optional[ParamAccess]) -> Tuple[CompressionConfig, TargetPlan, Optional[ParamAccess]]:
+    """The per-rank checks of :func:`prepare_for_engine` (no collective): the config, the model's layout, the plan."""
     refuse_sharded(model, zero3=access is not None and access.handles_zero3)
     if access is None and is_fsdp2(model):
         access = FSDP2Access()
@@ -77,31 +91,18 @@ def prepare_for_engine(model: nn.Module, config: ConfigSource, *, optimizer: Opt
     if registry.is_active(model):
         raise LifecycleError("prepare_pruning: this model already has active pruning callbacks; call finalize() on "
                              "them before preparing again")
-    failure: Optional[SlimError] = None
-    try:
-        if cfg.prunes_in_training:
-            plan = plan_training(model, cfg)
-            learned = [t.name for t in plan.layers if t.settings.learned]
-            if learned and access is not None and access.shards_parameters:
-                raise UnsupportedModelError(
-                    f"prepare_pruning: {learned[0]!r} uses topk, whose scores would be new parameters of a layer "
-                    "whose parameters are already sharded (FSDP2, ZeRO-3); there use l1 or a sparse_pruning method "
-                    "(topk runs under DDP and DeepSpeed ZeRO 0-2)")
-        else:
-            warnings.warn("slimtorch: no compression_training pruning section is enabled (shared_parameters.enabled "
-                          "is false); the model will not be pruned", stacklevel=2)
-            plan = TargetPlan([], [])
-    except SlimError as e:  # under torch.distributed the other ranks must hear of it, not wait for this one
-        failure, plan = e, TargetPlan([], [])
-    check_same_plan(plan.layers, failure)  # under torch.distributed: every rank must prune the same layers alike
-    if failure is not None:
-        raise failure
-    for line in cfg.notes + tuple(describe_training(plan, cfg) if plan.layers else ()):
-        logger.info("slimtorch prepare_pruning: %s", line)
-    callbacks = PruningCallbacks(model, cfg, plan, optimizer, access=access, accumulate=accumulate, driver=driver,
-                                 hands_free=hands_free, ranked=ranked)
-    registry.register(model, callbacks.plan, callbacks.pruner)
-    return callbacks
+    if not cfg.prunes_in_training:
+        warnings.warn("slimtorch: no compression_training pruning section is enabled (shared_parameters.enabled "
+                      "is false); the model will not be pruned", stacklevel=3)
+        return cfg, TargetPlan([], []), access
+    plan = plan_training(model, cfg)
+    learned = [t.name for t in plan.layers if t.settings.learned]
+    if learned and access is not None and access.shards_parameters:
+        raise UnsupportedModelError(
+            f"prepare_pruning: {learned[0]!r} uses topk, whose scores would be new parameters of a layer "
+            "whose parameters are already sharded (FSDP2, ZeRO-3); there use l1 or a sparse_pruning method "
+            "(topk runs under DDP and DeepSpeed ZeRO 0-2)")
+    return cfg, plan, access
 
 
 def _train_learned_scores(optimizer: torch.optim.Optimizer, pruner: Pruner) -> None:

@@ -4,8 +4,9 @@ With DDP (and DeepSpeed ZeRO 1/2) the gradients are all-reduced before the optim
 masks computed from them are the same on every rank by construction. What can still go wrong is caught here, on
 every rank at once, so that no rank waits forever in a collective the others never reach:
 
-* at ``prepare_pruning``: a rank whose model differs (a missing module, another shape, another config) would prune
-  other layers; the plans are gathered and compared;
+* at ``prepare_pruning``: the checks run on every rank and the ranks agree on their outcome before anything else
+  is collective (a config or model that fails on one rank raises on every rank: :func:`agree`); then the configs
+  (setting by setting) and the plans (a missing module, another shape) are gathered and compared;
 * after every mask update: a fingerprint of the masks (kept weights per layer) is reduced with MIN and MAX; any
   difference means the replicas drifted (e.g. scores built from unsynchronised gradients) and is an error.
 
@@ -15,11 +16,12 @@ time.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
+from .. import ranks
 from ..errors import DistributedError, UnsupportedModelError
 from .access import full_shape
 
@@ -74,29 +76,28 @@ def refuse_sharded(model: nn.Module, zero3: bool = False) -> None:
     check_fsdp2_layout(model)
 
 
+def failed_on(what: str) -> Callable[[int, str], str]:
+    """The message of a DistributedError raised on the ranks that did not fail (:func:`slimtorch.ranks.guard`)."""
+    return lambda rank, message: f"{what} failed on rank {rank}: {message}"
+
+
+def agree(what: str):
+    """``with agree("prepare_pruning"): <per-rank checks>``: an error on one rank is raised on every rank, the
+    failing rank's own there and a DistributedError carrying its message on the others (no-op on one rank)."""
+    return ranks.guard(failed_on(what))
+
+
 def plan_signature(layers) -> List[Tuple[str, Tuple[int, ...], str]]:
     """What must agree across ranks: each pruned layer's name, weight shape and resolved settings."""
     return [(t.name, tuple(full_shape(t.module.weight)), repr(t.settings)) for t in layers]
 
 
-def check_same_plan(layers, failure: Optional[BaseException] = None) -> None:
-    """Gather every rank's plan (or its planning error) and raise on every rank if any differs from rank 0's.
-
-    A rank whose planning failed takes part too, so the others learn of it instead of waiting in the collective;
-    that rank then raises its own error (the caller re-raises ``failure``).
-    """
-    world = active_world()
-    if world is None:
+def check_same_plan(layers, config: Any, what: str = "prepare_pruning") -> None:
+    """Raise on every rank if any rank's config (named setting by setting) or plan differs from rank 0's."""
+    if active_world() is None:
         return
-    mine = ("error", f"{type(failure).__name__}: {failure}") if failure is not None else plan_signature(layers)
-    gathered: List[object] = [None] * world
-    torch.distributed.all_gather_object(gathered, mine)
-    failed = [(rank, g[1]) for rank, g in enumerate(gathered) if isinstance(g, tuple) and g[:1] == ("error",)]
-    if failed:
-        if failure is not None:
-            return  # this rank's own error is the clearer one
-        rank, message = failed[0]
-        raise DistributedError(f"prepare_pruning failed on rank {rank}: {message}")
+    ranks.check_same_config(config.model_dump(mode="json"), f"{what}: the compression config")
+    gathered = ranks.gather(plan_signature(layers))
     reference = gathered[0]
     for rank, theirs in enumerate(gathered):
         if theirs == reference:
@@ -104,12 +105,20 @@ def check_same_plan(layers, failure: Optional[BaseException] = None) -> None:
         ours_names, their_names = [s[0] for s in reference], [s[0] for s in theirs]
         missing = [n for n in ours_names if n not in their_names]
         extra = [n for n in their_names if n not in ours_names]
-        changed = [a[0] for a, b in zip(reference, theirs) if a[0] == b[0] and a != b]
+        changed = [_layer_difference(a, b, rank) for a, b in zip(reference, theirs) if a[0] == b[0] and a != b]
         raise DistributedError(
-            f"prepare_pruning: rank {rank} would prune other layers than rank 0 ({len(theirs)} layers against "
+            f"{what}: rank {rank} would prune other layers than rank 0 ({len(theirs)} layers against "
             f"{len(reference)}; missing on rank {rank}: {missing[:5]}, only on rank {rank}: {extra[:5]}, other shape "
             f"or settings: {changed[:5]}). Every rank must build the same model and load the same config before "
             "prepare_pruning, or the replicas would drift apart")
+
+
+def _layer_difference(ours: Tuple[str, Tuple[int, ...], str], theirs: Tuple[str, Tuple[int, ...], str],
+                      rank: int) -> str:
+    name, shape, settings = ours
+    if shape != theirs[1]:
+        return f"{name}: shape {shape} on rank 0, {theirs[1]} on rank {rank}"
+    return f"{name}: {settings} on rank 0, {theirs[2]} on rank {rank}"
 
 
 def mask_fingerprint(mask: torch.Tensor) -> Tuple[float, float]:

@@ -34,15 +34,16 @@ from __future__ import annotations
 
 import math
 import warnings
+from contextlib import nullcontext
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
+from .. import ranks
 from ..errors import ConfigError, DistributedError
 from .observers import HistogramObserver, MovingAverageMinMaxObserver, Observer, rebin_counts
 
-_BACKEND_DEVICE = {"nccl": "cuda", "xccl": "xpu"}
 MPU_VALUES = ("None (reduce over the default process group when torch.distributed is initialized with more than one "
               "rank, else no communication), \"local\" (no communication: quantize on this rank alone), a "
               "torch.distributed ProcessGroup, or a Megatron/DeepSpeed-style mpu with get_data_parallel_group()")
@@ -62,9 +63,7 @@ class Sync:
         if group is not None:
             d = _dist()
             self.world, self.rank = d.get_world_size(group), d.get_rank(group)
-            kind = _BACKEND_DEVICE.get(str(d.get_backend(group)))
-            if kind is not None:  # nccl reduces device tensors only
-                self.device = torch.device(kind, getattr(torch, kind).current_device())
+            self.device = ranks.device_of(group)  # nccl reduces device tensors only
 
     @property
     def active(self) -> bool:
@@ -113,27 +112,20 @@ class Sync:
         return bool(int(self.max(torch.tensor([int(bool(flag))], dtype=torch.int64))))
 
     def gather(self, obj: Any) -> List[Any]:
-        if not self.active:
-            return [obj]
-        out: List[Any] = [None] * self.world
-        _dist().all_gather_object(out, obj, group=self.group)
-        return out
+        return ranks.gather(obj, self.group) if self.active else [obj]
 
     # -- agreement ------------------------------------------------------------------------------------------------
-    def guard(self, what: str) -> "_Guard":
+    def guard(self, what: str):
         """``with sync.guard("calibration"): <local work, no collectives>``: an exception on any rank is raised on
-        every rank (its own on the failing rank, a DistributedError naming it on the others)."""
-        return _Guard(self, what)
+        every rank (its own on the failing rank, a DistributedError naming it on the others: :mod:`slimtorch.ranks`)."""
+        if not self.active:
+            return nullcontext()
+        return ranks.guard(self._failed(what), self.group, self.device)
 
-    def check_failure(self, what: str, failure: Optional[BaseException]) -> None:
-        """Collective: raise DistributedError on the ranks that did not fail when another one did."""
-        if not self.any(failure is not None):
-            return
-        messages = self.gather(None if failure is None else f"{type(failure).__name__}: {failure}")
-        if failure is None:
-            rank, message = next((r, m) for r, m in enumerate(messages) if m is not None)
-            raise DistributedError(f"quantize(): {what} failed on rank {rank} of the data-parallel group, so every "
-                                   f"rank stops here: {message}")
+    @staticmethod
+    def _failed(what: str):
+        return lambda rank, message: (f"quantize(): {what} failed on rank {rank} of the data-parallel group, so every "
+                                      f"rank stops here: {message}")
 
     def check_same(self, value: Any, what: str) -> None:
         """Collective: DistributedError on every rank unless ``value`` (picklable) is equal on all ranks."""
@@ -161,19 +153,6 @@ class Sync:
                           "metric inside eval_fn) for the metric of the whole evaluation set", UserWarning,
                           stacklevel=4)
         return mean
-
-
-class _Guard:
-    def __init__(self, sync: Sync, what: str):
-        self.sync, self.what = sync, what
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind, error, tb) -> bool:
-        if self.sync.active and (error is None or isinstance(error, Exception)):
-            self.sync.check_failure(self.what, error)
-        return False  # the failing rank's own exception propagates
 
 
 LOCAL = Sync()
@@ -264,7 +243,7 @@ def check_same_plan(sync: Sync, model: nn.Module, section: Any, args: Dict[str, 
     layers = [(n, op_type(m), tuple(getattr(m, "weight", torch.empty(0)).shape)) for n, m in model.named_modules()
               if n and op_type(m) is not None]
     sync.check_same(sorted(args.items()), "how quantize() was called (static or dynamic, a loader, an eval_fn)")
-    sync.check_same(section.model_dump(mode="json"), "the quantization config")
+    ranks.check_same_config(section.model_dump(mode="json"), "quantize(): the quantization config", sync.group)
     everyone = sync.gather(layers)
     for rank, theirs in enumerate(everyone):
         if theirs != everyone[0]:

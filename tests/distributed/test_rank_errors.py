@@ -1,0 +1,45 @@
+"""A config that differs between ranks ends with an error on every rank, soon, naming the setting: never a rank left
+waiting in a collective (a hang inside deepspeed.initialize, or gloo's "Connection closed by peer" much later).
+2 CPU ranks (gloo): prepare_pruning on an FSDP2 model, slimtorch.deepspeed.initialize under ZeRO-3."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests._multiproc import WORLD, spawn
+from tests.distributed import _rank_error_workers as R
+
+SOON = 30.0  # seconds from the start of a case to its error, on every rank
+GROUP_SETTING = ("compression_training.sparse_pruning.different_groups.sp1.params.dense_ratio: 0.5 on rank 0, 0.25 "
+                 "on rank 1")
+
+
+def _outcomes(tmp_path):
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
+
+
+def _check(outcomes, what: str) -> None:
+    for rank, cases in enumerate(outcomes):
+        for name, case in cases.items():
+            assert case["seconds"] < SOON, (rank, name, case)
+    invalid = [o["invalid_on_one_rank"]["error"] for o in outcomes]
+    # rank 1 raises its own error; rank 0 a DistributedError that carries it, so both say what to fix
+    assert invalid[1].startswith(
+        "ConfigError: invalid slimtorch config:\n  compression_training.sparse_pruning.shared_parameters.dense_ratio: "
+        "dense_ratio 0.25 is impossible with pattern '2:4'"), invalid
+    assert invalid[0] == f"DistributedError: {what} failed on rank 1: {invalid[1]}", invalid
+    for text in (o["different_groups_differ"]["error"] for o in outcomes):
+        assert text.startswith(f"DistributedError: {what}: the compression config differs between rank 0 and rank 1: "
+                               f"{GROUP_SETTING}. "), text
+
+
+def test_fsdp2_prepare_pruning_raises_on_every_rank(tmp_path):
+    spawn(R.fsdp2, tmp_path, timeout=240)
+    _check(_outcomes(tmp_path), "prepare_pruning")
+
+
+def test_zero3_initialize_raises_on_every_rank(tmp_path):
+    pytest.importorskip("deepspeed")
+    spawn(R.zero3, tmp_path, timeout=240)
+    _check(_outcomes(tmp_path), "slimtorch.deepspeed.initialize")
