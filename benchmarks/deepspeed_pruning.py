@@ -28,6 +28,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from tests.extensions_dir import own_extensions_dir  # noqa: E402
+
+own_extensions_dir()  # DeepSpeed's CPU op compiles into this checkout's build/, one folder per version
+
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 

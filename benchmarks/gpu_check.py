@@ -33,6 +33,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from tests.extensions_dir import own_extensions_dir  # noqa: E402
+
+own_extensions_dir()  # DeepSpeed's CPU op compiles into this checkout's build/, one folder per version
+
 
 def check_pruning_half(device: str) -> str:
     import slimtorch as st

@@ -35,6 +35,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
+from tests.extensions_dir import own_extensions_dir  # noqa: E402
+
+own_extensions_dir()  # DeepSpeed's CPU op compiles into this checkout's build/, one folder per version
+
 import torch  # noqa: E402
 
 from tests.reference import protocol  # noqa: E402
