@@ -1,6 +1,7 @@
-"""Process bodies for tests/distributed/test_rank_errors.py: configs that differ between the 2 ranks (gloo), given
-to prepare_pruning on an FSDP2 model and to slimtorch.deepspeed.initialize under ZeRO-3 (importable by spawned
-children). Each rank records, per case, the error it raised and how long after the case began."""
+"""Process body of tests/distributed/test_rank_errors.py: configs that differ between the 2 ranks (gloo), given to
+prepare_pruning on an FSDP2 model, to slimtorch.deepspeed.initialize under ZeRO-3 and to the Trainer callback
+(importable by spawned children). Each rank records, per case, the error it raised and how long after the case
+began."""
 from __future__ import annotations
 
 import json
@@ -23,8 +24,8 @@ def cases(rank: int):
             ("different_groups_differ", groups)]
 
 
-def _record(rank: int, out_dir: str, prepare) -> None:
-    """Run ``prepare(config)`` for every case, all ranks starting each case together; write what each raised."""
+def _outcomes(rank: int, prepare) -> dict:
+    """Run ``prepare(config)`` for every case, all ranks starting each case together: what each raised, and when."""
     outcomes = {}
     for name, cfg in cases(rank):
         dist.barrier()
@@ -35,42 +36,53 @@ def _record(rank: int, out_dir: str, prepare) -> None:
         except Exception as e:  # noqa: BLE001  (any exception is recorded: the test says which one was expected)
             outcome = f"{type(e).__name__}: {e}"
         outcomes[name] = {"error": outcome, "seconds": time.monotonic() - started}
-    with open(f"{out_dir}/rank{rank}.json", "w") as f:
-        json.dump(outcomes, f)
+    return outcomes
 
 
-def fsdp2(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    """prepare_pruning on the digits MLP with fully_shard on every Linear and the root."""
+def _fsdp2_model(world: int):
+    """The digits MLP with fully_shard on every Linear and the root."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    W._init(rank, world, init_file)
-    try:
-        mesh = init_device_mesh("cpu", (world,))
-        model = W.mlp()
-        for layer in model:
-            if isinstance(layer, torch.nn.Linear):
-                fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-        _record(rank, out_dir, lambda cfg: st.prepare_pruning(model, cfg))
-    finally:
-        W._close()
+    mesh = init_device_mesh("cpu", (world,))
+    model = W.mlp()
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
 
 
-def zero3(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    """slimtorch.deepspeed.initialize on the digits MLP, ZeRO stage 3."""
-    import deepspeed  # noqa: F401  (imported before the cases: the seconds they take are not the import's)
+def _zero3_initialize(cfg) -> None:
+    from tests.integrations import _ds_workers as D
+
+    model = W.mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    st.deepspeed.initialize(model=model, optimizer=opt, config={**D.ds_config(3), **cfg}, dist_init_required=False)
+
+
+def entry_points(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    """Every case through prepare_pruning on an FSDP2 model, slimtorch.deepspeed.initialize at ZeRO stage 3 (when
+    DeepSpeed is installed) and the Trainer callback's constructor (the first case only: the second is caught when
+    training begins, by prepare_pruning)."""
+    import importlib.util
 
     from tests.integrations import _ds_workers as D
 
-    D._init(rank, world, init_file)
+    D._init(rank, world, init_file)  # torch.distributed (gloo), and the variables DeepSpeed reads
     try:
-        def prepare(cfg):
-            model = W.mlp()
-            opt = torch.optim.SGD(model.parameters(), lr=0.1)
-            config = {**D.ds_config(3), **cfg}
-            st.deepspeed.initialize(model=model, optimizer=opt, config=config, dist_init_required=False)
+        model = _fsdp2_model(world)
+        found = {"prepare_pruning": _outcomes(rank, lambda cfg: st.prepare_pruning(model, cfg))}
+        if importlib.util.find_spec("deepspeed") is not None:
+            import deepspeed  # noqa: F401  (imported before the cases: the seconds they take are not the import's)
 
-        _record(rank, out_dir, prepare)
+            found["slimtorch.deepspeed.initialize"] = _outcomes(rank, _zero3_initialize)
+        if importlib.util.find_spec("transformers") is not None:
+            from slimtorch.integrations.hf import PruningCallback
+
+            found["PruningCallback"] = {k: v for k, v in _outcomes(rank, PruningCallback).items()
+                                        if k == "invalid_on_one_rank"}
+        with open(f"{out_dir}/rank{rank}.json", "w") as f:
+            json.dump(found, f)
     finally:
         W._close()
