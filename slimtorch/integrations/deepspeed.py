@@ -121,9 +121,11 @@ def _checked_arguments(args: Any, model: Any, config: Any, config_params: Any) -
 def _init_distributed(deepspeed: Any, dist_init_required: Optional[bool], deepspeed_kwargs: Dict[str, Any],
                       failure: Optional[Exception]) -> None:
     """What ``deepspeed.initialize`` does first (``deepspeed.init_distributed``), done before the ranks agree on
-    their checks; nothing when torch.distributed is initialized already. When it fails, this rank's own failure
-    (if any) is the error the user needs."""
+    their checks; nothing when torch.distributed is initialized already, or when this rank failed and no launcher
+    started other ranks that would wait for it. When it fails, this rank's own failure is the error the user needs."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return
+    if failure is not None and _launched_world() <= 1:
         return
     from deepspeed.accelerator import get_accelerator
 
@@ -135,6 +137,15 @@ def _init_distributed(deepspeed: Any, dist_init_required: Optional[bool], deepsp
         if failure is not None:
             raise failure from None
         raise
+
+
+def _launched_world() -> int:
+    """How many ranks the launcher started (torchrun's and DeepSpeed's WORLD_SIZE, Open MPI's, PMI's); 1 if none."""
+    for name in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
+        value = os.environ.get(name, "")
+        if value.isdigit():
+            return int(value)
+    return 1
 
 
 def rank_before_the_engine(model: nn.Module, compression: Any) -> Optional[Dict[str, Tensor]]:

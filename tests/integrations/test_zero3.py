@@ -106,7 +106,12 @@ def test_what_zero3_cannot_serve_is_refused_on_every_rank(tmp_path):
                                "method topk"), topk
         assert plain.startswith("UnsupportedModelError: prepare_pruning: parameter "), plain
         assert "slimtorch.deepspeed.initialize" in plain, plain
-        assert mismatched.startswith("DistributedError: prepare_pruning: rank 1 would prune other layers"), mismatched
+        # caught before the engine is built, each differing setting named with its values
+        assert mismatched.startswith(
+            "DistributedError: slimtorch.deepspeed.initialize: the compression config differs between rank 0 and "
+            "rank 1: compression_training.sparse_pruning.shared_parameters.pattern: '2:4' on rank 0, '4x1' on rank 1; "
+            "compression_training.sparse_pruning.shared_parameters.dense_ratio: 0.5 on rank 0, 0.25 on rank 1."
+        ), mismatched
 
 
 def test_a_model_built_under_zero_init_is_planned_and_ranked_on_its_whole_weights(tmp_path):
