@@ -44,3 +44,12 @@ def _check(outcomes, what: str) -> None:
     for text in (o["different_groups_differ"]["error"] for o in outcomes):
         assert text.startswith(f"DistributedError: {what}: the compression config differs between rank 0 and rank 1: "
                                f"{GROUP_SETTING}. "), text
+
+
+def test_config_differences_name_every_setting_with_both_values():
+    from slimtorch.ranks import differences
+
+    ours = {"a": {"b": 0.5, "c": [1, 2], "d": "x"}, "e": 1}
+    theirs = {"a": {"b": 0.25, "c": [1, 2], "f": True}, "e": 1}
+    assert differences(ours, theirs) == [("a.b", 0.5, 0.25), ("a.d", "x", "(not set)"), ("a.f", "(not set)", True)]
+    assert differences(ours, ours) == []
