@@ -30,7 +30,7 @@ sys.path.insert(0, str(HERE.parent))
 
 from tests.extensions_dir import own_extensions_dir  # noqa: E402
 
-own_extensions_dir()  # DeepSpeed's CPU op compiles into this checkout's build/, one folder per version
+own_extensions_dir()  # DeepSpeed's CPU op compiles into a folder of its own version (tests/extensions_dir.py)
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402

@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from tests.extensions_dir import own_extensions_dir  # noqa: E402
 
-own_extensions_dir()  # DeepSpeed's CPU op compiles into this checkout's build/, one folder per version
+own_extensions_dir()  # DeepSpeed's CPU op compiles into a folder of its own version (tests/extensions_dir.py)
 
 
 def check_pruning_half(device: str) -> str:
