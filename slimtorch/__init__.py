@@ -10,6 +10,7 @@ from .errors import (
                      LifecycleError,
                      PatternShapeError,
                      SlimError,
+                     SlimtorchError,
                      StateDictError,
                      UnsupportedModelError,
 )
@@ -27,7 +28,7 @@ __all__ = [
     "quantize", "load_quantized", "quantization_report", "QuantizationReport", "export_onnx",
     "oneshot", "save_compressed", "load_compressed", "perplexity",
     "slim", "slim_report", "SlimReport", "save_slim", "load_slim",
-    "SlimError", "ConfigError", "PatternShapeError", "LifecycleError", "StateDictError", "CalibrationError",
-    "ExportError", "EvaluationError", "DistributedError", "UnsupportedModelError",
+    "SlimtorchError", "SlimError", "ConfigError", "PatternShapeError", "LifecycleError", "StateDictError",
+    "CalibrationError", "ExportError", "EvaluationError", "DistributedError", "UnsupportedModelError",
     "deepspeed", "__version__",
 ]

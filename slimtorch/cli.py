@@ -93,14 +93,14 @@ def _oneshot_summary(section) -> str:
 
 
 def _check_on_model(cfg, model_spec: str) -> int:
-    from .errors import NothingToPruneError, SlimError
+    from .errors import NothingToPruneError, SlimtorchError
     from .pruning.structured_targets import describe_training, plan_training
     from .quantize_cli import load_model
 
     try:
         model, _ = load_model(model_spec)
         plan = plan_training(model, cfg)
-    except SlimError as err:
+    except SlimtorchError as err:
         print(err, file=sys.stderr)
         return 1 if isinstance(err, NothingToPruneError) else 2
     for line in describe_training(plan, cfg):

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, List, Optional, Tuple
 
-from .errors import SlimError
+from .errors import SlimtorchError
 
 
 def add_quantize_parser(sub) -> None:
@@ -48,7 +48,7 @@ def run_quantize(args) -> int:
         eval_fn = _import_callable(args.eval, "--eval") if args.eval else None
         section = load_config(args.config).quantization
         if eval_fn is None and section is not None and section.accuracy_criterion is not None:
-            raise SlimError("the config sets accuracy_criterion, which needs an evaluation function: pass "
+            raise SlimtorchError("the config sets accuracy_criterion, which needs an evaluation function: pass "
                             "--eval package.module:function (it takes the candidate model and returns a number), "
                             "or remove accuracy_criterion")
         q = quantize(model, args.config, calib_dataloader=batches if args.calib else None, eval_fn=eval_fn)
@@ -56,7 +56,7 @@ def run_quantize(args) -> int:
         path = export_onnx(q, example, args.output, opset=args.opset)
         if args.save_state_dict:
             torch.save(q.state_dict(), args.save_state_dict)
-    except SlimError as err:
+    except SlimtorchError as err:
         print(f"slimtorch quantize: {err}", file=sys.stderr)
         return 2
     report = quantization_report(q)
@@ -78,7 +78,7 @@ def load_model(spec: str) -> Tuple[Any, Any]:
         try:
             from transformers import AutoModel, AutoTokenizer
         except ImportError as e:
-            raise SlimError(f"--model {spec}: a model directory needs the transformers package") from e
+            raise SlimtorchError(f"--model {spec}: a model directory needs the transformers package") from e
         model = AutoModel.from_pretrained(spec).eval()
         tokenizer = AutoTokenizer.from_pretrained(spec) if any(
             (Path(spec) / f).exists() for f in ("tokenizer.json", "vocab.txt", "tokenizer_config.json")) else None
@@ -87,7 +87,7 @@ def load_model(spec: str) -> Tuple[Any, Any]:
     import torch.nn as nn
 
     if not isinstance(obj, nn.Module):
-        raise SlimError(f"--model {spec}: the function returned {type(obj).__name__}, not a torch.nn.Module")
+        raise SlimtorchError(f"--model {spec}: the function returned {type(obj).__name__}, not a torch.nn.Module")
     return obj.eval(), None
 
 
@@ -96,14 +96,14 @@ def _load_calibration(spec: Optional[str], tokenizer, batch_size: int, max_lengt
         return []
     if spec.endswith(".txt"):
         if tokenizer is None:
-            raise SlimError(f"--calib {spec}: a text file needs a model directory with a tokenizer (--model DIR)")
+            raise SlimtorchError(f"--calib {spec}: a text file needs a model directory with a tokenizer (--model DIR)")
         try:
             text = Path(spec).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
-            raise SlimError(f"--calib {spec}: cannot read the text file: {e}") from e
+            raise SlimtorchError(f"--calib {spec}: cannot read the text file: {e}") from e
         paragraphs = [" ".join(p.split()) for p in re.split(r"\n\s*\n", text) if p.strip()]
         if not paragraphs:
-            raise SlimError(f"--calib {spec}: no text in the file")
+            raise SlimtorchError(f"--calib {spec}: no text in the file")
         return [dict(tokenizer(paragraphs[i:i + batch_size], padding=True, truncation=True, max_length=max_length,
                                return_tensors="pt")) for i in range(0, len(paragraphs), batch_size)]
     if os.path.isfile(spec):
@@ -117,15 +117,15 @@ def _load_calibration(spec: Optional[str], tokenizer, batch_size: int, max_lengt
 def _import_callable(spec: str, flag: str):
     module_name, _, attr = spec.partition(":")
     if not attr:
-        raise SlimError(f"{flag} {spec!r}: not a directory or file; give package.module:function")
+        raise SlimtorchError(f"{flag} {spec!r}: not a directory or file; give package.module:function")
     try:
         module = importlib.import_module(module_name)
         return getattr(module, attr)
     except (ImportError, AttributeError) as e:
-        raise SlimError(f"{flag} {spec!r}: cannot import: {e}") from e
+        raise SlimtorchError(f"{flag} {spec!r}: cannot import: {e}") from e
 
 
 def _default_example(tokenizer):
     if tokenizer is not None:
         return dict(tokenizer(["slimtorch exports this example sentence."], return_tensors="pt"))
-    raise SlimError("without --calib there is no example input to trace the export with; pass --calib")
+    raise SlimtorchError("without --calib there is no example input to trace the export with; pass --calib")

@@ -19,7 +19,7 @@ from typing import Any, Dict, Optional
 import torch
 from torch import nn
 
-from ..errors import SlimError
+from ..errors import SlimtorchError
 from . import surgery
 
 MANIFEST = "slimtorch_slim.json"
@@ -128,7 +128,7 @@ def load_slim(directory: str | os.PathLike, model: Optional[nn.Module] = None) -
     manifest_path = directory / MANIFEST
     if not manifest_path.is_file():
         if not (directory / "config.json").is_file():
-            raise SlimError(f"{directory} holds neither {MANIFEST} nor config.json: not saved by save_slim()")
+            raise SlimtorchError(f"{directory} holds neither {MANIFEST} nor config.json: not saved by save_slim()")
         import transformers
 
         config = transformers.AutoConfig.from_pretrained(directory)
@@ -137,7 +137,7 @@ def load_slim(directory: str | os.PathLike, model: Optional[nn.Module] = None) -
     manifest = json.loads(manifest_path.read_text())
     if model is None:
         if "architecture" not in manifest:
-            raise SlimError(f"{directory} holds a plain PyTorch model: pass a fresh instance of its float "
+            raise SlimtorchError(f"{directory} holds a plain PyTorch model: pass a fresh instance of its float "
                             "architecture as model= to narrow and load")
         import transformers
 
@@ -150,7 +150,7 @@ def load_slim(directory: str | os.PathLike, model: Optional[nn.Module] = None) -
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {k for k in missing if k.endswith("weight")} if getattr(model, "_tied_weights_keys", None) else set()
     if set(missing) - tied or unexpected:
-        raise SlimError(f"{directory}: the weights do not fit the narrowed model (missing {sorted(missing)[:4]}, "
+        raise SlimtorchError(f"{directory}: the weights do not fit the narrowed model (missing {sorted(missing)[:4]}, "
                         f"unexpected {sorted(unexpected)[:4]}); was it saved from another architecture?")
     if hasattr(model, "tie_weights"):
         model.tie_weights()
@@ -162,7 +162,8 @@ def _narrow(model: nn.Module, shapes: Dict[str, Dict[str, Any]]) -> None:
         try:
             module = model.get_submodule(name)
         except AttributeError:
-            raise SlimError(f"the saved slim model has a layer {name!r} that the given architecture lacks") from None
+            raise SlimtorchError(f"the saved slim model has a layer {name!r} that the given architecture "
+                                 "lacks") from None
         kind = spec.get("kind")
         if kind == "linear" and (module.in_features, module.out_features) != (spec["in"], spec["out"]):
             model.set_submodule(name, surgery.shrink_linear(module, keep_out=torch.arange(spec["out"]),
