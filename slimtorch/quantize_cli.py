@@ -49,8 +49,8 @@ def run_quantize(args) -> int:
         section = load_config(args.config).quantization
         if eval_fn is None and section is not None and section.accuracy_criterion is not None:
             raise SlimtorchError("the config sets accuracy_criterion, which needs an evaluation function: pass "
-                            "--eval package.module:function (it takes the candidate model and returns a number), "
-                            "or remove accuracy_criterion")
+                                 "--eval package.module:function (it takes the candidate model and returns a number), "
+                                 "or remove accuracy_criterion")
         q = quantize(model, args.config, calib_dataloader=batches if args.calib else None, eval_fn=eval_fn)
         seconds = time.perf_counter() - started
         path = export_onnx(q, example, args.output, opset=args.opset)

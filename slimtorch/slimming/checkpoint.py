@@ -136,13 +136,8 @@ def load_slim(directory: str | os.PathLike, model: Optional[nn.Module] = None) -
         return cls.from_pretrained(directory)
     manifest = json.loads(manifest_path.read_text())
     if model is None:
-        if "architecture" not in manifest:
-            raise SlimtorchError(f"{directory} holds a plain PyTorch model: pass a fresh instance of its float "
-                            "architecture as model= to narrow and load")
-        import transformers
-
-        config = transformers.AutoConfig.from_pretrained(directory)
-        model = getattr(transformers, manifest["architecture"])(config)
+        model = saved_architecture(directory, manifest, "pass a fresh instance of its float architecture as model= "
+                                                        "to narrow and load")
     _narrow(model, manifest["shapes"])
     from safetensors.torch import load_file
 
@@ -151,10 +146,21 @@ def load_slim(directory: str | os.PathLike, model: Optional[nn.Module] = None) -
     tied = {k for k in missing if k.endswith("weight")} if getattr(model, "_tied_weights_keys", None) else set()
     if set(missing) - tied or unexpected:
         raise SlimtorchError(f"{directory}: the weights do not fit the narrowed model (missing {sorted(missing)[:4]}, "
-                        f"unexpected {sorted(unexpected)[:4]}); was it saved from another architecture?")
+                             f"unexpected {sorted(unexpected)[:4]}); was it saved from another architecture?")
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     return model.eval()
+
+
+def saved_architecture(directory: Path, manifest: Dict[str, Any], fix: str) -> nn.Module:
+    """A fresh (random-init) instance of the transformers class ``manifest["architecture"]`` names, built from the
+    directory's config.json; a plain PyTorch model (no architecture recorded) is an error that says ``fix``."""
+    if "architecture" not in manifest:
+        raise SlimtorchError(f"{directory} holds a plain PyTorch model: {fix}")
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(directory)
+    return getattr(transformers, manifest["architecture"])(config)
 
 
 def _narrow(model: nn.Module, shapes: Dict[str, Dict[str, Any]]) -> None:

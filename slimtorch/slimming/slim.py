@@ -118,8 +118,8 @@ def slim(model: nn.Module, example_inputs: Any, *, round_to: int = 1, rtol: floa
     report.max_relative_difference = _difference(result, reference)
     if report.max_relative_difference > rtol:
         raise SlimtorchError(f"the slim model's outputs differ from the masked model's by "
-                        f"{report.max_relative_difference:.2e} (relative, more than rtol {rtol:g}) on the example "
-                        "input: a coupling slimtorch did not see; the model is left as it was")
+                             f"{report.max_relative_difference:.2e} (relative, more than rtol {rtol:g}) on the example "
+                             "input: a coupling slimtorch did not see; the model is left as it was")
     report.parameters_after = measure.parameters(target)
     report.macs_after = measure.macs(target, example_inputs)
     if measure_latency:
