@@ -42,7 +42,7 @@ def run_quantize(args) -> int:
 
     try:
         model, tokenizer = load_model(args.model)
-        batches = _load_calibration(args.calib, tokenizer, args.batch_size, args.max_length)
+        batches = load_calibration(args.calib, tokenizer, args.batch_size, args.max_length)
         example = batches[0] if batches else _default_example(tokenizer)
         started = time.perf_counter()
         eval_fn = _import_callable(args.eval, "--eval") if args.eval else None
@@ -73,13 +73,20 @@ def run_quantize(args) -> int:
     return 0
 
 
-def load_model(spec: str) -> Tuple[Any, Any]:
+def load_model(spec: str, *, architecture: bool = False) -> Tuple[Any, Any]:
+    """``(model, tokenizer or None)`` from a model directory or ``package.module:function``. A directory is loaded
+    with ``AutoModel``, or with ``architecture`` as the class its config names (a causal LM keeps its head)."""
     if os.path.isdir(spec):
         try:
+            import transformers
             from transformers import AutoModel, AutoTokenizer
         except ImportError as e:
             raise SlimtorchError(f"--model {spec}: a model directory needs the transformers package") from e
-        model = AutoModel.from_pretrained(spec).eval()
+        cls = AutoModel
+        if architecture:
+            names = transformers.AutoConfig.from_pretrained(spec).architectures or []
+            cls = getattr(transformers, names[0], AutoModel) if names else AutoModel
+        model = cls.from_pretrained(spec).eval()
         tokenizer = AutoTokenizer.from_pretrained(spec) if any(
             (Path(spec) / f).exists() for f in ("tokenizer.json", "vocab.txt", "tokenizer_config.json")) else None
         return model, tokenizer
@@ -91,7 +98,7 @@ def load_model(spec: str) -> Tuple[Any, Any]:
     return obj.eval(), None
 
 
-def _load_calibration(spec: Optional[str], tokenizer, batch_size: int, max_length: int) -> List[Any]:
+def load_calibration(spec: Optional[str], tokenizer, batch_size: int, max_length: int) -> List[Any]:
     if spec is None:
         return []
     if spec.endswith(".txt"):
