@@ -45,11 +45,16 @@ def run_compress(args) -> int:
     except SlimtorchError as err:
         print(f"slimtorch compress: {err}", file=sys.stderr)
         return 2
-    report = quantization_report(result)
-    print(f"{type(model).__name__}: {len(report.quantized)} layers compressed, {len(report.left_float)} left as "
-          f"they were ({seconds:.1f} s)")
-    schemes = sorted({r.scheme for r in report.quantized})
-    for scheme in schemes[:5]:
-        print(f"  {scheme}")
+    print("\n".join(_summary(quantization_report(result), type(model).__name__, seconds)))
     print(f"wrote {directory}; slimtorch.load({str(directory)!r}) reads it")
     return 0
+
+
+def _summary(report, model_name: str, seconds: float) -> list:
+    """The counts, then each distinct scheme (at most five) with how many layers got it."""
+    schemes = {}
+    for row in report.quantized:
+        schemes[row.scheme] = schemes.get(row.scheme, 0) + 1
+    head = (f"{model_name}: {len(report.quantized)} layers compressed, {len(report.left_float)} left as they were "
+            f"({seconds:.1f} s)")
+    return [head] + [f"  {n} x {scheme}" for scheme, n in list(schemes.items())[:5]]

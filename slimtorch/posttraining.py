@@ -88,6 +88,10 @@ def compress(model: nn.Module, config: Any, calib_data: Optional[Iterable] = Non
         enabled = ", ".join(filter(None, (pruning, block_quant)))
         raise ConfigError("compress(eval_fn=...): eval_fn drives the accuracy search of static/dynamic_quantization, "
                           f"and the config enables neither (enabled: {enabled})")
+    if device is not None and not (pruning or block_quant):
+        raise ConfigError(f"compress(device={str(device)!r}): device is where the block pipeline compresses each "
+                          f"block, and {whole_quant} runs on the whole model where it is; move the model there "
+                          "first (model.to(device)) and leave device out")
     if pruning and not blocks_pipeline:
         _check_prunable(model, inference)
     data = None if calib_data is None else ReplayableLoader(calib_data, calib_input_fn)

@@ -144,6 +144,8 @@ def test_compress_mistakes_are_errors_before_any_change():
                     inplace=True)
     with pytest.raises(st.ConfigError, match="eval_fn drives the accuracy search"):
         st.compress(model, inference(oneshot_pruning=PRUNE_2_4), bert_batches(), eval_fn=lambda m: 1.0)
+    with pytest.raises(st.ConfigError, match=r"device is where the block pipeline .*\(model\.to\(device\)\)"):
+        st.compress(model, inference(dynamic_quantization={"enabled": True}), device="cpu")
     with pytest.raises(st.ConfigError, match="no section is enabled"):
         st.compress(model, inference(static_quantization={"enabled": False}))
     with pytest.raises(st.CalibrationError, match="calibration batch 0 .*cannot be fed to BertModel"):
