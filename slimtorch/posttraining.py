@@ -37,7 +37,7 @@ from .config.schema import CompressionConfig
 from .errors import CalibrationError, ConfigError, SlimtorchError
 from .llm.blocks import find_blocks
 from .llm.oneshot import oneshot
-from .quantization.api import _checked_arguments as quantize_arguments
+from .quantization.api import checked_arguments as quantize_arguments
 from .quantization.api import quantize_model
 from .quantization.passes import ReplayableLoader
 from .quantization.report import REPORT_ATTR, QuantizationReport

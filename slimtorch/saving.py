@@ -31,7 +31,7 @@ from .llm.modules import W8A8Linear, WeightOnlyLinear
 from .quantization.qdq import QDQModule
 from .quantization.serialization import load_quantized
 from .slimming.checkpoint import MANIFEST as SLIM_MANIFEST
-from .slimming.checkpoint import load_slim, save_slim, saved_architecture
+from .slimming.checkpoint import load_slim, save_slim, saved_architecture, untied
 
 QDQ_MANIFEST = "slimtorch_qdq.json"
 QDQ_WEIGHTS = "qdq_model.safetensors"
@@ -83,11 +83,9 @@ def _save_qdq(model: nn.Module, directory: Path) -> Path:
     config too, so that load() can build the float architecture."""
     from safetensors.torch import save_file
 
-    from .slimming.checkpoint import _untied
-
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(_untied(state), str(directory / QDQ_WEIGHTS))
+    save_file(untied(state), str(directory / QDQ_WEIGHTS))
     manifest = {"format": QDQ_FORMAT}
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "save_pretrained"):

@@ -71,7 +71,7 @@ def quantize_model(model: nn.Module, config: Any, mpu: Any, calib_dataloader: Op
     started = time.perf_counter()
     sync = resolve_sync(mpu)
     with sync.guard("checking the arguments"):  # an error on one rank is raised on every rank
-        section, static, where, criterion = _checked_arguments(model, config, eval_fn, calib_dataloader)
+        section, static, where, criterion = checked_arguments(model, config, eval_fn, calib_dataloader)
         loader = None if calib_dataloader is None else ReplayableLoader(calib_dataloader, calib_input_fn)
     check_same_plan(sync, model, section, {"static": static, "calib_dataloader": calib_dataloader is not None,
                                            "eval_fn": eval_fn is not None})
@@ -100,7 +100,7 @@ def _check_not_data(mpu: Any) -> None:
                           "slimtorch.compress(model, config, calib_data), whose third argument is the data")
 
 
-def _checked_arguments(model: Any, config: Any, eval_fn: Any, calib_dataloader: Any):
+def checked_arguments(model: Any, config: Any, eval_fn: Any, calib_dataloader: Any):
     """``(section, static, where, criterion)``; every bad argument is an error here, before any work."""
     cfg = load_config(config)
     section = cfg.quantization

@@ -101,7 +101,7 @@ def save_slim(model: nn.Module, directory: str | os.PathLike) -> str:
     from safetensors.torch import save_file
 
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(_untied(state), str(directory / WEIGHTS))
+    save_file(untied(state), str(directory / WEIGHTS))
     manifest: Dict[str, Any] = {"format": "slimtorch-slim/1", "shapes": _shapes(model)}
     if getattr(model, "config", None) is not None and hasattr(model.config, "to_dict"):
         model.config.save_pretrained(directory)
@@ -110,7 +110,7 @@ def save_slim(model: nn.Module, directory: str | os.PathLike) -> str:
     return "slimtorch"
 
 
-def _untied(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+def untied(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """safetensors refuses tensors that share memory (tied embeddings): clone the repeats."""
     seen, out = set(), {}
     for k, v in state.items():
