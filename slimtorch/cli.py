@@ -3,6 +3,9 @@
     slimtorch check ds_config.json [--model DIR|module:fn]
                                        validate a config; print the resolved settings (and, with --model, the
                                        layers each group prunes); exit 0 valid, 1 nothing to do, 2 invalid
+    slimtorch compress ds_config.json --model DIR|module:fn [--calib FILE|module:fn] --output DIR
+                                       run every post-training section (one-shot pruning, then quantization),
+                                       save the result with slimtorch.save, print a summary
     slimtorch quantize ds_config.json --model DIR|module:fn [--calib FILE|module:fn] --output model.int8.onnx
                                        quantize a model, export it to ONNX, print a summary
 """
@@ -93,14 +96,14 @@ def _oneshot_summary(section) -> str:
 
 
 def _check_on_model(cfg, model_spec: str) -> int:
-    from .errors import NothingToPruneError, SlimError
+    from .errors import NothingToPruneError, SlimtorchError
     from .pruning.structured_targets import describe_training, plan_training
     from .quantize_cli import load_model
 
     try:
         model, _ = load_model(model_spec)
         plan = plan_training(model, cfg)
-    except SlimError as err:
+    except SlimtorchError as err:
         print(err, file=sys.stderr)
         return 1 if isinstance(err, NothingToPruneError) else 2
     for line in describe_training(plan, cfg):
@@ -115,14 +118,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     check.add_argument("config", help="path to the JSON config (DeepSpeed-style, or an INC WeightPruningConfig)")
     check.add_argument("--model", help="Hugging Face model directory, or package.module:function: list the layers "
                                        "each group prunes and those left dense")
+    from .compress_cli import add_compress_parser, run_compress
     from .quantize_cli import add_quantize_parser, run_quantize
     from .slim_cli import add_slim_parser, run_slim
 
+    add_compress_parser(sub)
     add_quantize_parser(sub)
     add_slim_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "check":
         return _check(args.config, args.model)
+    if args.command == "compress":
+        return run_compress(args)
     if args.command == "quantize":
         return run_quantize(args)
     if args.command == "slim":

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, List, Optional, Tuple
 
-from .errors import SlimError
+from .errors import SlimtorchError
 
 
 def add_quantize_parser(sub) -> None:
@@ -42,21 +42,21 @@ def run_quantize(args) -> int:
 
     try:
         model, tokenizer = load_model(args.model)
-        batches = _load_calibration(args.calib, tokenizer, args.batch_size, args.max_length)
+        batches = load_calibration(args.calib, tokenizer, args.batch_size, args.max_length)
         example = batches[0] if batches else _default_example(tokenizer)
         started = time.perf_counter()
         eval_fn = _import_callable(args.eval, "--eval") if args.eval else None
         section = load_config(args.config).quantization
         if eval_fn is None and section is not None and section.accuracy_criterion is not None:
-            raise SlimError("the config sets accuracy_criterion, which needs an evaluation function: pass "
-                            "--eval package.module:function (it takes the candidate model and returns a number), "
-                            "or remove accuracy_criterion")
+            raise SlimtorchError("the config sets accuracy_criterion, which needs an evaluation function: pass "
+                                 "--eval package.module:function (it takes the candidate model and returns a number), "
+                                 "or remove accuracy_criterion")
         q = quantize(model, args.config, calib_dataloader=batches if args.calib else None, eval_fn=eval_fn)
         seconds = time.perf_counter() - started
         path = export_onnx(q, example, args.output, opset=args.opset)
         if args.save_state_dict:
             torch.save(q.state_dict(), args.save_state_dict)
-    except SlimError as err:
+    except SlimtorchError as err:
         print(f"slimtorch quantize: {err}", file=sys.stderr)
         return 2
     report = quantization_report(q)
@@ -73,13 +73,20 @@ def run_quantize(args) -> int:
     return 0
 
 
-def load_model(spec: str) -> Tuple[Any, Any]:
+def load_model(spec: str, *, architecture: bool = False) -> Tuple[Any, Any]:
+    """``(model, tokenizer or None)`` from a model directory or ``package.module:function``. A directory is loaded
+    with ``AutoModel``, or with ``architecture`` as the class its config names (a causal LM keeps its head)."""
     if os.path.isdir(spec):
         try:
+            import transformers
             from transformers import AutoModel, AutoTokenizer
         except ImportError as e:
-            raise SlimError(f"--model {spec}: a model directory needs the transformers package") from e
-        model = AutoModel.from_pretrained(spec).eval()
+            raise SlimtorchError(f"--model {spec}: a model directory needs the transformers package") from e
+        cls = AutoModel
+        if architecture:
+            names = transformers.AutoConfig.from_pretrained(spec).architectures or []
+            cls = getattr(transformers, names[0], AutoModel) if names else AutoModel
+        model = cls.from_pretrained(spec).eval()
         tokenizer = AutoTokenizer.from_pretrained(spec) if any(
             (Path(spec) / f).exists() for f in ("tokenizer.json", "vocab.txt", "tokenizer_config.json")) else None
         return model, tokenizer
@@ -87,23 +94,23 @@ def load_model(spec: str) -> Tuple[Any, Any]:
     import torch.nn as nn
 
     if not isinstance(obj, nn.Module):
-        raise SlimError(f"--model {spec}: the function returned {type(obj).__name__}, not a torch.nn.Module")
+        raise SlimtorchError(f"--model {spec}: the function returned {type(obj).__name__}, not a torch.nn.Module")
     return obj.eval(), None
 
 
-def _load_calibration(spec: Optional[str], tokenizer, batch_size: int, max_length: int) -> List[Any]:
+def load_calibration(spec: Optional[str], tokenizer, batch_size: int, max_length: int) -> List[Any]:
     if spec is None:
         return []
     if spec.endswith(".txt"):
         if tokenizer is None:
-            raise SlimError(f"--calib {spec}: a text file needs a model directory with a tokenizer (--model DIR)")
+            raise SlimtorchError(f"--calib {spec}: a text file needs a model directory with a tokenizer (--model DIR)")
         try:
             text = Path(spec).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
-            raise SlimError(f"--calib {spec}: cannot read the text file: {e}") from e
+            raise SlimtorchError(f"--calib {spec}: cannot read the text file: {e}") from e
         paragraphs = [" ".join(p.split()) for p in re.split(r"\n\s*\n", text) if p.strip()]
         if not paragraphs:
-            raise SlimError(f"--calib {spec}: no text in the file")
+            raise SlimtorchError(f"--calib {spec}: no text in the file")
         return [dict(tokenizer(paragraphs[i:i + batch_size], padding=True, truncation=True, max_length=max_length,
                                return_tensors="pt")) for i in range(0, len(paragraphs), batch_size)]
     if os.path.isfile(spec):
@@ -117,15 +124,15 @@ def _load_calibration(spec: Optional[str], tokenizer, batch_size: int, max_lengt
 def _import_callable(spec: str, flag: str):
     module_name, _, attr = spec.partition(":")
     if not attr:
-        raise SlimError(f"{flag} {spec!r}: not a directory or file; give package.module:function")
+        raise SlimtorchError(f"{flag} {spec!r}: not a directory or file; give package.module:function")
     try:
         module = importlib.import_module(module_name)
         return getattr(module, attr)
     except (ImportError, AttributeError) as e:
-        raise SlimError(f"{flag} {spec!r}: cannot import: {e}") from e
+        raise SlimtorchError(f"{flag} {spec!r}: cannot import: {e}") from e
 
 
 def _default_example(tokenizer):
     if tokenizer is not None:
         return dict(tokenizer(["slimtorch exports this example sentence."], return_tensors="pt"))
-    raise SlimError("without --calib there is no example input to trace the export with; pass --calib")
+    raise SlimtorchError("without --calib there is no example input to trace the export with; pass --calib")

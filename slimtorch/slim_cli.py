@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .errors import SlimError
+from .errors import SlimtorchError
 
 
 def add_slim_parser(sub) -> None:
@@ -39,17 +39,17 @@ def run_slim(args) -> int:
             try:
                 shape = tuple(int(d) for d in args.input_shape.split(","))
             except ValueError:
-                raise SlimError(f"--input-shape {args.input_shape!r}: give comma-separated sizes, e.g. 1,3,224,224") \
-                    from None
+                raise SlimtorchError(f"--input-shape {args.input_shape!r}: give comma-separated sizes, "
+                                     "e.g. 1,3,224,224") from None
             example = torch.randn(shape, generator=torch.Generator().manual_seed(0))
         elif tokenizer is not None:
             example = dict(tokenizer([args.text] * args.batch_size, padding="max_length", truncation=True,
                                      max_length=args.max_length, return_tensors="pt"))
         else:
-            raise SlimError("no example input: give --input-shape (the model has no tokenizer)")
+            raise SlimtorchError("no example input: give --input-shape (the model has no tokenizer)")
         small = slim(model, example, round_to=args.round_to, measure_latency=not args.no_latency)
         how = save_slim(small, args.output)
-    except SlimError as err:
+    except SlimtorchError as err:
         print(f"slimtorch slim: {err}", file=sys.stderr)
         return 2
     print(slim_report(small))

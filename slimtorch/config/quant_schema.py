@@ -283,6 +283,13 @@ class OneShotPruning(_OneShotSection):
 
 
 class CompressionInference(StrictModel):
+    """The post-training sections; ``slimtorch.compress`` runs every enabled one in order (one-shot pruning, then
+    quantization). ``oneshot_pruning`` goes with any quantization section (it prunes first)."""
+
+    # how slimtorch.compress runs the sections: "auto" takes the block pipeline for a decoder LLM (a transformers
+    # model that generates text, whose repeated blocks are found) and the whole-model path otherwise; "blocks" and
+    # "whole_model" force one (e.g. "blocks" for a decoder without a generation head)
+    pipeline: Literal["auto", "blocks", "whole_model"] = "auto"
     static_quantization: Optional[StaticQuantization] = None
     dynamic_quantization: Optional[DynamicQuantization] = None
     weight_only_quantization: Optional[WeightOnlyQuantization] = None
@@ -307,10 +314,6 @@ class CompressionInference(StrictModel):
             raise PathValueError("w8a8_quantization.enabled", "w8a8_quantization runs in slimtorch.oneshot (decoder "
                                  "LLMs, block by block), static/dynamic_quantization in slimtorch.quantize; enable "
                                  "one of them")
-        if self.pruning is not None and self.active is not None:
-            raise PathValueError("oneshot_pruning.enabled", "oneshot_pruning runs in slimtorch.oneshot, "
-                                 "static/dynamic_quantization in slimtorch.quantize; enable one of them, or prune "
-                                 "with oneshot and quantize the result with quantize()")
         sections = {k: s for k, s in self.oneshot_sections().items() if s.blocks is not None}
         if len({s.blocks for s in sections.values()}) > 1:
             raise PathValueError(f"{list(sections)[-1]}.blocks", f"{' and '.join(sections)} name different blocks "

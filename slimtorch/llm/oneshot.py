@@ -212,6 +212,10 @@ def _checked_recipe(model: Any, config: Any) -> Recipe:
         raise ConfigError(f"{SECTION_PATH}: none of weight_only_quantization, w8a8_quantization and oneshot_pruning "
                           'is enabled; oneshot() needs e.g. {"compression_inference": {"weight_only_quantization": '
                           '{"enabled": true}}} in the config')
+    if inference.active is not None:
+        raise ConfigError(f"{SECTION_PATH}: static/dynamic_quantization is enabled too, and oneshot() runs the block "
+                          "pipeline's sections only: call slimtorch.compress(model, config, calib_data), which runs "
+                          "every enabled section in order (one-shot pruning, then quantization)")
     if any(isinstance(m, (WeightOnlyLinear, W8A8Linear)) for m in model.modules()):
         raise ConfigError(f"{type(model).__name__} already holds quantized layers; compress the float model")
     recipe = Recipe(quantization=inference.weight_only, pruning=inference.pruning, w8a8=inference.w8a8)

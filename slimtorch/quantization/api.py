@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Mapping
 from typing import Any, Callable, Iterable, Optional
 
-from torch import nn
+from torch import Tensor, nn
 
+from ..batches import describe
 from ..config import load_config
 from ..config.quant_schema import StaticQuantization
 from ..errors import CalibrationError, ConfigError
@@ -57,14 +59,23 @@ def quantize(model: nn.Module, config: Any, mpu: Any = None, calib_dataloader: O
     rank of the group must call quantize() with the same model and config; the result is checked to be identical
     (:class:`~slimtorch.DistributedError` on every rank otherwise).
     """
+    _check_not_data(mpu)
+    return quantize_model(model, config, mpu, calib_dataloader, eval_fn, calib_input_fn=calib_input_fn,
+                          progress=progress, inplace=False)
+
+
+def quantize_model(model: nn.Module, config: Any, mpu: Any, calib_dataloader: Optional[Iterable],
+                   eval_fn: Optional[Callable[[nn.Module], float]], *, calib_input_fn: Optional[Callable[[Any], Any]],
+                   progress: bool, inplace: bool) -> nn.Module:
+    """:func:`quantize`'s work; ``inplace`` quantizes ``model`` itself (slimtorch.compress, on its own copy)."""
     started = time.perf_counter()
     sync = resolve_sync(mpu)
     with sync.guard("checking the arguments"):  # an error on one rank is raised on every rank
-        section, static, where, criterion = _checked_arguments(model, config, eval_fn, calib_dataloader)
+        section, static, where, criterion = checked_arguments(model, config, eval_fn, calib_dataloader)
         loader = None if calib_dataloader is None else ReplayableLoader(calib_dataloader, calib_input_fn)
     check_same_plan(sync, model, section, {"static": static, "calib_dataloader": calib_dataloader is not None,
                                            "eval_fn": eval_fn is not None})
-    run = QuantizeRun(copy.deepcopy(model), section, where, sync, loader, eval_fn, criterion,
+    run = QuantizeRun(model if inplace else copy.deepcopy(model), section, where, sync, loader, eval_fn, criterion,
                       progress=progress and sync.rank == 0)  # one progress bar per job
     try:
         for step in STEPS:
@@ -77,14 +88,31 @@ def quantize(model: nn.Module, config: Any, mpu: Any = None, calib_dataloader: O
     return run.model
 
 
-def _checked_arguments(model: Any, config: Any, eval_fn: Any, calib_dataloader: Any):
+def _check_not_data(mpu: Any) -> None:
+    """Calibration batches passed third, where ``mpu`` goes (``quantize(model, cfg, batches)``): say so, with the
+    fix, rather than an error about mpu."""
+    if mpu is None or isinstance(mpu, str) or callable(getattr(mpu, "get_data_parallel_group", None)):
+        return
+    if isinstance(mpu, (Tensor, Mapping)) or hasattr(mpu, "__iter__") or hasattr(mpu, "__len__"):
+        raise ConfigError(f"quantize(model, config, mpu=None, calib_dataloader=None): the third argument is mpu (the "
+                          f"distributed process group), but it got calibration data ({describe(mpu)}); pass the "
+                          "batches by keyword: quantize(model, config, calib_dataloader=batches), or call "
+                          "slimtorch.compress(model, config, calib_data), whose third argument is the data")
+
+
+def checked_arguments(model: Any, config: Any, eval_fn: Any, calib_dataloader: Any):
     """``(section, static, where, criterion)``; every bad argument is an error here, before any work."""
     cfg = load_config(config)
     section = cfg.quantization
     oneshot_sections = list(cfg.compression_inference.oneshot_sections())
     if section is None and oneshot_sections:
         raise ConfigError(f"{SECTION_PATH}.{oneshot_sections[0]} runs block by block on a decoder LLM: call "
-                          "slimtorch.oneshot(model, config, calib_data) instead of quantize()")
+                          "slimtorch.compress(model, config, calib_data) instead of quantize() (or slimtorch.oneshot, "
+                          "which compress() runs for these sections)")
+    if section is not None and oneshot_sections:
+        raise ConfigError(f"{SECTION_PATH}.{oneshot_sections[0]} is enabled too, and quantize() runs static/dynamic "
+                          "quantization only: call slimtorch.compress(model, config, calib_data), which runs every "
+                          "enabled section in order (one-shot pruning, then quantization)")
     if section is None:
         raise ConfigError(f"{SECTION_PATH}: no quantization section is enabled; add "
                           '{"compression_inference": {"static_quantization": {"enabled": true}}} '

@@ -19,7 +19,7 @@ from typing import Any, Dict, Optional
 import torch
 from torch import nn
 
-from ..errors import SlimError
+from ..errors import SlimtorchError
 from . import surgery
 
 MANIFEST = "slimtorch_slim.json"
@@ -101,7 +101,7 @@ def save_slim(model: nn.Module, directory: str | os.PathLike) -> str:
     from safetensors.torch import save_file
 
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(_untied(state), str(directory / WEIGHTS))
+    save_file(untied(state), str(directory / WEIGHTS))
     manifest: Dict[str, Any] = {"format": "slimtorch-slim/1", "shapes": _shapes(model)}
     if getattr(model, "config", None) is not None and hasattr(model.config, "to_dict"):
         model.config.save_pretrained(directory)
@@ -110,7 +110,7 @@ def save_slim(model: nn.Module, directory: str | os.PathLike) -> str:
     return "slimtorch"
 
 
-def _untied(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+def untied(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """safetensors refuses tensors that share memory (tied embeddings): clone the repeats."""
     seen, out = set(), {}
     for k, v in state.items():
@@ -128,7 +128,7 @@ def load_slim(directory: str | os.PathLike, model: Optional[nn.Module] = None) -
     manifest_path = directory / MANIFEST
     if not manifest_path.is_file():
         if not (directory / "config.json").is_file():
-            raise SlimError(f"{directory} holds neither {MANIFEST} nor config.json: not saved by save_slim()")
+            raise SlimtorchError(f"{directory} holds neither {MANIFEST} nor config.json: not saved by save_slim()")
         import transformers
 
         config = transformers.AutoConfig.from_pretrained(directory)
@@ -136,13 +136,8 @@ def load_slim(directory: str | os.PathLike, model: Optional[nn.Module] = None) -
         return cls.from_pretrained(directory)
     manifest = json.loads(manifest_path.read_text())
     if model is None:
-        if "architecture" not in manifest:
-            raise SlimError(f"{directory} holds a plain PyTorch model: pass a fresh instance of its float "
-                            "architecture as model= to narrow and load")
-        import transformers
-
-        config = transformers.AutoConfig.from_pretrained(directory)
-        model = getattr(transformers, manifest["architecture"])(config)
+        model = saved_architecture(directory, manifest, "pass a fresh instance of its float architecture as model= "
+                                                        "to narrow and load")
     _narrow(model, manifest["shapes"])
     from safetensors.torch import load_file
 
@@ -150,11 +145,22 @@ def load_slim(directory: str | os.PathLike, model: Optional[nn.Module] = None) -
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {k for k in missing if k.endswith("weight")} if getattr(model, "_tied_weights_keys", None) else set()
     if set(missing) - tied or unexpected:
-        raise SlimError(f"{directory}: the weights do not fit the narrowed model (missing {sorted(missing)[:4]}, "
-                        f"unexpected {sorted(unexpected)[:4]}); was it saved from another architecture?")
+        raise SlimtorchError(f"{directory}: the weights do not fit the narrowed model (missing {sorted(missing)[:4]}, "
+                             f"unexpected {sorted(unexpected)[:4]}); was it saved from another architecture?")
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     return model.eval()
+
+
+def saved_architecture(directory: Path, manifest: Dict[str, Any], fix: str) -> nn.Module:
+    """A fresh (random-init) instance of the transformers class ``manifest["architecture"]`` names, built from the
+    directory's config.json; a plain PyTorch model (no architecture recorded) is an error that says ``fix``."""
+    if "architecture" not in manifest:
+        raise SlimtorchError(f"{directory} holds a plain PyTorch model: {fix}")
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(directory)
+    return getattr(transformers, manifest["architecture"])(config)
 
 
 def _narrow(model: nn.Module, shapes: Dict[str, Dict[str, Any]]) -> None:
@@ -162,7 +168,8 @@ def _narrow(model: nn.Module, shapes: Dict[str, Dict[str, Any]]) -> None:
         try:
             module = model.get_submodule(name)
         except AttributeError:
-            raise SlimError(f"the saved slim model has a layer {name!r} that the given architecture lacks") from None
+            raise SlimtorchError(f"the saved slim model has a layer {name!r} that the given architecture "
+                                 "lacks") from None
         kind = spec.get("kind")
         if kind == "linear" and (module.in_features, module.out_features) != (spec["in"], spec["out"]):
             model.set_submodule(name, surgery.shrink_linear(module, keep_out=torch.arange(spec["out"]),

@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import nn
 
-from ..errors import LifecycleError, SlimError, UnsupportedModelError
+from ..errors import LifecycleError, SlimtorchError, UnsupportedModelError
 from ..pruning import registry
 from . import measure, surgery
 from .trace import Analysis, Group, analyze
@@ -98,7 +98,7 @@ def slim(model: nn.Module, example_inputs: Any, *, round_to: int = 1, rtol: floa
         raise LifecycleError(f"{type(model).__name__} is still being pruned: its masks may change and its zeros "
                              "are not final; call finalize() on its PruningCallbacks before slim()")
     if round_to < 1:
-        raise SlimError(f"round_to must be a positive number of channels, got {round_to}")
+        raise SlimtorchError(f"round_to must be a positive number of channels, got {round_to}")
     example_inputs = _without_cache(model, example_inputs)
     target = copy.deepcopy(model).eval()
     with torch.no_grad():
@@ -117,9 +117,9 @@ def slim(model: nn.Module, example_inputs: Any, *, round_to: int = 1, rtol: floa
         result = measure.output_tensors(measure.call(target, example_inputs))
     report.max_relative_difference = _difference(result, reference)
     if report.max_relative_difference > rtol:
-        raise SlimError(f"the slim model's outputs differ from the masked model's by "
-                        f"{report.max_relative_difference:.2e} (relative, more than rtol {rtol:g}) on the example "
-                        "input: a coupling slimtorch did not see; the model is left as it was")
+        raise SlimtorchError(f"the slim model's outputs differ from the masked model's by "
+                             f"{report.max_relative_difference:.2e} (relative, more than rtol {rtol:g}) on the example "
+                             "input: a coupling slimtorch did not see; the model is left as it was")
     report.parameters_after = measure.parameters(target)
     report.macs_after = measure.macs(target, example_inputs)
     if measure_latency:
@@ -143,7 +143,7 @@ def slim_report(model: nn.Module) -> SlimReport:
     """The report :func:`slim` attached to the model it returned."""
     report = getattr(model, REPORT_ATTR, None)
     if report is None:
-        raise SlimError(f"{type(model).__name__} was not returned by slimtorch.slim(): no slimming report")
+        raise SlimtorchError(f"{type(model).__name__} was not returned by slimtorch.slim(): no slimming report")
     return report
 
 

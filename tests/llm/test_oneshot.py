@@ -202,7 +202,7 @@ def test_nan_in_a_block_names_the_block():
 
 def test_wrong_entry_point_and_empty_data_are_errors():
     model = TINY_MODELS["llama"]()
-    with pytest.raises(st.ConfigError, match="call slimtorch.oneshot"):
+    with pytest.raises(st.ConfigError, match="call slimtorch.compress"):
         st.quantize(model, config(), calib_dataloader=calibration(model))
     with pytest.raises(st.ConfigError, match="none of weight_only_quantization, w8a8_quantization and "
                                                     "oneshot_pruning is enabled"):

@@ -125,7 +125,7 @@ def test_each_section_excludes_its_own_layers():
 
 def test_config_mistakes_are_errors():
     model = TINY_MODELS["llama"]()
-    with pytest.raises(st.ConfigError, match="call slimtorch.oneshot"):
+    with pytest.raises(st.ConfigError, match="call slimtorch.compress"):
         st.quantize(model, config(pattern="2:4"), calib_dataloader=calibration(model))
     with pytest.raises(st.ConfigError, match="N:M pattern .* or as an unstructured dense_ratio"):
         st.oneshot(model, config(), calibration(model), progress=False)
