@@ -15,8 +15,8 @@ from ...batches import model_device, to_device
 from ...errors import CalibrationError, ConfigError
 from ..calibrate import calibrate
 from ..distributed import LOCAL, reduce_channel_stats
+from ..grid import choose_qparams
 from ..passes import preserved_modes
-from ..primitives import choose_qparams
 from .alpha import search_alpha
 from .discovery import Pairs, find_smoothing_groups
 from .exactness import ExactnessProbe, fold_change_reason

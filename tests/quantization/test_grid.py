@@ -1,15 +1,17 @@
-"""Value-by-value tests of choose_qparams / quantize / dequantize / fake_quantize."""
+"""Value-by-value tests of slimtorch.quantization.grid: choose_qparams / quantize / dequantize / fake_quantize."""
 import pytest
 import torch
 
-from slimtorch.quantization.primitives import DEFAULT_EPS, choose_qparams, dequantize, fake_quantize, quantize
+from slimtorch.quantization.grid import EPS, choose_qparams, dequantize, fake_quantize, quantize
 
 t = torch.tensor
 
 
 @pytest.mark.parametrize("lo, hi, dtype, symmetric, scale, zp", [
-    (-1.0, 0.5, "int8", True, 1 / 127, 0),        # s = max(|-1|, 0.5) / 127
-    (-0.25, 2.54, "int8", True, 2.54 / 127, 0),
+    (-1.0, 0.5, "int8", True, 1 / 127.5, 0),      # s = max(|-1|, 0.5) / ((127 - -128) / 2)
+    (-0.25, 2.54, "int8", True, 2.54 / 127.5, 0),
+    (-0.25, 1.5, "int4", True, 1.5 / 7.5, 0),     # the same rule at 4 bits
+    (-3.0, 896.0, "fp8_e4m3", True, 2.0, 0),      # and for FP8 E4M3: amax / 448
     (-1.0, 2.0, "uint8", False, 3 / 255, 85),     # s = 3/255, z = 0 - round(-1 / s) = 85
     (0.5, 2.0, "uint8", False, 2 / 255, 0),       # range widened to [0, 2]
     (-2.0, -1.0, "uint8", False, 2 / 255, 255),   # range widened to [-2, 0]: z = round(2 / s) = 255
@@ -25,7 +27,7 @@ def test_hand_computed_qparams(lo, hi, dtype, symmetric, scale, zp):
 def test_zero_range_gives_tiny_positive_scale():
     for dtype, sym in [("int8", True), ("uint8", False)]:
         s, z = choose_qparams(t(0.0), t(0.0), dtype=dtype, symmetric=sym)
-        assert float(s) == pytest.approx(DEFAULT_EPS) and float(s) > 0 and torch.isfinite(s)
+        assert float(s) == pytest.approx(EPS) and float(s) > 0 and torch.isfinite(s)
         x = torch.zeros(3)
         assert torch.equal(fake_quantize(x, s, z, dtype=dtype), x)
 
@@ -44,7 +46,7 @@ def test_bad_arguments_raise():
     with pytest.raises(ValueError, match="symmetric"):
         choose_qparams(t(-1.0), t(1.0), dtype="uint8", symmetric=True)
     with pytest.raises(ValueError, match="dtype"):
-        choose_qparams(t(-1.0), t(1.0), dtype="int4")
+        choose_qparams(t(-1.0), t(1.0), dtype="int16")
     with pytest.raises(ValueError, match="axis"):
         quantize(torch.ones(2, 3), torch.ones(2), torch.zeros(2, dtype=torch.int32))
     with pytest.raises(ValueError, match="do not match"):
