@@ -138,18 +138,20 @@ def choose_qparams(min_val: Tensor, max_val: Tensor, *, dtype: str = "int8", sym
     return qparams_from_range(min_val, max_val, dtype=dtype, symmetric=symmetric, eps=eps)
 
 
-def round_to_grid(x: Tensor, scale: Tensor, zero_point: Tensor, dtype: str = "int8", *,
+def round_to_grid(x: Tensor, scale: Tensor, zero_point: Optional[Tensor], dtype: str = "int8", *,
                   quant_min: Optional[float] = None, quant_max: Optional[float] = None) -> Tensor:
     """The grid values of ``x`` as float32 (qparams broadcast against ``x``): ``clamp(round(x / s) + z, qmin,
     qmax)`` for integers (exact in float32), the E4M3 value of ``clamp(x / s, -448, 448)`` for FP8 (E4M3 has no
-    infinity: a value beyond 448 would cast to NaN). ``quant_min``/``quant_max`` narrow the clamp."""
+    infinity: a value beyond 448 would cast to NaN). ``zero_point`` None: 0 (symmetric; no addition, so -0.0 stays
+    -0.0). ``quant_min``/``quant_max`` narrow the clamp."""
     qmin, qmax = grid_range(dtype)
     qmin = qmin if quant_min is None else quant_min
     qmax = qmax if quant_max is None else quant_max
     y = x.to(torch.float32) / scale.to(torch.float32)  # division, as QuantizeLinear
     if dtype in FLOAT_DTYPES:
         return torch.clamp(y, qmin, qmax).to(float8_dtype()).to(torch.float32)
-    return torch.clamp(torch.round(y) + zero_point.to(torch.float32), qmin, qmax)
+    q = torch.round(y) if zero_point is None else torch.round(y) + zero_point.to(torch.float32)
+    return torch.clamp(q, qmin, qmax)
 
 
 def _broadcast(param: Tensor, x: Tensor, axis: Optional[int]) -> Tensor:
@@ -169,10 +171,10 @@ def _broadcast(param: Tensor, x: Tensor, axis: Optional[int]) -> Tensor:
 
 
 def _grid_values(x: Tensor, scale: Tensor, zero_point: Optional[Tensor], dtype: str, axis: Optional[int],
-                 quant_min: Optional[float], quant_max: Optional[float]) -> Tuple[Tensor, Tensor, Tensor]:
+                 quant_min: Optional[float], quant_max: Optional[float]
+                 ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
     s = _broadcast(scale, x, axis).to(torch.float32)
-    z = (torch.zeros((), device=x.device) if zero_point is None else
-         _broadcast(zero_point, x, axis).to(torch.float32))
+    z = None if zero_point is None else _broadcast(zero_point, x, axis).to(torch.float32)
     return round_to_grid(x, s, z, dtype, quant_min=quant_min, quant_max=quant_max), s, z
 
 
@@ -219,13 +221,14 @@ def fake_quantize(x: Tensor, scale: Tensor, zero_point: Optional[Tensor] = None,
     without it the gradient is torch's own (0 almost everywhere: round has no slope).
     """
     q, s, z = _grid_values(x, scale, zero_point, dtype, axis, quant_min, quant_max)
-    out = (q - z) * s  # same ops, same order as dequantize: identical result
+    out = q * s if z is None else (q - z) * s  # same ops, same order as dequantize: identical result
     out = out if not x.is_floating_point() or x.dtype == torch.float32 else out.to(x.dtype)
     if not ste:
         return out
     qmin, qmax = grid_range(dtype)
-    lo = (qmin if quant_min is None else quant_min) - z
-    hi = (qmax if quant_max is None else quant_max) - z
+    shift = 0.0 if z is None else z
+    lo = (qmin if quant_min is None else quant_min) - shift
+    hi = (qmax if quant_max is None else quant_max) - shift
     margin = 0.0 if dtype in FLOAT_DTYPES else 0.5  # integers: what rounds onto the range's ends is inside
     y = x.detach().to(torch.float32) / s
     inside = (y >= lo - margin) & (y <= hi + margin)
@@ -239,12 +242,12 @@ def fake_quantize_dynamic(x: Tensor, dtype: str = "int8", symmetric: bool = True
     xd = x.detach()
     if granularity == "tensor":
         s, z = qparams_from_range(xd.amin(), xd.amax(), dtype=dtype, symmetric=symmetric)
-        return fake_quantize(x, s, z, dtype=dtype, ste=ste)
+        return fake_quantize(x, s, None if symmetric else z, dtype=dtype, ste=ste)
     if granularity != "token":
         raise CalibrationError(f"dynamic quantization granularity must be 'tensor' or 'token', got {granularity!r}")
     rows = x.reshape(-1, x.shape[-1])
     s, z = qparams_from_range(rows.detach().amin(1), rows.detach().amax(1), dtype=dtype, symmetric=symmetric)
-    return fake_quantize(rows, s, z, dtype=dtype, axis=0, ste=ste).reshape(x.shape)
+    return fake_quantize(rows, s, None if symmetric else z, dtype=dtype, axis=0, ste=ste).reshape(x.shape)
 
 
 # -- weights in groups of input columns (weight-only int4/int8, W8A8 weights) -----------------------------------

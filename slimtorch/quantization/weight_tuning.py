@@ -59,7 +59,7 @@ def mse_weight_scale(weight: Tensor, axis: Optional[int] = 0, *, num_steps: int 
     for start in range(0, len(ratios), per_ratio):
         r = ratios[start:start + per_ratio]
         s = symmetric_scale(r[:, None] * amax[None, :])  # [R, C]
-        q = round_to_grid(flat[None], s[..., None], torch.zeros(()), "int8") * s[..., None]
+        q = round_to_grid(flat[None], s[..., None], None, "int8") * s[..., None]
         err = ((q - flat[None]) ** 2).sum(-1)  # [R, C]
         e_min, idx = err.min(0)
         better = e_min < best_err  # strict: ties keep the larger (earlier) ratio, minmax first
