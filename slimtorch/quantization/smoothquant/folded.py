@@ -27,6 +27,8 @@ from .stats import ChannelStats
 #: (a group's input statistics, its Linears) -> (per-input-channel scales, the number reported as its alpha)
 ScalesFn = Callable[[ChannelStats, Sequence[nn.Module]], Tuple[Tensor, float]]
 
+ACT_DTYPES = ("int8", "uint8")
+
 
 def smooth(model: nn.Module, loader: Iterable, *, linear_names: Sequence[str], alpha: Union[float, str],
            num_batches: int, input_fn: Optional[Callable[[Any], Any]] = None, act_dtype: str = "int8",
@@ -48,6 +50,8 @@ def smooth(model: nn.Module, loader: Iterable, *, linear_names: Sequence[str], a
     if num_batches < 1:
         raise ConfigError(f"num_calibration_batches must be >= 1, got {num_batches}")
     try:
+        if act_dtype not in ACT_DTYPES:  # the grid has more dtypes; activations here are 8-bit integers
+            raise CalibrationError(f"activation dtype must be one of {ACT_DTYPES}, got {act_dtype!r}")
         choose_qparams(torch.tensor(0.0), torch.tensor(0.0), dtype=act_dtype, symmetric=act_symmetric)
     except CalibrationError as e:
         raise ConfigError(f"smoothquant activation scheme: {e}") from e
