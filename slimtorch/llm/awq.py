@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from ..errors import CalibrationError
-from .grid import WeightGrid, dequantize, group_count, quantize_rtn
+from ..quantization.grid import WeightGrid, dequantize_groups, group_count, quantize_rtn
 
 SCALE_FLOOR = 1e-4
 
@@ -62,7 +62,7 @@ def candidate_scales(act_mean: Tensor, weight_mean: Tensor, ratio: float, duo_sc
 
 def _fake_quantized(weight: Tensor, grid: WeightGrid) -> Tensor:
     q, scale, zero = quantize_rtn(weight, grid)
-    return dequantize(q, scale, zero, grid.group_size)
+    return dequantize_groups(q, scale, zero, grid.group_size)
 
 
 def awq_search(rows: Tensor, act_mean: Tensor, weights: Sequence[Tensor], grid: WeightGrid, *, grid_points: int = 20,

@@ -38,9 +38,8 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, UnsupportedModelError
-from .grid import WeightGrid
+from ..quantization.grid import WeightGrid
 from .modules import W8A8Linear, WeightOnlyLinear
-from .w8a8 import EightBit
 
 #: the tensors of WeightOnlyLinear that compressed-tensors' tensors replace
 _SLIMTORCH_TENSORS = ("weight_int", "weight_scale", "weight_zero", "weight_g_idx")
@@ -195,7 +194,7 @@ def load_compressed(directory: Union[str, Path], *, dtype: torch.dtype = torch.f
 
     directory = Path(directory)
     raw = json.loads((directory / "config.json").read_text())
-    grid = _saved_grid(raw.get("quantization_config"), directory)  # an EightBit format for W8A8 checkpoints
+    grid = _saved_grid(raw.get("quantization_config"), directory)  # a format name for W8A8 checkpoints
     config = AutoConfig.from_pretrained(directory)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -203,7 +202,7 @@ def load_compressed(directory: Union[str, Path], *, dtype: torch.dtype = torch.f
     state: Dict[str, torch.Tensor] = {}
     for file in sorted(directory.glob("*.safetensors")):
         state.update(load_file(file))
-    if isinstance(grid, EightBit):
+    if isinstance(grid, str):
         _rebuild_w8a8(model, state, grid)
     for key in [k for k in state if k.endswith(".weight_packed")]:
         name = key[: -len(".weight_packed")]
@@ -224,7 +223,7 @@ def load_compressed(directory: Union[str, Path], *, dtype: torch.dtype = torch.f
     return model
 
 
-def _rebuild_w8a8(model: nn.Module, state: Dict[str, torch.Tensor], fmt: EightBit) -> None:
+def _rebuild_w8a8(model: nn.Module, state: Dict[str, torch.Tensor], fmt: str) -> None:
     """Every Linear saved with a ``weight_scale`` becomes a W8A8Linear of its saved tensors (popped from ``state``)."""
     for key in [k for k in state if k.endswith(".weight_scale")]:
         name = key[: -len(".weight_scale")]
@@ -238,7 +237,7 @@ def _quantized(model: nn.Module) -> List[str]:
     return [name for name, m in model.named_modules() if isinstance(m, (WeightOnlyLinear, W8A8Linear))]
 
 
-def _saved_w8a8(group: dict, format_name: str, directory: Path) -> EightBit:
+def _saved_w8a8(group: dict, format_name: str, directory: Path) -> str:
     weights, activations = group.get("weights") or {}, group.get("input_activations") or {}
     kind = "float" if format_name == "float-quantized" else "int"
     expected = (8, kind, True, "channel")
@@ -248,10 +247,10 @@ def _saved_w8a8(group: dict, format_name: str, directory: Path) -> EightBit:
         raise ConfigError(f"{directory}: load_compressed reads {format_name} checkpoints with 8-bit {kind} weights per "
                           f"channel and 8-bit activations per token (dynamic) or per tensor (static); this one has "
                           f"weights {weights} and input_activations {activations}")
-    return EightBit("fp8_e4m3" if kind == "float" else "int8")
+    return "fp8_e4m3" if kind == "float" else "int8"
 
 
-def _saved_grid(quantization: Optional[dict], directory: Path) -> Union[WeightGrid, EightBit]:
+def _saved_grid(quantization: Optional[dict], directory: Path) -> Union[WeightGrid, str]:
     """The weight grid (or the W8A8 format) a compressed-tensors ``quantization_config`` describes, or a ConfigError
     saying what it holds that load_compressed does not read."""
     if not quantization or quantization.get("quant_method") != "compressed-tensors":

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from ..errors import CalibrationError, ConfigError
-from .grid import WeightGrid, check_group_size, dequantize, qparams, quantize_to_grid
+from ..quantization.grid import WeightGrid, check_group_size, dequantize_groups, round_to_grid, row_qparams
 
 
 def min_tokens_for(in_features: int) -> int:
@@ -185,7 +185,7 @@ def _not_positive_definite(where: str, in_features: int, dampening: float, damp:
 def _static_qparams(weight: Tensor, grid: WeightGrid, groups: int):
     """Per-group (scale, zero) [out, groups] of ``weight`` as it is (= quantize_rtn's)."""
     size = weight.shape[1] // groups
-    pairs = [qparams(weight[:, g * size:(g + 1) * size], grid) for g in range(groups)]
+    pairs = [row_qparams(weight[:, g * size:(g + 1) * size], grid) for g in range(groups)]
     return torch.stack([s for s, _ in pairs], dim=1), torch.stack([z for _, z in pairs], dim=1)
 
 
@@ -267,11 +267,11 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, grid: WeightGrid, *, dampenin
                     if keep is not None:
                         pending = pending * keep[:, i2:end]
                     current = torch.cat([current, W[:, i2:end] - pending], dim=1)
-                scale[:, p // size], zero[:, p // size] = qparams(current, grid)
+                scale[:, p // size], zero[:, p // size] = row_qparams(current, grid)
             g = position_group[p]
             s, z = scale[:, g], zero[:, g].to(torch.float32)
             w = W1[:, i]
-            q = quantize_to_grid(w, s, z, grid)
+            q = round_to_grid(w, s, z, grid.dtype)
             Q[:, p] = q
             e = (w - (q - z) * s) / U1[i, i]
             update = torch.outer(e, U1[i, i + 1:])
@@ -293,6 +293,6 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, grid: WeightGrid, *, dampenin
         if dynamic:
             g_idx = (torch.arange(in_features, device=device) // size)[inverse].to(torch.int32)
     q_int = Q.to(grid.storage_dtype)
-    quantized = dequantize(q_int, scale, zero, grid.group_size, g_idx=g_idx).to(weight.dtype)
+    quantized = dequantize_groups(q_int, scale, zero, grid.group_size, g_idx=g_idx).to(weight.dtype)
     return GPTQResult(q=q_int, scale=scale, zero=zero, g_idx=g_idx, quantized=quantized,
                       error=float(squared_errors.sum()) / 2)

@@ -19,12 +19,12 @@ from typing import Dict, List, Sequence, Tuple
 from torch import Tensor, nn
 
 from ..config.quant_schema import AWQSettings, LLMSmoothQuant
+from ..quantization.grid import WeightGrid
 from ..quantization.smoothquant import SmoothQuantReport, smooth
 from ..quantization.smoothquant.scales import linear_weight
 from ..quantization.smoothquant.stats import ChannelStats
 from .awq import awq_search
 from .blocks import BlockInput, block_output
-from .grid import WeightGrid
 
 PREFIX = "block"
 

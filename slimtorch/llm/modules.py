@@ -18,8 +18,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .grid import WeightGrid, dequantize
-from .w8a8 import EightBit, per_tensor_fake_quantize, per_token_fake_quantize
+from ..errors import ConfigError
+from ..quantization.grid import (
+    WeightGrid,
+    dequantize,
+    dequantize_groups,
+    fake_quantize,
+    fake_quantize_dynamic,
+    storage_dtype,
+)
+
+#: the 8-bit formats of W8A8Linear, as quantization/grid.py names their grids
+W8A8_FORMATS = ("int8", "fp8_e4m3")
 
 
 class WeightOnlyLinear(nn.Module):
@@ -43,8 +53,8 @@ class WeightOnlyLinear(nn.Module):
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """The float weight the integers stand for, [out, in]."""
-        return dequantize(self.weight_int, self.weight_scale, self.weight_zero, self.group_size,
-                          g_idx=self.weight_g_idx).to(dtype)
+        return dequantize_groups(self.weight_int, self.weight_scale, self.weight_zero, self.group_size,
+                                 g_idx=self.weight_g_idx).to(dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
@@ -75,21 +85,19 @@ class W8A8Linear(nn.Module):
     integer kernels belong to the runtime that loads the checkpoint).
     """
 
-    def __init__(self, q: Tensor, scale: Tensor, bias: Optional[Tensor], fmt: EightBit,
+    def __init__(self, q: Tensor, scale: Tensor, bias: Optional[Tensor], fmt: str,
                  input_scale: Optional[Tensor] = None, source_op: str = "Linear"):
         super().__init__()
+        if fmt not in W8A8_FORMATS:
+            raise ConfigError(f"8-bit format must be one of {W8A8_FORMATS}, got {fmt!r}")
         self.source_op = source_op
         self.out_features, self.in_features = q.shape
-        self.format = fmt.name
-        self.register_buffer("weight", q.to(fmt.storage_dtype))
+        self.format = fmt
+        self.register_buffer("weight", q.to(storage_dtype(fmt)))
         self.register_buffer("weight_scale", scale.to(torch.float32).reshape(-1, 1))
         self.register_buffer("input_scale", None if input_scale is None else
                              input_scale.to(torch.float32).reshape(1))
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
-
-    @property
-    def eight_bit(self) -> EightBit:
-        return EightBit(self.format)
 
     @property
     def dynamic(self) -> bool:
@@ -97,11 +105,13 @@ class W8A8Linear(nn.Module):
         return self.input_scale is None
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        return (self.weight.to(torch.float32) * self.weight_scale).to(dtype)
+        return dequantize(self.weight, self.weight_scale.reshape(-1), axis=0).to(dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        fmt = self.eight_bit
-        xq = per_token_fake_quantize(x, fmt) if self.dynamic else per_tensor_fake_quantize(x, self.input_scale, fmt)
+        if self.dynamic:  # a scale per token, from the token itself (what the runtime computes)
+            xq = fake_quantize_dynamic(x, self.format, True, "token")
+        else:
+            xq = fake_quantize(x, self.input_scale, dtype=self.format)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(xq.to(x.dtype), self.dequantized_weight(x.dtype), bias)
 

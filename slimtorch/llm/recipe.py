@@ -17,11 +17,18 @@ from torch import Tensor, nn
 from ..config.patterns import parse_pattern
 from ..config.quant_schema import OneShotPruning, W8A8Quantization, WeightOnlyQuantization
 from ..errors import CalibrationError
+from ..quantization.grid import (
+    WeightGrid,
+    check_group_size,
+    float8_dtype,
+    quantize_per_channel,
+    quantize_rtn,
+    symmetric_scale,
+)
 from ..quantization.qdq import op_type
 from ..quantization.selection import excluded_by
 from ..quantization.smoothquant.scales import linear_weight
 from .gptq import HessianAccumulator, check_enough_tokens, gptq_quantize
-from .grid import WeightGrid, check_group_size, quantize_rtn
 from .modules import W8A8Linear, WeightOnlyLinear
 from .sparsegpt import (
     Columns,
@@ -32,7 +39,6 @@ from .sparsegpt import (
     sparsegpt_prune,
     wanda_prune,
 )
-from .w8a8 import EightBit, float8_dtype, quantize_weight
 
 SECTIONS = "compression_inference.{}"
 Quantized = Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]  # (q, scale, zero, g_idx)
@@ -83,7 +89,7 @@ PRUNERS: Dict[str, Tuple[bool, Callable[..., Tensor]]] = {
     "sparsegpt": (True, _sparsegpt), "wanda": (True, _wanda), "magnitude": (False, _magnitude)}
 
 
-#: int8 W8A8 weights on slimtorch's integer grid (GPTQ's); the same scale and range as EightBit("int8")
+#: int8 W8A8 weights for GPTQ: the grid's int8, one scale per output channel (what RTN's W8A8 weights get too)
 INT8_PER_CHANNEL = WeightGrid(8, True, None)
 
 
@@ -118,10 +124,6 @@ class Recipe:
     def grid(self) -> Optional[WeightGrid]:
         q = self.quantization
         return None if q is None else WeightGrid(q.bits, q.symmetric, None if q.group_size == -1 else q.group_size)
-
-    @property
-    def eight_bit(self) -> Optional[EightBit]:
-        return None if self.w8a8 is None else EightBit(self.w8a8.format)
 
     @property
     def sparsity(self) -> Optional[Sparsity]:
@@ -226,17 +228,18 @@ class Recipe:
 
     def _w8a8(self, name: str, module: nn.Module, weight: Tensor, hessian: Optional[HessianAccumulator],
               input_absmax: Optional[Tensor], pruned: bool) -> W8A8Linear:
-        fmt, section = self.eight_bit, self.w8a8
+        section = self.w8a8
+        fmt = section.format
         if section.algorithm == "gptq":
             q, scale, _, _ = _gptq(weight, hessian, INT8_PER_CHANNEL, section, pruned, name)
         else:
-            q, scale = quantize_weight(weight, fmt, where=name)
+            q, scale = quantize_per_channel(weight, fmt, where=name)
         input_scale = None
         if section.activations == "static_per_tensor":
             if input_absmax is None:
                 raise CalibrationError(f"{name} received no calibration input, so its static activation scale is "
                                        "unknown; exclude it with excluded_modules")
-            input_scale = fmt.scale(input_absmax.reshape(1))
+            input_scale = symmetric_scale(input_absmax.reshape(1), fmt)
         return W8A8Linear(q, scale, module.bias, fmt, input_scale, op_type(module))
 
     def scheme(self, name: str) -> str:

@@ -33,7 +33,8 @@ import torch
 from torch import Tensor
 
 from ..errors import CalibrationError
-from .primitives import DEFAULT_EPS, choose_qparams, fake_quantize
+from .grid import EPS as DEFAULT_EPS
+from .grid import choose_qparams, fake_quantize
 
 
 def is_power_of_two(r: float) -> bool:

@@ -9,11 +9,12 @@ r"""QDQ modules: int8 weights + an input QuantizeLinear->DequantizeLinear pair, 
 
 forward(x) = op(fake_quantize(x, input qparams), dequantize(weight_int8, weight_scale, 0), bias).
 
-Weights are symmetric int8 (zero point 0, the restricted range [-127, 127], what TensorRT needs), so a pruned 0.0
-is stored as exactly 0. Activations are static (``input_scale``/``input_zero_point`` buffers from calibration) or
-dynamic (qparams from the current input: per tensor, or per token = per row of the last axis). Every tensor is a
-buffer, so ``.to()``, ``state_dict()`` and ``load_state_dict()`` work without calibration data. Scales stay float32
-through ``.to(dtype)``/``.half()``: QuantizeLinear takes float32 scales, and the PyTorch and ONNX models must agree.
+Weights are symmetric int8 on the one grid of quantization/grid.py (zero point 0, what TensorRT needs; scale
+max|w| / 127.5, range [-128, 127]), so a pruned 0.0 is stored as exactly 0. Activations are static
+(``input_scale``/``input_zero_point`` buffers from calibration) or dynamic (qparams from the current input: per
+tensor, or per token = per row of the last axis). Every tensor is a buffer, so ``.to()``, ``state_dict()`` and
+``load_state_dict()`` work without calibration data. Scales stay float32 through ``.to(dtype)``/``.half()``:
+QuantizeLinear takes float32 scales, and the PyTorch and ONNX models must agree.
 """
 from __future__ import annotations
 
@@ -24,15 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import CalibrationError, ConfigError, StateDictError
-from .primitives import (
-    DTYPES,
-    SYMMETRIC_INT8_QMAX,
-    choose_qparams,
-    dequantize,
-    fake_quantize,
-    fake_quantize_dynamic,
-    quantize,
-)
+from .grid import choose_qparams, dequantize, fake_quantize, fake_quantize_dynamic, grid_range, quantize
 from .qdq_onnx import export_conv, export_linear
 
 WEIGHT_GRANULARITIES = ("per_channel", "per_tensor")
@@ -83,6 +76,8 @@ class QDQModule(nn.Module):
                               f"{act_granularity!r} (dynamic={dynamic})")
         if act_granularity == "token" and not self.dynamic_token_ok:
             raise ConfigError(f"{type(self).__name__} has no token axis; use act_granularity='tensor'")
+        if act_dtype not in _DTYPE_CODES:
+            raise ConfigError(f"QDQ activation dtype must be one of {_DTYPE_CODES}, got {act_dtype!r}")
         choose_qparams(torch.tensor(0.0), torch.tensor(0.0), dtype=act_dtype, symmetric=act_symmetric)  # validates
         self.act_dtype, self.act_symmetric = act_dtype, act_symmetric
         self.dynamic, self.act_granularity = dynamic, act_granularity
@@ -94,8 +89,7 @@ class QDQModule(nn.Module):
         else:
             lo, hi, axis = w.amin(), w.amax(), None
         scale, zp = choose_qparams(lo, hi, dtype="int8", symmetric=True)  # zp 0: pruned zeros stay exactly 0
-        self.register_buffer("weight_int8", quantize(w, scale, zp, dtype="int8", axis=axis,
-                                                     quant_min=-SYMMETRIC_INT8_QMAX))
+        self.register_buffer("weight_int8", quantize(w, scale, zp, dtype="int8", axis=axis))
         self.register_buffer("weight_scale", scale)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         # the activation scheme as a small tensor, so a state_dict (or safetensors file) alone rebuilds the layer
@@ -112,7 +106,7 @@ class QDQModule(nn.Module):
     def _check_act_qparams(self, scale, zero_point) -> Tuple[Tensor, Tensor]:
         s = torch.as_tensor(scale, dtype=torch.float32).detach().clone()
         z = torch.as_tensor(zero_point).detach().clone().to(torch.int32)
-        _, qmin, qmax = DTYPES[self.act_dtype]
+        qmin, qmax = grid_range(self.act_dtype)
         if s.numel() != 1 or z.numel() != 1:
             raise CalibrationError(f"activation qparams must be per tensor (one scale, one zero point), got shapes "
                                    f"{tuple(s.shape)} and {tuple(z.shape)}")
@@ -134,8 +128,7 @@ class QDQModule(nn.Module):
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
         axis = self.weight_axis if self.weight_scale.dim() == 1 else None
-        zp = torch.zeros_like(self.weight_scale, dtype=torch.int32)
-        return dequantize(self.weight_int8, self.weight_scale, zp, axis=axis).to(dtype)
+        return dequantize(self.weight_int8, self.weight_scale, axis=axis).to(dtype)
 
     # -- buffers -----------------------------------------------------------------------------------------------
     def _apply(self, fn, recurse=True):

@@ -19,7 +19,7 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
-from .primitives import dequantize, fake_quantize, fake_quantize_dynamic
+from .grid import EPS, dequantize, fake_quantize, fake_quantize_dynamic, grid_range, half_range
 
 _ONNX_DTYPE = {"int8": torch.int8, "uint8": torch.uint8}
 
@@ -50,15 +50,19 @@ def _qdq_input(g, x, spec: Tuple):
 
 def _fake_quant(g, x, act_dtype: str, symmetric: bool, per_token: bool):
     """Run-time quantize-dequantize written out in float ops (round(x/s)+z, clipped, minus z, times s): ONNX
-    QuantizeLinear takes no per-row scale for 3-D inputs before opset 21, and DynamicQuantizeLinear is uint8 only."""
-    eps = _const(g, torch.tensor(torch.finfo(torch.float32).eps))
+    QuantizeLinear takes no per-row scale for 3-D inputs before opset 21, and DynamicQuantizeLinear is uint8 only.
+
+    The nodes spell out quantization/grid.py's formulas with its constants (range, half range, eps), so ONNX Runtime
+    computes what ``fake_quantize_dynamic`` does, bit for bit (tests/export/test_onnx.py)."""
+    eps = _const(g, torch.tensor(EPS))
     zero = _const(g, torch.tensor(0.0))
     reduce = dict(axes_i=[-1], keepdims_i=1) if per_token else dict(keepdims_i=0)
     lo = g.op("Min", g.op("ReduceMin", x, **reduce), zero)  # the range always holds 0
     hi = g.op("Max", g.op("ReduceMax", x, **reduce), zero)
-    qmin, qmax = (-128.0, 127.0) if act_dtype == "int8" else (0.0, 255.0)
-    if symmetric:  # s = max|x| / 127, z = 0
-        s = g.op("Max", g.op("Div", g.op("Max", g.op("Neg", lo), hi), _const(g, torch.tensor(127.0))), eps)
+    qmin, qmax = (float(v) for v in grid_range(act_dtype))
+    if symmetric:  # s = max|x| / ((qmax - qmin) / 2), z = 0
+        half = _const(g, torch.tensor(half_range(act_dtype)))
+        s = g.op("Max", g.op("Div", g.op("Max", g.op("Neg", lo), hi), half), eps)
         z = zero
     else:  # s = (max - min) / (qmax - qmin), z = qmin - round(min / s)
         s = g.op("Max", g.op("Div", g.op("Sub", hi, lo), _const(g, torch.tensor(qmax - qmin))), eps)
@@ -76,8 +80,7 @@ def _eager_input(x: Tensor, mode: str, act_dtype: str, symmetric: bool, scale: f
 
 
 def _eager_weight(w_int8: Tensor, w_scale: Tensor, axis: int, dtype: torch.dtype) -> Tensor:
-    zero = torch.zeros_like(w_scale, dtype=torch.int32)
-    return dequantize(w_int8, w_scale, zero, axis=axis if w_scale.dim() == 1 else None).to(dtype)
+    return dequantize(w_int8, w_scale, axis=axis if w_scale.dim() == 1 else None).to(dtype)
 
 
 class _LinearQDQ(torch.autograd.Function):

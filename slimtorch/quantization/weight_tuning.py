@@ -2,7 +2,7 @@ r"""Post-training weight tuning for int8 QDQ layers: MSE weight scales and bias 
 
 | function                 | what                                                                                  |
 |--------------------------|---------------------------------------------------------------------------------------|
-| mse_weight_scale         | per-channel symmetric int8 scale s_c = r_c * max\|W_c\| / 127, r_c in [min_ratio, 1]  |
+| mse_weight_scale         | per-channel symmetric int8 scale s_c = r_c * max\|W_c\| / 127.5, r_c in [min_ratio, 1]|
 |                          | chosen to minimize sum_j (W_cj - fq(W_cj))^2                                          |
 | output_shift             | E[op(x, dW)] per output channel from the mean input (exact: the op is linear in x)    |
 | set_weight_scale         | re-quantize a QDQ layer's int8 weight with new scales (zero point stays 0)            |
@@ -24,8 +24,8 @@ from torch import Tensor, nn
 from ..batches import first_tensor, model_device
 from ..errors import CalibrationError, ConfigError
 from .distributed import LOCAL, reduce_mean_inputs
+from .grid import quantize, round_to_grid, symmetric_scale
 from .passes import feed_batches, hooks_attached
-from .primitives import DEFAULT_EPS, SYMMETRIC_INT8_QMAX, quantize
 from .qdq import QDQ_MODULES, QDQModule
 
 __all__ = ["mse_weight_scale", "output_shift", "set_weight_scale", "correct_bias", "weight_quant_delta"]
@@ -36,14 +36,13 @@ def _channels_first(w: Tensor, axis: int) -> Tensor:
 
 
 def mse_weight_scale(weight: Tensor, axis: Optional[int] = 0, *, num_steps: int = 50, min_ratio: float = 0.5,
-                     qmax: int = SYMMETRIC_INT8_QMAX,
                      chunk_elements: int = 1 << 24) -> Tensor:
     """Symmetric int8 scale(s) minimizing the squared rounding + clipping error.
 
-    Searches ``s = r * amax / qmax`` for ``num_steps`` ratios ``r`` evenly spaced in ``[min_ratio, 1]`` (``r = 1``,
-    the minmax scale, is always a candidate, so the error is never larger than minmax's). ``axis``: the channel axis
-    (1-d result, one scale per channel) or None (0-d, one scale for the tensor). Quantized values are clamped to
-    ``[-qmax, qmax]``, as the QDQ layers store them.
+    Searches the grid's symmetric scale of ``r * amax`` (quantization/grid.py: ``r * amax / 127.5``) for
+    ``num_steps`` ratios ``r`` evenly spaced in ``[min_ratio, 1]`` (``r = 1``, the minmax scale, is always a
+    candidate, so the error is never larger than minmax's). ``axis``: the channel axis (1-d result, one scale per
+    channel) or None (0-d, one scale for the tensor). Values land on the int8 grid, as the QDQ layers store them.
     """
     if not 0 < min_ratio <= 1 or num_steps < 1:
         raise ConfigError(f"mse_weight_scale needs 0 < min_ratio <= 1 and num_steps >= 1, got {min_ratio}, {num_steps}")
@@ -55,12 +54,12 @@ def mse_weight_scale(weight: Tensor, axis: Optional[int] = 0, *, num_steps: int 
     ratios = torch.linspace(1.0, min_ratio, num_steps, device=w.device) if num_steps > 1 else \
         torch.ones(1, device=w.device)
     best_err = torch.full_like(amax, float("inf"))
-    best = torch.clamp(amax / qmax, min=DEFAULT_EPS)
+    best = symmetric_scale(amax)
     per_ratio = max(1, chunk_elements // max(1, flat.numel()))  # bound the [ratios, C, K] temporary
     for start in range(0, len(ratios), per_ratio):
         r = ratios[start:start + per_ratio]
-        s = torch.clamp(r[:, None] * amax[None, :] / qmax, min=DEFAULT_EPS)  # [R, C]
-        q = torch.clamp(torch.round(flat[None] / s[..., None]), -qmax, qmax) * s[..., None]
+        s = symmetric_scale(r[:, None] * amax[None, :])  # [R, C]
+        q = round_to_grid(flat[None], s[..., None], None, "int8") * s[..., None]
         err = ((q - flat[None]) ** 2).sum(-1)  # [R, C]
         e_min, idx = err.min(0)
         better = e_min < best_err  # strict: ties keep the larger (earlier) ratio, minmax first
@@ -104,15 +103,14 @@ def output_shift(kind: str, mean_input: Tensor, weight_delta: Tensor, **conv) ->
 
 def set_weight_scale(qdq: QDQModule, weight: Tensor, scale: Tensor) -> None:
     """Re-quantize ``qdq``'s int8 weight from the float ``weight`` with ``scale`` (per channel on the layer's weight
-    axis, or 0-d), zero point 0, range [-127, 127]: what :class:`QDQModule` stores, with another scale."""
+    axis, or 0-d), zero point 0, on the int8 grid: what :class:`QDQModule` stores, with another scale."""
     w = weight.detach().to(torch.float32).to(qdq.weight_int8.device)
     if tuple(w.shape) != tuple(qdq.weight_int8.shape):
         raise ConfigError(f"set_weight_scale: weight {tuple(w.shape)} does not match the layer's "
                           f"{tuple(qdq.weight_int8.shape)}")
     scale = scale.detach().to(torch.float32).to(w.device)
     axis = qdq.weight_axis if scale.dim() == 1 else None
-    zp = torch.zeros_like(scale, dtype=torch.int32)
-    qdq.weight_int8 = quantize(w, scale, zp, dtype="int8", axis=axis, quant_min=-SYMMETRIC_INT8_QMAX)
+    qdq.weight_int8 = quantize(w, scale, dtype="int8", axis=axis)
     qdq.weight_scale = scale
 
 

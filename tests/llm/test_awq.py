@@ -4,8 +4,8 @@ import torch
 
 import slimtorch as st
 from slimtorch.llm.awq import awq_search, candidate_scales, weight_magnitude
-from slimtorch.llm.grid import WeightGrid
 from slimtorch.llm.modules import WeightOnlyLinear
+from slimtorch.quantization.grid import WeightGrid
 
 from .test_w8a8 import _outlier_llama, calibration, logit_error
 from .tiny_models import random_tokens

@@ -10,7 +10,8 @@ from slimtorch.llm.gptq import (
     gptq_quantize,
     min_tokens_for,
 )
-from slimtorch.llm.grid import WeightGrid, dequantize, quantize_rtn
+from slimtorch.quantization.grid import WeightGrid, quantize_rtn
+from slimtorch.quantization.grid import dequantize_groups as dequantize
 
 IN, OUT, TOKENS = 128, 64, 4096
 

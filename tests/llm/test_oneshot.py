@@ -8,8 +8,9 @@ from torch import nn
 
 import slimtorch as st
 from slimtorch.llm.blocks import capture_block_inputs, find_blocks
-from slimtorch.llm.grid import WeightGrid, dequantize, quantize_rtn
 from slimtorch.llm.modules import WeightOnlyLinear
+from slimtorch.quantization.grid import WeightGrid, quantize_rtn
+from slimtorch.quantization.grid import dequantize_groups as dequantize
 from slimtorch.quantization.smoothquant.scales import linear_weight
 
 from .tiny_models import TINY_MODELS, random_tokens

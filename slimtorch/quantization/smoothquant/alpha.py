@@ -6,7 +6,7 @@ from typing import Callable, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from ..primitives import SYMMETRIC_INT8_QMAX, choose_qparams, fake_quantize
+from ..grid import choose_qparams, fake_quantize
 from .scales import linear_weight, smoothing_scales, weight_absmax
 from .stats import ChannelStats
 
@@ -33,7 +33,7 @@ def alpha_errors(stats: ChannelStats, mods: Sequence[nn.Module], act_dtype: str 
         for k, (w, ref) in enumerate(zip(ws, refs)):
             w_s = w * s  # W_ij * s_j
             wsc, wzp = choose_qparams(w_s.amin(1), w_s.amax(1), dtype="int8", symmetric=True)
-            wq = fake_quantize(w_s, wsc, wzp, axis=0, quant_min=-SYMMETRIC_INT8_QMAX)
+            wq = fake_quantize(w_s, wsc, wzp, axis=0)
             out[i, k, 0], out[i, k, 1] = float(((xq @ wq.t() - ref) ** 2).sum()), float((ref ** 2).sum())
     return out
 

@@ -15,8 +15,8 @@ from ...batches import model_device, to_device
 from ...errors import CalibrationError, ConfigError
 from ..calibrate import calibrate
 from ..distributed import LOCAL, reduce_channel_stats
+from ..grid import choose_qparams
 from ..passes import preserved_modes
-from ..primitives import choose_qparams
 from .alpha import search_alpha
 from .discovery import Pairs, find_smoothing_groups
 from .exactness import ExactnessProbe, fold_change_reason
@@ -26,6 +26,8 @@ from .stats import ChannelStats
 
 #: (a group's input statistics, its Linears) -> (per-input-channel scales, the number reported as its alpha)
 ScalesFn = Callable[[ChannelStats, Sequence[nn.Module]], Tuple[Tensor, float]]
+
+ACT_DTYPES = ("int8", "uint8")
 
 
 def smooth(model: nn.Module, loader: Iterable, *, linear_names: Sequence[str], alpha: Union[float, str],
@@ -48,6 +50,8 @@ def smooth(model: nn.Module, loader: Iterable, *, linear_names: Sequence[str], a
     if num_batches < 1:
         raise ConfigError(f"num_calibration_batches must be >= 1, got {num_batches}")
     try:
+        if act_dtype not in ACT_DTYPES:  # the grid has more dtypes; activations here are 8-bit integers
+            raise CalibrationError(f"activation dtype must be one of {ACT_DTYPES}, got {act_dtype!r}")
         choose_qparams(torch.tensor(0.0), torch.tensor(0.0), dtype=act_dtype, symmetric=act_symmetric)
     except CalibrationError as e:
         raise ConfigError(f"smoothquant activation scheme: {e}") from e

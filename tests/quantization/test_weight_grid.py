@@ -1,17 +1,18 @@
-"""slimtorch.llm.grid: the int4/int8 weight grid, exact on hand-made tensors, and its error messages."""
+"""slimtorch.quantization.grid, weights in groups: the int4/int8 weight grid, exact on hand-made tensors, and its error
+messages."""
 import pytest
 import torch
 
 from slimtorch.errors import CalibrationError, ConfigError
-from slimtorch.llm.grid import (
-    SCALE_EPS,
+from slimtorch.quantization.grid import (
+    EPS,
     WeightGrid,
     check_group_size,
-    dequantize,
     group_count,
-    qparams,
     quantize_rtn,
 )
+from slimtorch.quantization.grid import dequantize_groups as dequantize
+from slimtorch.quantization.grid import row_qparams as qparams
 
 GRIDS = [WeightGrid(bits, symmetric, group) for bits in (4, 8) for symmetric in (True, False) for group in (None, 16)]
 
@@ -85,7 +86,7 @@ def test_zero_range_groups_are_finite(grid):
     w = torch.zeros(3, 32)
     w[1] = 0.25  # a constant row: its range still includes 0
     q, scale, zero = quantize_rtn(w, grid)
-    assert torch.isfinite(scale).all() and (scale >= SCALE_EPS).all()
+    assert torch.isfinite(scale).all() and (scale >= EPS).all()
     back = dequantize(q, scale, zero, grid.group_size)
     assert torch.equal(back[0], torch.zeros(32)) and torch.equal(back[2], torch.zeros(32))
     torch.testing.assert_close(back[1], w[1], rtol=0, atol=float(scale[1].max()) / 2)

@@ -1,0 +1,107 @@
+"""One implementation of each core piece of the library (issue 24, acceptance 1): the modules are walked (AST) and a
+second implementation outside the piece's home module fails the test. Each piece has its own section and checker.
+"""
+import ast
+import re
+from pathlib import Path
+from typing import List
+
+import slimtorch
+
+ROOT = Path(slimtorch.__file__).resolve().parent
+
+
+def _sources(root: Path = ROOT):
+    """``(dotted module name, source)`` of every module under ``root`` (a slimtorch package directory)."""
+    for path in sorted(root.rglob("*.py")):
+        parts = list(path.relative_to(root.parent).with_suffix("").parts)
+        yield ".".join(parts[:-1] if parts[-1] == "__init__" else parts), path.read_text()
+
+
+# -- one quantization grid: int8/int4 qparams, rounding onto the grid, per-token fake quantization ----------------
+GRID_MODULE = "slimtorch.quantization.grid"
+#: divisors that turn a range into a scale: int4 / int8 / uint8 / FP8 E4M3 spans (either int8 rule)
+GRID_DIVISORS = {7.5, 127, 127.5, 255, 448}
+#: names of grid bounds: a division by one of them is a scale formula
+GRID_BOUND_NAME = re.compile(r"q_?max|q_?min|quant_max|quant_min|half_range|bit_range", re.IGNORECASE)
+#: functions that sound like a grid (qparams, per-token or fake quantization); one that divides is one
+GRID_FUNCTION_NAME = re.compile(r"qparams|per_token|fake_quant|quantize_to_grid|round_to_grid", re.IGNORECASE)
+
+
+def _names_in(node: ast.AST) -> List[str]:
+    return [n.id if isinstance(n, ast.Name) else n.attr for n in ast.walk(node)
+            if isinstance(n, (ast.Name, ast.Attribute))]
+
+
+def _divisions(tree: ast.AST):
+    """``(node, divisor)`` of every true division (``a / b`` and ``a /= b``)."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div):
+            yield node, node.right
+        elif isinstance(node, ast.AugAssign) and isinstance(node.op, ast.Div):
+            yield node, node.value
+
+
+def _is_rounding(node: ast.AST) -> bool:
+    """``torch.round(a / b)`` or ``(a / b).round()``: rounding a quotient, the heart of quantize."""
+    if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+            and node.func.attr in ("round", "round_")):
+        return False
+    operand = node.args[0] if node.args else node.func.value
+    return isinstance(operand, ast.BinOp) and isinstance(operand.op, ast.Div)
+
+
+def grid_implementations(module: str, source: str) -> List[str]:
+    """Where ``source`` computes quantization-grid math itself: a scale from a range (a division by a grid span or
+    bound), rounding a quotient, the float32 eps of the scales, or a qparams / per-token / fake-quant function that
+    divides. ONNX graph writers (``g.op("Div", ...)``) are not Python divisions: tests/export checks them against
+    the grid bit for bit."""
+    tree = ast.parse(source)
+    found = []
+    for node, divisor in _divisions(tree):
+        constant = isinstance(divisor, ast.Constant) and divisor.value in GRID_DIVISORS
+        bound = [n for n in _names_in(divisor) if GRID_BOUND_NAME.search(n)]
+        if constant or bound:
+            found.append(f"{module}:{node.lineno} divides by {ast.unparse(divisor)} (a scale formula)")
+    for node in ast.walk(tree):
+        if _is_rounding(node):
+            found.append(f"{module}:{node.lineno} rounds a quotient ({ast.unparse(node)})")
+        if isinstance(node, ast.Attribute) and node.attr == "eps" and "finfo" in ast.unparse(node.value):
+            found.append(f"{module}:{node.lineno} defines a scale eps ({ast.unparse(node)})")
+        if (isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and GRID_FUNCTION_NAME.search(node.name)
+                and any(True for _ in _divisions(node))):
+            found.append(f"{module}:{node.lineno} {node.name}() computes a grid")
+    return found
+
+
+def test_the_grid_checker_sees_a_second_grid():
+    """Snippets of the two grids slimtorch had before quantization/grid.py (primitives.py, llm/grid.py, w8a8.py)."""
+    second = {
+        "amax / 127": "def choose(lo, hi):\n    return torch.maximum(-lo, hi) / SYMMETRIC_INT8_QMAX\n",
+        "amax / 127.5": "s = torch.clamp(amax.to(torch.float32) / 127.5, min=1e-7)\n",
+        "group span": "scale = torch.maximum(-lo, hi) / ((grid.qmax - grid.qmin) / 2)\n",
+        "method span": "class F:\n    def scale(self, amax):\n        return amax / self.half_range\n",
+        "rounding": "q = torch.clamp(torch.round(x / s) + z, -128, 127)\n",
+        "eps": "SCALE_EPS = torch.finfo(torch.float32).eps\n",
+        "per-token": "def per_token_fake_quantize(x, fmt):\n    y = x / fmt.scale(x.abs().amax(-1))\n"
+                     "    return y.round_() * 2\n",
+    }
+    for what, source in second.items():
+        assert grid_implementations("m", source), what
+    # what callers of the grid do is not flagged
+    caller = ("def _fake_quantized(w, grid):\n    q, s, z = quantize_rtn(w, grid)\n"
+              "    return dequantize_groups(q, s, z)\n"
+              "ratio = top[:, n] / top[:, n - 1].clamp_min(torch.finfo(torch.float32).tiny)\n"
+              "mean = total / count\n")
+    assert grid_implementations("m", caller) == []
+
+
+def test_one_quantization_grid():
+    """Every int4/int8/FP8 scale, rounding onto a grid and per-token fake quantization lives in
+    slimtorch/quantization/grid.py; every other module calls it."""
+    sources = dict(_sources())
+    assert GRID_MODULE in sources and len(sources) > 40
+    assert grid_implementations(GRID_MODULE, sources[GRID_MODULE])  # the checker sees the grid where it is
+    elsewhere = [hit for module, source in sources.items() if module != GRID_MODULE
+                 for hit in grid_implementations(module, source)]
+    assert elsewhere == [], "second quantization grid outside slimtorch/quantization/grid.py:\n" + "\n".join(elsewhere)
