@@ -97,6 +97,17 @@ def _groups_of(scores: Tensor, m: int) -> Tensor:
     return scores.reshape(*scores.shape[:-1], scores.shape[-1] // m, m)
 
 
+def _nm_choice(groups: Tensor, pattern: NMPattern) -> tuple[Tensor, Tensor]:
+    """(keep-mask of the ``N`` best of each group, the group's scores ascending) for ``groups [..., M]``.
+
+    A stable ascending sort, so of equal scores the earlier is dropped first (as :func:`lowest_k` does); NaN counts
+    as +inf. The sorted scores are the values ``topk`` would give, in the same order, so sums of them are unchanged.
+    """
+    ascending, order = torch.sort(torch.nan_to_num(groups, nan=math.inf), dim=-1, stable=True)
+    keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, order[..., pattern.m - pattern.n:], True)
+    return keep, ascending
+
+
 def nm_keep(scores: Tensor, pattern: NMPattern) -> Tensor:
     """Keep-mask (same shape as ``scores``) keeping the ``N`` best scores of every group of ``M`` along the last
     dimension: every group made N:M. Ties: the earlier position is pruned first.
@@ -104,14 +115,13 @@ def nm_keep(scores: Tensor, pattern: NMPattern) -> Tensor:
     ``scores`` may be any slice whose last dimension is a multiple of M (SparseGPT passes one group's columns at a
     time, as its updates reach them).
     """
-    return ~lowest_k(_groups_of(scores, pattern.m), pattern.m - pattern.n).reshape(scores.shape)
+    return _nm_choice(_groups_of(scores, pattern.m), pattern)[0].reshape(scores.shape)
 
 
 def nm_dropped_mean(scores: Tensor, pattern: NMPattern) -> Tensor:
     """Mean score of the ``M - N`` weights each group of ``M`` would drop, one value per group (flattened)."""
-    groups = _groups_of(scores.float(), pattern.m).reshape(-1, pattern.m)
-    dropped = groups[lowest_k(groups, pattern.m - pattern.n)].reshape(-1, pattern.m - pattern.n)
-    return dropped.sort(dim=1).values.mean(dim=1)  # ascending, as summed before: the same float result
+    ascending = _nm_choice(_groups_of(scores.float(), pattern.m), pattern)[1]
+    return ascending[..., :pattern.m - pattern.n].mean(dim=-1).flatten()
 
 
 def block_mean(scores: Tensor, rows: int, cols: int) -> Tensor:
@@ -153,15 +163,12 @@ def nm_mask(scores: Tensor, pattern: NMPattern, sparsity: float, choose: str = "
     n_sparse = pruned_count(min(sparsity / ((m - n) / m), 1.0), groups.shape[0])
     if n_sparse == 0:
         return torch.ones_like(scores, dtype=torch.bool)
-    nm_kept = nm_keep(groups, pattern)
+    nm_kept, ascending = _nm_choice(groups, pattern)
     if choose == "cheapest":  # the groups whose dropped weights score least (the global ranking's units)
-        kept_best_first = groups[nm_kept].reshape(-1, n).sort(dim=1, descending=True).values
-        cost = groups.sum(dim=1) - kept_best_first.sum(dim=1)
+        cost = groups.sum(dim=1) - ascending[:, m - n:].flip(1).sum(dim=1)  # kept best first, as summed before
         chosen = lowest_k(cost, n_sparse)
     else:  # ambiguity of a group's N:M choice: best dropped score / worst kept score (0 = clear, 1 = a tie)
-        best_dropped = groups.masked_fill(nm_kept, -math.inf).amax(dim=1)
-        worst_kept = groups.masked_fill(~nm_kept, math.inf).amin(dim=1)
-        ambiguity = best_dropped / worst_kept.clamp_min(torch.finfo(torch.float32).tiny)
+        ambiguity = ascending[:, m - n - 1] / ascending[:, m - n].clamp_min(torch.finfo(torch.float32).tiny)
         chosen = lowest_k(ambiguity, n_sparse)
     keep = torch.where(chosen.unsqueeze(1), nm_kept, torch.ones_like(nm_kept))
     return keep.reshape(scores.shape)
