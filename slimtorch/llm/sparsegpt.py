@@ -5,9 +5,13 @@ reads the sparsity as either
 
 * ``NMPattern(n, m)``: keep ``n`` of every ``m`` consecutive input weights of each row ("2:4" keeps 2 of 4, as
   everywhere in slimtorch), or
-* an unstructured ``sparsity`` in [0, 1): that fraction of each row's weights is zeroed (``floor(sparsity * in)``
-  per row, so every row ends with the same count; SparseGPT: ``floor(sparsity * columns)`` per row in each block of
+* an unstructured ``sparsity`` in [0, 1): that fraction of each row's weights is zeroed (``round(sparsity * in)``
+  per row, so every row ends with the same count; SparseGPT: ``round(sparsity * columns)`` per row in each block of
   ``block_size`` columns).
+
+The masks come from :mod:`slimtorch.pruning.masks` (N:M groups, per-row counts, whole columns), so rounding and ties
+are the training-time pruner's: counts round to the nearest whole number (ties up), and among equal scores the
+earlier input is pruned first.
 
 Scores (lowest pruned), all compared within a row (or within each group of ``m`` for N:M):
 
@@ -26,21 +30,21 @@ Cholesky factor are GPTQ's (slimtorch.llm.gptq); the Hessian is not modified.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Union
 
 import torch
 from torch import Tensor
 
-from ..config.patterns import NMPattern
+from ..config.patterns import BlockPattern, NMPattern
 from ..errors import CalibrationError, ConfigError
+from ..pruning import masks
 from .gptq import prepared_hessian, upper_inverse_factor
 
 
 @dataclass(frozen=True)
 class Columns:
-    """Whole input columns: ``sparsity`` of them (``floor(sparsity * in)``) zeroed in every row."""
+    """Whole input columns: ``sparsity`` of them (``round(sparsity * in)``) zeroed in every row."""
 
     sparsity: float
 
@@ -49,6 +53,7 @@ class Columns:
 
 
 Sparsity = Union[NMPattern, float, Columns]
+WHOLE_COLUMNS = BlockPattern(rows=None, cols=1)  # "channelx1"
 
 
 def check_sparsity(target: Sparsity, in_features: int, where: str = "") -> None:
@@ -65,29 +70,17 @@ def check_sparsity(target: Sparsity, in_features: int, where: str = "") -> None:
         raise ConfigError(f"{name}: sparsity must be an N:M pattern or a fraction in [0, 1), got {target!r}")
 
 
-def _pruned_per_row(target: float, in_features: int) -> int:
-    return int(math.floor(float(target) * in_features + 1e-9))
-
-
-def _mask_lowest(scores: Tensor, target: Sparsity) -> Tensor:
-    """True where a weight is pruned: the lowest scores of each row (or of each row's groups of m)."""
-    out_features, in_features = scores.shape
-    mask = torch.zeros_like(scores, dtype=torch.bool)
-    if isinstance(target, NMPattern):
-        groups = scores.reshape(out_features, in_features // target.m, target.m)
-        lowest = torch.topk(groups, target.m - target.n, dim=2, largest=False).indices
-        return mask.reshape(groups.shape).scatter_(2, lowest, True).reshape(out_features, in_features)
-    k = _pruned_per_row(target, in_features)
-    if k:
-        mask.scatter_(1, torch.topk(scores, k, dim=1, largest=False).indices, True)
-    return mask
+def _pruned(scores: Tensor, target: Union[NMPattern, float]) -> Tensor:
+    """True where a weight is pruned: the lowest scores of each row's groups of m, or of each row."""
+    keep = masks.nm_keep(scores, target) if isinstance(target, NMPattern) else masks.row_mask(scores, float(target))
+    return ~keep
 
 
 def magnitude_prune(weight: Tensor, target: Sparsity, *, where: str = "") -> Tensor:
     """Zero the smallest ``|W|`` of each row (or of each group of m)."""
     check_sparsity(target, weight.shape[1], where)
     w = weight.detach().to(torch.float32)
-    return w.masked_fill(_mask_lowest(w.abs(), target), 0.0)
+    return w.masked_fill(_pruned(w.abs(), target), 0.0)
 
 
 def wanda_prune(weight: Tensor, hessian: Tensor, target: Sparsity, *, where: str = "") -> Tensor:
@@ -95,7 +88,7 @@ def wanda_prune(weight: Tensor, hessian: Tensor, target: Sparsity, *, where: str
     check_sparsity(target, weight.shape[1], where)
     w = weight.detach().to(torch.float32)
     norms = hessian.detach().diagonal().to(device=w.device, dtype=torch.float32).clamp_min(0).sqrt()
-    return w.masked_fill(_mask_lowest(w.abs() * norms, target), 0.0)
+    return w.masked_fill(_pruned(w.abs() * norms, target), 0.0)
 
 
 def sparsegpt_prune(weight: Tensor, hessian: Tensor, target: Sparsity, *, dampening: float = 0.01,
@@ -119,11 +112,11 @@ def sparsegpt_prune(weight: Tensor, hessian: Tensor, target: Sparsity, *, dampen
         errors = torch.zeros_like(W1)
         mask = torch.zeros_like(W1, dtype=torch.bool)
         if not isinstance(target, NMPattern):  # the block's mask at once, from its weights as updated so far
-            mask = _mask_lowest(W1 ** 2 / d ** 2, target)
+            mask = _pruned(W1 ** 2 / d ** 2, target)
         for i in range(i2 - i1):
             if isinstance(target, NMPattern) and i % target.m == 0:
                 group = slice(i, i + target.m)
-                mask[:, group] = _mask_lowest(W1[:, group] ** 2 / d[group] ** 2, target)
+                mask[:, group] = _pruned(W1[:, group] ** 2 / d[group] ** 2, target)
             w = W1[:, i]
             q = w.masked_fill(mask[:, i], 0.0)
             e = (w - q) / U1[i, i]
@@ -149,7 +142,7 @@ def column_scores(weight: Tensor, hessian: Tensor, method: str) -> Tensor:
 
 def prune_columns(weight: Tensor, hessian: Tensor, target: Columns, method: str, *, dampening: float = 0.01,
                   where: str = "") -> Tensor:
-    """Zero ``floor(target.sparsity * in)`` whole input columns (the same ones in every row).
+    """Zero ``round(target.sparsity * in)`` whole input columns (the same ones in every row).
 
     magnitude / wanda: the lowest :func:`column_scores`, other weights unchanged. sparsegpt: structured OBS
     (Kurtic et al. 2023, ZipLM; Frantar & Alistarh's OBC for one column), greedy: the column whose removal raises the
@@ -158,12 +151,13 @@ def prune_columns(weight: Tensor, hessian: Tensor, target: Columns, method: str,
     """
     in_features = weight.shape[1]
     check_sparsity(target, in_features, where)
-    k = _pruned_per_row(target.sparsity, in_features)
+    k = masks.pruned_count(target.sparsity, in_features)
     W = weight.detach().to(torch.float32, copy=True)
     if k == 0:
         return W
-    if method != "sparsegpt":
-        W[:, torch.topk(column_scores(W, hessian, method), k, largest=False).indices] = 0.0
+    if method != "sparsegpt":  # whole columns: "channelx1" blocks of a one-row score matrix
+        keep = masks.block_mask(column_scores(W, hessian, method).unsqueeze(0), WHOLE_COLUMNS, target.sparsity)
+        W[:, ~keep[0]] = 0.0
         return W
     H, dead = prepared_hessian(hessian, W.device, where)
     H = H.to(torch.float64)

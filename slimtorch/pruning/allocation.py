@@ -50,10 +50,7 @@ def layer_units(matrix_scores: Tensor, pattern: Pattern) -> Units:
     """The units of one layer from its ``[out, reduction]`` element scores."""
     scores = matrix_scores.float()
     if isinstance(pattern, NMPattern):
-        dropped = pattern.m - pattern.n
-        groups = scores.reshape(-1, pattern.m)
-        lowest = groups.topk(dropped, dim=1, largest=False).values
-        return Units(lowest.mean(dim=1), dropped, scores.numel())
+        return Units(masks.nm_dropped_mean(scores, pattern), pattern.m - pattern.n, scores.numel())
     rows, cols = masks.block_sides(pattern, *scores.shape)
     return Units(masks.block_mean(scores, rows, cols).flatten(), rows * cols, scores.numel())
 

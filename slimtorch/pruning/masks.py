@@ -8,9 +8,16 @@ Everything works on the *matrix view* of a weight, ``[out, reduction]``:
 | transformers Conv1D | ``[in, out]``       | transposed                                    |
 | nn.Conv1d/2d     | ``[out, in/g, *k]``    | ``[out, *k, in/g]`` flattened to ``[out, k*in/g]`` |
 
-so N:M groups and NxM blocks run along input channels at a fixed kernel position. Blocks and N:M groups are
-ranked with stable sorts (ties broken by position); inside an N:M group ``topk`` picks the N kept weights. The
-same scores give the same mask on every run and rank of one device type.
+so N:M groups and NxM blocks run along input channels at a fixed kernel position.
+
+This module is slimtorch's one implementation of mask selection: training-time pruning (``pruner``,
+``allocation``, ``learned``) and one-shot pruning of LLMs (``llm.sparsegpt``: SparseGPT, Wanda, magnitude) choose
+their N:M groups, blocks, columns and per-row counts here. Two rules hold everywhere:
+
+* **Rounding**: ``round(sparsity x units)`` units are pruned, ties up (:func:`pruned_count`); only DeepSpeed's own
+  methods (``l1``, ``topk``) keep ``ceil(dense_ratio x units)`` (:func:`kept_ceil_count`), as DeepSpeed does.
+* **Ties**: among equal scores the earlier position is pruned first (:func:`lowest_k`, also inside N:M groups), and
+  NaN counts as +inf, so the same scores give the same mask on every run, rank and device.
 """
 from __future__ import annotations
 
@@ -61,22 +68,60 @@ def kept_ceil_count(dense_ratio: float, total: int) -> int:
 
 
 def lowest_k(values: Tensor, k: int) -> Tensor:
-    """Bool mask of the ``k`` smallest entries of a 1-D tensor; ties broken by position (lowest index first).
+    """Bool mask of the ``k`` smallest entries along the last dimension; ties broken by position (lowest index first).
 
-    The same selection as ``argsort(values, stable=True)[:k]`` at a fraction of the cost (a k-th value search and a
+    A 1-D tensor is one ranking; ``[..., n]`` ranks every row on its own (``k`` in each). The same selection as
+    ``argsort(values, dim=-1, stable=True)[..., :k]`` at a fraction of the cost (a k-th value search and a
     cumulative sum instead of a full sort). NaN counts as +inf (never among the lowest).
     """
-    n = values.numel()
+    n = values.shape[-1] if values.dim() else 1
     if k <= 0:
-        return torch.zeros(n, dtype=torch.bool, device=values.device)
+        return torch.zeros(values.shape, dtype=torch.bool, device=values.device)
     if k >= n:
-        return torch.ones(n, dtype=torch.bool, device=values.device)
+        return torch.ones(values.shape, dtype=torch.bool, device=values.device)
     values = torch.nan_to_num(values, nan=float("inf"))
-    threshold = torch.kthvalue(values, k).values
+    threshold = torch.kthvalue(values, k, dim=-1, keepdim=True).values
     below = values < threshold
     ties = values == threshold
-    room = k - below.sum()
-    return below | (ties & (torch.cumsum(ties, 0) <= room))
+    room = k - below.sum(dim=-1, keepdim=True)
+    return below | (ties & (torch.cumsum(ties, dim=-1) <= room))
+
+
+def row_mask(scores: Tensor, sparsity: float) -> Tensor:
+    """Keep-mask dropping the ``round(sparsity * columns)`` lowest scores of every row (unstructured, per row)."""
+    return ~lowest_k(scores, pruned_count(sparsity, scores.shape[-1]))
+
+
+def _groups_of(scores: Tensor, m: int) -> Tensor:
+    """``[..., k * m] -> [..., k, m]``: the consecutive groups of ``m`` along the last dimension."""
+    return scores.reshape(*scores.shape[:-1], scores.shape[-1] // m, m)
+
+
+def _nm_choice(groups: Tensor, pattern: NMPattern) -> tuple[Tensor, Tensor]:
+    """(keep-mask of the ``N`` best of each group, the group's scores ascending) for ``groups [..., M]``.
+
+    A stable ascending sort, so of equal scores the earlier is dropped first (as :func:`lowest_k` does); NaN counts
+    as +inf. The sorted scores are the values ``topk`` would give, in the same order, so sums of them are unchanged.
+    """
+    ascending, order = torch.sort(torch.nan_to_num(groups, nan=math.inf), dim=-1, stable=True)
+    keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, order[..., pattern.m - pattern.n:], True)
+    return keep, ascending
+
+
+def nm_keep(scores: Tensor, pattern: NMPattern) -> Tensor:
+    """Keep-mask (same shape as ``scores``) keeping the ``N`` best scores of every group of ``M`` along the last
+    dimension: every group made N:M. Ties: the earlier position is pruned first.
+
+    ``scores`` may be any slice whose last dimension is a multiple of M (SparseGPT passes one group's columns at a
+    time, as its updates reach them).
+    """
+    return _nm_choice(_groups_of(scores, pattern.m), pattern)[0].reshape(scores.shape)
+
+
+def nm_dropped_mean(scores: Tensor, pattern: NMPattern) -> Tensor:
+    """Mean score of the ``M - N`` weights each group of ``M`` would drop, one value per group (flattened)."""
+    ascending = _nm_choice(_groups_of(scores.float(), pattern.m), pattern)[1]
+    return ascending[..., :pattern.m - pattern.n].mean(dim=-1).flatten()
 
 
 def block_mean(scores: Tensor, rows: int, cols: int) -> Tensor:
@@ -114,21 +159,19 @@ def nm_mask(scores: Tensor, pattern: NMPattern, sparsity: float, choose: str = "
     held-out cosine; see BENCHMARKS.md).
     """
     n, m = pattern.n, pattern.m
-    out, red = scores.shape
     groups = scores.float().reshape(-1, m)
-    top_values, top_index = groups.topk(n + 1, dim=1)  # sorted, best first
     n_sparse = pruned_count(min(sparsity / ((m - n) / m), 1.0), groups.shape[0])
     if n_sparse == 0:
         return torch.ones_like(scores, dtype=torch.bool)
+    nm_kept, ascending = _nm_choice(groups, pattern)
     if choose == "cheapest":  # the groups whose dropped weights score least (the global ranking's units)
-        cost = groups.sum(dim=1) - top_values[:, :n].sum(dim=1)
+        cost = groups.sum(dim=1) - ascending[:, m - n:].flip(1).sum(dim=1)  # kept best first, as summed before
         chosen = lowest_k(cost, n_sparse)
     else:  # ambiguity of a group's N:M choice: best dropped score / worst kept score (0 = clear, 1 = a tie)
-        ambiguity = top_values[:, n] / top_values[:, n - 1].clamp_min(torch.finfo(torch.float32).tiny)
+        ambiguity = ascending[:, m - n - 1] / ascending[:, m - n].clamp_min(torch.finfo(torch.float32).tiny)
         chosen = lowest_k(ambiguity, n_sparse)
-    nm_kept = torch.zeros_like(groups, dtype=torch.bool).scatter_(1, top_index[:, :n], True)
     keep = torch.where(chosen.unsqueeze(1), nm_kept, torch.ones_like(nm_kept))
-    return keep.reshape(out, red)
+    return keep.reshape(scores.shape)
 
 
 def compute_mask(scores: Tensor, pattern: Pattern, sparsity: float, nm_choose: str = "clearest",

@@ -86,7 +86,7 @@ def test_bad_targets_are_errors(layer):
 
 
 def test_column_pruning_removes_the_same_whole_columns_in_every_row_and_obs_compensates_best(layer):
-    """Whole input columns (FFN units seen from the down projection): exactly floor(0.25 * in) zero columns for every
+    """Whole input columns (FFN units seen from the down projection): exactly 0.25 * in zero columns for every
     method; structured OBS (sparsegpt) updates the kept columns and leaves the smallest held-out output error."""
     from slimtorch.llm.sparsegpt import Columns, prune_columns
 
@@ -101,3 +101,31 @@ def test_column_pruning_removes_the_same_whole_columns_in_every_row_and_obs_comp
     assert torch.equal(pruned["wanda"][:, kept], model.weight[:, kept])  # wanda and magnitude leave the rest alone
     errors = {m: model.output_error(held_out, w) for m, w in pruned.items()}
     assert errors["sparsegpt"] < errors["wanda"] < errors["magnitude"], errors
+
+
+@pytest.mark.parametrize("target", [TWO_FOUR, FOUR_EIGHT, 0.37], ids=str)
+def test_every_method_chooses_through_the_shared_masks_ties_and_rounding_included(target):
+    """Integer weights (many equal scores) and a diagonal Hessian (SparseGPT's updates then change no other
+    column): all three methods zero exactly what slimtorch.pruning.masks chooses from |w|, the earlier of equal
+    scores first, and 0.37 of 24 inputs rounds to 9 per row (8.88), as the training-time pruner counts."""
+    from slimtorch.pruning import masks
+
+    w = torch.randint(-2, 3, (6, 24), generator=torch.Generator().manual_seed(0)).float()
+    w[w == 0] = 3.0  # no zero weight, so zeros are exactly the pruned ones
+    H = torch.eye(24) * 2.0
+    keep = masks.nm_keep(w.abs(), target) if isinstance(target, NMPattern) else masks.row_mask(w.abs(), target)
+    want = w * keep
+    for method, pruned in (("magnitude", magnitude_prune(w, target)), ("wanda", wanda_prune(w, H, target)),
+                           ("sparsegpt", sparsegpt_prune(w, H, target, block_size=24))):
+        assert torch.equal(pruned, want), method
+    if not isinstance(target, NMPattern):
+        assert (want == 0).sum(dim=1).tolist() == [9] * 6
+
+
+def test_column_count_rounds_to_nearest():
+    from slimtorch.llm.sparsegpt import Columns, prune_columns
+
+    w = torch.randn(4, 10, generator=torch.Generator().manual_seed(0))
+    for sparsity, columns in ((0.37, 4), (0.34, 3), (0.25, 3)):  # 3.7, 3.4 and 2.5 (ties up)
+        pruned = prune_columns(w, None, Columns(sparsity), "magnitude")
+        assert int((pruned == 0).all(dim=0).sum()) == columns, sparsity

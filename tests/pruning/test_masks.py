@@ -156,6 +156,58 @@ def test_lowest_k_never_picks_nan_first():
     assert masks.lowest_k(values, 3).tolist() == [False, True, True, True]
 
 
+def test_nm_keep_keeps_the_n_best_of_every_group_and_prunes_the_earlier_of_equal_scores():
+    scores = torch.tensor([[1.0, 1.0, 1.0, 1.0, 3.0, 1.0, 1.0, 0.0],
+                           [0.0, 0.0, 0.0, 5.0, 4.0, 9.0, 2.0, 7.0]])
+    assert masks.nm_keep(scores, NMPattern(2, 4)).int().tolist() == [[0, 0, 1, 1, 1, 0, 1, 0],
+                                                                     [0, 0, 1, 1, 0, 1, 0, 1]]
+    assert masks.nm_keep(scores, NMPattern(1, 4)).int().tolist() == [[0, 0, 0, 1, 1, 0, 0, 0],
+                                                                     [0, 0, 0, 1, 0, 1, 0, 0]]
+    # NaN counts as +inf (kept); any leading dimensions, groups along the last one
+    assert masks.nm_keep(torch.tensor([float("nan"), 0.0, 2.0, 1.0]), NMPattern(2, 4)).tolist() == [
+        True, False, True, False]
+    assert masks.nm_keep(scores.reshape(2, 1, 8), NMPattern(2, 4)).shape == (2, 1, 8)
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (4, 8), (1, 2)])
+def test_nm_keep_on_a_slice_equals_nm_mask_of_the_whole_matrix_at_full_sparsity(n, m):
+    """SparseGPT chooses one group's columns at a time; the training-time pruner the whole matrix at once: one
+    selection, the same mask (ties included: integer scores)."""
+    p = NMPattern(n, m)
+    scores = torch.randint(0, 3, (16, 4 * m), generator=torch.Generator().manual_seed(1)).float()
+    whole = masks.nm_mask(scores, p, (m - n) / m)
+    by_slice = torch.cat([masks.nm_keep(scores[:, i:i + m], p) for i in range(0, scores.shape[1], m)], dim=1)
+    assert torch.equal(whole, by_slice)
+    assert torch.equal(whole, masks.compute_mask(scores, p, (m - n) / m, nm_choose="cheapest"))
+    assert bool((whole.reshape(-1, m).sum(dim=1) == n).all())
+
+
+def test_row_mask_prunes_the_rounded_count_in_every_row_with_earlier_ties_first():
+    scores = torch.tensor([[5.0, 1.0, 1.0, 1.0, 9.0, 8.0, 7.0, 6.0, 4.0, 3.0]] * 2)
+    scores[1] = torch.arange(10, 0, -1)
+    keep = masks.row_mask(scores, 0.25)  # 2.5 rounds up: 3 per row
+    assert (~keep).sum(dim=1).tolist() == [3, 3]
+    assert (~keep[0]).nonzero().flatten().tolist() == [1, 2, 3]
+    assert (~keep[1]).nonzero().flatten().tolist() == [7, 8, 9]
+    assert (~masks.row_mask(scores, 0.22)).sum(dim=1).tolist() == [2, 2]  # 2.2 rounds down
+    assert bool(masks.row_mask(scores, 0.0).all())
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_lowest_k_ranks_each_row_on_its_own_as_a_stable_sort(seed):
+    values = torch.randint(0, 5, (6, 40), generator=torch.Generator().manual_seed(seed)).float()
+    for k in (0, 1, 13, 39, 40):
+        want = torch.zeros_like(values, dtype=torch.bool)
+        want.scatter_(1, torch.argsort(values, dim=1, stable=True)[:, :k], True)
+        assert torch.equal(masks.lowest_k(values, k), want), k
+
+
+def test_nm_dropped_mean_is_the_mean_of_the_weights_the_group_would_drop():
+    scores = torch.tensor([[4.0, 1.0, 3.0, 2.0, 8.0, 8.0, 0.0, 2.0]])
+    assert masks.nm_dropped_mean(scores, NMPattern(2, 4)).tolist() == [1.5, 1.0]
+    assert masks.nm_dropped_mean(scores, NMPattern(3, 4)).tolist() == [1.0, 0.0]
+
+
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as hst  # noqa: E402
 
