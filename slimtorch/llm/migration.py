@@ -18,37 +18,19 @@ from typing import Dict, List, Sequence, Tuple
 
 from torch import Tensor, nn
 
-from ..config.quant_schema import AWQSettings, LLMSmoothQuant
+from ..config.quant_schema import AWQSettings, SmoothQuantConfig
 from ..quantization.smoothquant import SmoothQuantReport, smooth
 from ..quantization.smoothquant.scales import linear_weight
 from ..quantization.smoothquant.stats import ChannelStats
 from .awq import awq_search
-from .blocks import BlockInput, block_output
+from .blocks import PREFIX, BlockCall, BlockInput, block_call
 from .grid import WeightGrid
-
-PREFIX = "block"
-
-
-class _BlockCall(nn.Module):
-    """The block as a module called with one captured :class:`BlockInput` (``call=``), returning its hidden states:
-    what the SmoothQuant passes feed. Module names gain the prefix ``block.``."""
-
-    def __init__(self, block: nn.Module):
-        super().__init__()
-        self.block = block
-
-    def forward(self, call: BlockInput) -> Tensor:
-        return block_output(self.block(*call.args, **call.kwargs))
-
-
-def _call(inp: BlockInput) -> dict:
-    return {"call": inp}
 
 
 def _migrate(block: nn.Module, linears: Sequence[str], inputs: List[BlockInput], **kwargs) -> SmoothQuantReport:
-    wrapper = _BlockCall(block)
+    wrapper = BlockCall(block)
     report = smooth(wrapper, inputs, linear_names=[f"{PREFIX}.{n}" for n in linears], num_batches=len(inputs),
-                    input_fn=_call, **kwargs)
+                    input_fn=block_call, **kwargs)
     for g in [*report.groups, *report.skipped]:  # names inside the block, as the caller gave them
         g.prev = g.prev[len(PREFIX) + 1:] if g.prev.startswith(f"{PREFIX}.") else g.prev
         g.linears = [n[len(PREFIX) + 1:] if n.startswith(f"{PREFIX}.") else n for n in g.linears]
@@ -56,7 +38,7 @@ def _migrate(block: nn.Module, linears: Sequence[str], inputs: List[BlockInput],
 
 
 def smoothquant_block(block: nn.Module, linears: Sequence[str], inputs: List[BlockInput],
-                      settings: LLMSmoothQuant) -> SmoothQuantReport:
+                      settings: SmoothQuantConfig) -> SmoothQuantReport:
     """SmoothQuant ``block`` in place for its ``linears`` (names inside the block), calibrated on ``inputs``."""
     return _migrate(block, linears, inputs, alpha=settings.alpha)
 

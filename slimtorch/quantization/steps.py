@@ -27,13 +27,13 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from ..batches import feed, model_device, to_device
+from ..batches import feed, model_device
 from ..config.quant_schema import StaticQuantization
 from .accuracy import evaluate_baseline, search_accuracy
 from .calibrate import calibrate as observe_inputs
 from .distributed import Sync, reduce_observers
 from .fold import fold_batchnorm as fold_into_convs
-from .observers import OBSERVERS, Observer
+from .observers import Observer, observer_for
 from .passes import ReplayableLoader
 from .qdq import QDQ_MODULES, QDQModule, op_type
 from .report import FloatLayer, QuantizationReport, QuantizedLayer
@@ -94,8 +94,7 @@ def fold_batchnorm(run: QuantizeRun) -> None:
         return
     with run.sync.guard("BatchNorm folding"):
         batch = run.loader.first()
-    device = model_device(run.model)
-    run.report.folded_batchnorm = fold_into_convs(run.model, lambda m: feed(m, to_device(batch, device)), sync=run.sync)
+    run.report.folded_batchnorm = fold_into_convs(run.model, lambda m: feed(m, batch), sync=run.sync)
 
 
 def select_layers(run: QuantizeRun) -> None:
@@ -195,8 +194,7 @@ STEPS: Tuple[Callable[[QuantizeRun], None], ...] = (
 # -- helpers ----------------------------------------------------------------------------------------------------
 def activation_observer(act) -> Observer:
     """A fresh observer of the kind the config's ``activation.observer`` names (:data:`OBSERVERS`)."""
-    kw = {"percentile": act.percentile} if act.observer == "percentile" else {}
-    return OBSERVERS[act.observer](dtype=act.dtype, symmetric=act.symmetric, **kw)
+    return observer_for(act.observer, dtype=act.dtype, symmetric=act.symmetric, percentile=act.percentile)
 
 
 def _keep_minmax_scale(qdq: QDQModule, weight: Tensor, granularity: str) -> None:
