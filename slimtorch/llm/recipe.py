@@ -259,7 +259,7 @@ class Recipe:
                          f"({'awq + ' if q.awq.enabled else ''}{q.algorithm}), a float")
         if self.w8a8 is not None and self._applies(self.w8a8, name):
             w = self.w8a8
-            act = "per token, dynamic" if w.activations == "dynamic_per_token" else "per tensor, static"
+            act = "per token, dynamic" if w.activations == "dynamic_per_token" else f"per tensor, static ({w.observer})"
             parts.append(f"w {w.format} per channel ({w.algorithm}), a {w.format} {act}")
         return " + ".join(parts)
 

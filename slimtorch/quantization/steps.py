@@ -12,8 +12,11 @@
 | search_accuracy   | eval_fn, calibration batches      | float fallbacks until the criterion holds; report         |
 
 Each step is a function of the :class:`QuantizeRun` and skips itself when the config does not ask for it. The run
-holds one model and one loader: a layer-by-layer pipeline runs the same steps on one block at a time, with the
-block as ``model`` and the block's captured inputs as ``loader``. Memory: the steps hold the model (a copy of the
+holds one model and one loader. The block pipeline (``slimtorch.oneshot``, llm/oneshot.py) does not run these
+steps: it shares their primitives (the calibration loop :func:`~.passes.feed_batches`, the observers through
+:func:`~.calibrate.observer_hooks` and :func:`~.distributed.reduce_observers`, :func:`~.smoothquant.smooth`) and
+runs its own per block; docs/design.md ("What the block pipeline shares with quantize()") says step by step what
+differs and why. Memory: the steps hold the model (a copy of the
 caller's), one observer per target layer (a histogram observer: 2048 bins), the float modules the QDQ ones replace
 (shared with nothing: they are the copy's own), and under SmoothQuant with an accuracy criterion and no folding, a
 float copy of every target layer.
