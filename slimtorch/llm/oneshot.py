@@ -7,10 +7,11 @@
 2. for each block in turn: move it to the compute device; with AWQ or SmoothQuant, fold per-channel scales into
    the block, searched on its inputs (migration.py); run it on its inputs with a hook on every target Linear that
    accumulates the Hessian ``2/n X^T X`` of its inputs when GPTQ, SparseGPT or Wanda needs it (hessians.py) and
-   the inputs' max |x| for static activation scales; prune and/or quantize each Linear (recipe.py); run the
-   compressed block again: its outputs are the next block's inputs, so every block is calibrated on what the
-   already-compressed blocks before it produce, and errors are corrected rather than compounded; move the block
-   back where it was.
+   observes its inputs' range for static activation scales (quantize's observers, reduced across ranks); prune
+   and/or quantize each Linear (recipe.py); run the compressed block again: its outputs are the next block's
+   inputs, so every block is calibrated on what the already-compressed blocks before it produce, and errors are
+   corrected rather than compounded; move the block back where it was. Every pass over a block's inputs is
+   quantize()'s calibration loop (quantization/passes.py).
 
 Memory: the model (copied unless ``inplace``; each block's replaced float Linears are freed once it is done), the
 captured hidden states of the calibration batches (two sets while a block's outputs replace its inputs), and for the
