@@ -60,9 +60,10 @@ class DynamicActivationQuant(_ActivationBase):
     granularity: Literal["per_tensor", "per_token"] = "per_tensor"
 
 
-#: SmoothQuant's alpha when the config gives none, in static_quantization and w8a8_quantization alike (measured:
-#: docs/conventions.md, "SmoothQuant")
+#: SmoothQuant's alpha when the config gives none: static_quantization's, and w8a8_quantization's (kept as they were
+#: until one default is measured on both paths: docs/conventions.md, "SmoothQuant")
 SMOOTHQUANT_ALPHA = 0.5
+W8A8_SMOOTHQUANT_ALPHA = 0.8
 
 
 class SmoothQuantConfig(StrictModel):
@@ -201,8 +202,11 @@ class WeightOnlyQuantization(_OneShotSection):
         return value
 
 
-#: the W8A8 section's SmoothQuant had its own class (alpha 0.8 by default, no "auto") before it shared this one
-LLMSmoothQuant = SmoothQuantConfig
+class LLMSmoothQuant(SmoothQuantConfig):
+    """SmoothQuant inside each decoder block (``w8a8_quantization.smoothquant``): the same keys and checks as
+    :class:`SmoothQuantConfig`, folded only (the section refuses ``folding: false``), alpha 0.8 by default."""
+
+    alpha: Union[float, Literal["auto"]] = W8A8_SMOOTHQUANT_ALPHA
 
 
 class W8A8Quantization(_OneShotSection):
@@ -217,7 +221,7 @@ class W8A8Quantization(_OneShotSection):
     activations: Literal["dynamic_per_token", "static_per_tensor"] = "dynamic_per_token"
     algorithm: Literal["rtn", "gptq"] = "gptq"
     gptq: GPTQSettings = Field(default_factory=GPTQSettings)
-    smoothquant: SmoothQuantConfig = Field(default_factory=SmoothQuantConfig)
+    smoothquant: LLMSmoothQuant = Field(default_factory=LLMSmoothQuant)
     observer: Observer = "minmax"  # static_per_tensor: what gives each Linear's input range (quantize's observers)
     percentile: float = Field(default=99.99, gt=50.0, le=100.0)  # observer "percentile": the |x| quantile kept
 

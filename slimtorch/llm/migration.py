@@ -18,7 +18,7 @@ from typing import Dict, List, Sequence, Tuple
 
 from torch import Tensor, nn
 
-from ..config.quant_schema import AWQSettings, SmoothQuantConfig
+from ..config.quant_schema import AWQSettings, LLMSmoothQuant
 from ..quantization.smoothquant import SmoothQuantReport, smooth
 from ..quantization.smoothquant.scales import linear_weight
 from ..quantization.smoothquant.stats import ChannelStats
@@ -38,7 +38,7 @@ def _migrate(block: nn.Module, linears: Sequence[str], inputs: List[BlockInput],
 
 
 def smoothquant_block(block: nn.Module, linears: Sequence[str], inputs: List[BlockInput],
-                      settings: SmoothQuantConfig) -> SmoothQuantReport:
+                      settings: LLMSmoothQuant) -> SmoothQuantReport:
     """SmoothQuant ``block`` in place for its ``linears`` (names inside the block), calibrated on ``inputs``."""
     return _migrate(block, linears, inputs, alpha=settings.alpha)
 
