@@ -8,7 +8,7 @@ rules.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -59,16 +59,25 @@ def describe(obj: Any, depth: int = 0) -> str:
     return type(obj).__name__
 
 
-def feed(model: nn.Module, batch: Any) -> Any:
-    """Call ``model`` on ``batch`` by the feeding rules (tensor, mapping, or a tuple/list's first item)."""
-    if isinstance(batch, torch.Tensor):
-        return model(batch)
-    if isinstance(batch, Mapping):
-        return model(**batch)
-    if isinstance(batch, (list, tuple)) and len(batch) > 0:
-        return feed(model, batch[0])
+def model_inputs(batch: Any) -> Any:
+    """What the feeding rules pass to the model from ``batch``: a tensor or a mapping as it is, a tuple or list by
+    its first element (the inputs of an (inputs, labels...) pair), under the same rules."""
+    while isinstance(batch, (list, tuple)) and len(batch) > 0:
+        batch = batch[0]
+    if isinstance(batch, (torch.Tensor, Mapping)):
+        return batch
     raise TypeError(f"a calibration batch must be a tensor, a dict or a non-empty tuple/list (inputs first), got "
-                    f"{describe(batch)}; pass input_fn=... to convert it")
+                    f"{describe(batch)}; pass calib_input_fn=... to convert it")
+
+
+def feed(model: nn.Module, batch: Any, input_fn: Optional[Callable[[Any], Any]] = None) -> Any:
+    """Call ``model`` on one batch: ``input_fn(batch)`` first when given (the ``calib_input_fn`` override), tensors
+    moved to the model's device, then a tensor fed as ``model(b)``, a mapping as ``model(**b)`` (a tuple or list by
+    its first element). The one place slimtorch turns a batch into a model call."""
+    inputs = model_inputs(to_device(input_fn(batch) if input_fn is not None else batch, model_device(model)))
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
+    return model(inputs)
 
 
 def first_tensor(args: tuple, kwargs: Optional[dict] = None) -> Optional[torch.Tensor]:

@@ -60,9 +60,21 @@ class DynamicActivationQuant(_ActivationBase):
     granularity: Literal["per_tensor", "per_token"] = "per_tensor"
 
 
+#: SmoothQuant's alpha when the config gives none: static_quantization's, and w8a8_quantization's (kept as they were
+#: until one default is measured on both paths: docs/conventions.md, "SmoothQuant")
+SMOOTHQUANT_ALPHA = 0.5
+W8A8_SMOOTHQUANT_ALPHA = 0.8
+
+
 class SmoothQuantConfig(StrictModel):
+    """SmoothQuant, one shape for ``static_quantization`` and ``w8a8_quantization``: per-input-channel scales
+    ``s = max|x|^alpha / max|w|^(1-alpha)`` move activation outliers into the weights. ``alpha`` in [0, 1] (0:
+    nothing moves to the weights, 1: everything) or "auto" (per group, the grid value with the least fake-quant
+    output error); ``folding``: the ``1/s`` folded into the previous op (false: an explicit multiply on each QDQ
+    layer's input, static_quantization only)."""
+
     enabled: bool = False
-    alpha: Union[float, Literal["auto"]] = 0.5
+    alpha: Union[float, Literal["auto"]] = SMOOTHQUANT_ALPHA
     folding: bool = True
 
     @field_validator("alpha", mode="before")
@@ -190,12 +202,11 @@ class WeightOnlyQuantization(_OneShotSection):
         return value
 
 
-class LLMSmoothQuant(StrictModel):
-    """SmoothQuant inside each decoder block: scales folded into the norms (and v -> o, up -> down where that is
-    exact, checked by running the block), so that int8/FP8 activations lose less to outlier channels."""
+class LLMSmoothQuant(SmoothQuantConfig):
+    """SmoothQuant inside each decoder block (``w8a8_quantization.smoothquant``): the same keys and checks as
+    :class:`SmoothQuantConfig`, folded only (the section refuses ``folding: false``), alpha 0.8 by default."""
 
-    enabled: bool = False
-    alpha: float = Field(default=0.8, ge=0.0, le=1.0)  # 0: nothing moves to the weights, 1: everything
+    alpha: Union[float, Literal["auto"]] = W8A8_SMOOTHQUANT_ALPHA
 
 
 class W8A8Quantization(_OneShotSection):
@@ -211,12 +222,29 @@ class W8A8Quantization(_OneShotSection):
     algorithm: Literal["rtn", "gptq"] = "gptq"
     gptq: GPTQSettings = Field(default_factory=GPTQSettings)
     smoothquant: LLMSmoothQuant = Field(default_factory=LLMSmoothQuant)
+    observer: Observer = "minmax"  # static_per_tensor: what gives each Linear's input range (quantize's observers)
+    percentile: float = Field(default=99.99, gt=50.0, le=100.0)  # observer "percentile": the |x| quantile kept
 
     @model_validator(mode="after")
     def _gptq_grid(self):
         if self.enabled and self.format == "fp8_e4m3" and self.algorithm == "gptq":
             raise PathValueError("algorithm", "GPTQ rounds to the int8 grid only; FP8 E4M3 weights take algorithm "
                                  "'rtn' (round to nearest, per channel)")
+        return self
+
+    @model_validator(mode="after")
+    def _folded_smoothing(self):
+        if self.smoothquant.enabled and not self.smoothquant.folding:
+            raise PathValueError("smoothquant.folding", "the block pipeline folds SmoothQuant's scales into the "
+                                 "previous op (W8A8 layers have no explicit input multiply); remove folding: false")
+        return self
+
+    @model_validator(mode="after")
+    def _observer_needs_static(self):
+        if self.observer != "minmax" and self.activations != "static_per_tensor":
+            raise PathValueError("observer", f"observer {self.observer!r} chooses static activation ranges; "
+                                 "dynamic_per_token activations take each token's range at run time: set "
+                                 "activations to 'static_per_tensor' or leave observer out")
         return self
 
 

@@ -24,12 +24,14 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from ..batches import describe, model_device, to_device
+from ..batches import describe, model_device, model_inputs, to_device
 from ..errors import CalibrationError, ConfigError, UnsupportedModelError
-from ..quantization.passes import preserved_modes
+from ..quantization.passes import StopForward, feed_batches
 
 #: names the blocks' ModuleList has in common architectures, tried first when several lists qualify
 USUAL_BLOCK_NAMES = ("layers", "h", "blocks", "block", "layer", "decoder_layers")
+#: what a block's modules are named under inside :class:`BlockCall` ("block.self_attn.q_proj")
+PREFIX = "block"
 
 
 @dataclass
@@ -62,6 +64,24 @@ class BlockInput:
         return BlockInput((), {**self.kwargs, "hidden_states": None})
 
 
+class BlockCall(nn.Module):
+    """A block as a module called with one captured :class:`BlockInput` (``call=``), returning its hidden states:
+    what the calibration loop feeds when it runs one block on its captured inputs (:func:`block_call`). Module names
+    gain the prefix :data:`PREFIX` and a dot."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block  # the attribute PREFIX names
+
+    def forward(self, call: BlockInput) -> Tensor:
+        return block_output(self.block(*call.args, **call.kwargs))
+
+
+def block_call(inp: BlockInput) -> Dict[str, BlockInput]:
+    """A captured call as the keyword arguments of :class:`BlockCall` (the ``input_fn`` of a pass over a block)."""
+    return {"call": inp}
+
+
 def find_blocks(model: nn.Module, path: Optional[str] = None, *, key: str = "blocks") -> Tuple[str, nn.ModuleList]:
     """``(dotted path, ModuleList)`` of the model's repeated blocks.
 
@@ -91,10 +111,6 @@ def find_blocks(model: nn.Module, path: Optional[str] = None, *, key: str = "blo
     return name, module
 
 
-class _Captured(Exception):
-    """Raised by the last block's stand-in to stop the forward once every block's call is recorded."""
-
-
 @dataclass
 class CapturedInputs:
     """What each block is called with, for every calibration batch.
@@ -117,14 +133,17 @@ class CapturedInputs:
 
 
 def language_model_inputs(model: nn.Module, batch: Any) -> Dict[str, Any]:
-    """A calibration batch as keyword arguments of ``model``: a tensor is ``input_ids``, a mapping is used as it is
-    (a tuple or list by its first element); the KV cache is turned off where the model takes ``use_cache``."""
-    while isinstance(batch, (list, tuple)) and batch:
-        batch = batch[0]
-    if isinstance(batch, Tensor):
-        inputs: Dict[str, Any] = {"input_ids": batch if batch.dim() > 1 else batch[None]}
-    elif isinstance(batch, Mapping):
-        inputs = dict(batch)
+    """A calibration batch as keyword arguments of ``model``: what the feeding rules pick from it
+    (:func:`slimtorch.batches.model_inputs`), a tensor of token ids named ``input_ids`` (a batch axis added to a
+    1-D one); the KV cache is turned off where the model takes ``use_cache``."""
+    try:
+        picked = model_inputs(batch)
+    except TypeError:
+        picked = None
+    if isinstance(picked, Tensor):
+        inputs: Dict[str, Any] = {"input_ids": picked if picked.dim() > 1 else picked[None]}
+    elif isinstance(picked, Mapping):
+        inputs = dict(picked)
     else:
         raise CalibrationError(f"a calibration batch for a language model must be a tensor of token ids or a dict "
                                f"of model inputs (input_ids, attention_mask), got {describe(batch)}")
@@ -140,8 +159,10 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, batches: Itera
 
     Only the embeddings and the first block compute: while capturing, blocks 1..N-1 are stand-ins that record their
     call and hand the hidden states on unchanged (in the first block's output structure), and the last one stops
-    the forward, so the final norm and lm_head never run. The models' own code prepares every block's keyword
-    arguments (masks, positions, rotary embeddings), so no architecture is special-cased.
+    the forward (:class:`~slimtorch.quantization.passes.StopForward`), so the final norm and lm_head never run. The
+    models' own code prepares every block's keyword arguments (masks, positions, rotary embeddings), so no
+    architecture is special-cased. The batches are fed by the calibration loop of quantize()
+    (:func:`~slimtorch.quantization.passes.feed_batches`), converted by :func:`language_model_inputs`.
     """
     device = torch.device(device) if device is not None else model_device(model)
     memo: Dict[int, Tuple[Tensor, Tensor]] = {}
@@ -160,7 +181,7 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, batches: Itera
     def first_output(module, args, kwargs, out):
         structure[:] = [out]
         if len(blocks) == 1:
-            raise _Captured
+            raise StopForward
 
     def stand_in(index: int):
         def forward(*args, **kwargs):
@@ -171,39 +192,27 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, batches: Itera
                     "captured with hooks; name the ModuleList its forward() calls as modules in the config's blocks "
                     "key, or wrap the model so that it calls block(...) rather than block.forward(...)")
             if index == len(blocks) - 1:
-                raise _Captured
+                raise StopForward
             return _shaped_like(structure[0], BlockInput(args, kwargs).hidden)
         return forward
 
-    handles = [b.register_forward_pre_hook(record, with_kwargs=True) for b in blocks]
-    handles.append(blocks[0].register_forward_hook(first_output, with_kwargs=True))
+    def batch_done(i: int, out: Any) -> None:
+        if len(current) != len(blocks):
+            raise UnsupportedModelError(
+                f"{type(model).__name__} ran calibration batch {i} calling {len(current)} of the "
+                f"{len(blocks)} blocks in {where}: its blocks are not each called once as modules in its "
+                "forward(), so their inputs cannot be captured; name the ModuleList its forward() really "
+                "calls in the config's blocks key")
+        calls.append(list(current))
+
     for i, block in enumerate(blocks):
         if i > 0:
             block.forward = stand_in(i)
     try:
-        with preserved_modes(model, "eval"), torch.no_grad():
-            for i, batch in enumerate(batches):
-                inputs = to_device(language_model_inputs(model, batch), model_device(model))
-                current = []
-                try:
-                    model(**inputs)
-                except _Captured:
-                    pass
-                except UnsupportedModelError:
-                    raise
-                except Exception as e:
-                    raise CalibrationError(f"calibration batch {i} ({describe(inputs)}) could not be fed to "
-                                           f"{type(model).__name__}: {type(e).__name__}: {e}") from e
-                if len(current) != len(blocks):
-                    raise UnsupportedModelError(
-                        f"{type(model).__name__} ran calibration batch {i} calling {len(current)} of the "
-                        f"{len(blocks)} blocks in {where}: its blocks are not each called once as modules in its "
-                        "forward(), so their inputs cannot be captured; name the ModuleList its forward() really "
-                        "calls in the config's blocks key")
-                calls.append(current)
+        feed_batches(model, batches, what="calibration", input_fn=lambda b: language_model_inputs(model, b),
+                     on_batch=lambda i: current.clear(), on_output=batch_done, hook_kwargs=True,
+                     pre=[(b, record) for b in blocks], post=[(blocks[0], first_output)])
     finally:
-        for handle in handles:
-            handle.remove()
         for block in blocks:
             block.__dict__.pop("forward", None)
     if not calls:

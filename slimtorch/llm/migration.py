@@ -24,31 +24,13 @@ from ..quantization.smoothquant import SmoothQuantReport, smooth
 from ..quantization.smoothquant.scales import linear_weight
 from ..quantization.smoothquant.stats import ChannelStats
 from .awq import awq_search
-from .blocks import BlockInput, block_output
-
-PREFIX = "block"
-
-
-class _BlockCall(nn.Module):
-    """The block as a module called with one captured :class:`BlockInput` (``call=``), returning its hidden states:
-    what the SmoothQuant passes feed. Module names gain the prefix ``block.``."""
-
-    def __init__(self, block: nn.Module):
-        super().__init__()
-        self.block = block
-
-    def forward(self, call: BlockInput) -> Tensor:
-        return block_output(self.block(*call.args, **call.kwargs))
-
-
-def _call(inp: BlockInput) -> dict:
-    return {"call": inp}
+from .blocks import PREFIX, BlockCall, BlockInput, block_call
 
 
 def _migrate(block: nn.Module, linears: Sequence[str], inputs: List[BlockInput], **kwargs) -> SmoothQuantReport:
-    wrapper = _BlockCall(block)
+    wrapper = BlockCall(block)
     report = smooth(wrapper, inputs, linear_names=[f"{PREFIX}.{n}" for n in linears], num_batches=len(inputs),
-                    input_fn=_call, **kwargs)
+                    input_fn=block_call, **kwargs)
     for g in [*report.groups, *report.skipped]:  # names inside the block, as the caller gave them
         g.prev = g.prev[len(PREFIX) + 1:] if g.prev.startswith(f"{PREFIX}.") else g.prev
         g.linears = [n[len(PREFIX) + 1:] if n.startswith(f"{PREFIX}.") else n for n in g.linears]

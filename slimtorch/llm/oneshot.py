@@ -7,10 +7,11 @@
 2. for each block in turn: move it to the compute device; with AWQ or SmoothQuant, fold per-channel scales into
    the block, searched on its inputs (migration.py); run it on its inputs with a hook on every target Linear that
    accumulates the Hessian ``2/n X^T X`` of its inputs when GPTQ, SparseGPT or Wanda needs it (hessians.py) and
-   the inputs' max |x| for static activation scales; prune and/or quantize each Linear (recipe.py); run the
-   compressed block again: its outputs are the next block's inputs, so every block is calibrated on what the
-   already-compressed blocks before it produce, and errors are corrected rather than compounded; move the block
-   back where it was.
+   observes its inputs' range for static activation scales (quantize's observers, reduced across ranks); prune
+   and/or quantize each Linear (recipe.py); run the compressed block again: its outputs are the next block's
+   inputs, so every block is calibrated on what the already-compressed blocks before it produce, and errors are
+   corrected rather than compounded; move the block back where it was. Every pass over a block's inputs is
+   quantize()'s calibration loop (quantization/passes.py).
 
 Memory: the model (copied unless ``inplace``; each block's replaced float Linears are freed once it is done), the
 captured hidden states of the calibration batches (two sets while a block's outputs replace its inputs), and for the
@@ -23,18 +24,20 @@ from __future__ import annotations
 import copy
 import re
 import time
-from typing import Any, Dict, Iterable, List, Optional, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
-from ..batches import first_tensor, model_device
+from ..batches import model_device
 from ..config import load_config
 from ..errors import CalibrationError, ConfigError
-from ..quantization.passes import hooks_attached, preserved_modes, progress_bar
+from ..quantization.calibrate import observer_hooks
+from ..quantization.distributed import LOCAL, Sync, reduce_observers, resolve
+from ..quantization.passes import Hook, feed_batches, progress_bar
 from ..quantization.qdq import op_type
 from ..quantization.report import REPORT_ATTR, FloatLayer, QuantizationReport, QuantizedLayer
-from .blocks import BlockInput, block_output, capture_block_inputs, find_blocks
+from .blocks import BlockCall, BlockInput, block_call, capture_block_inputs, find_blocks
 from .hessians import BlockHessians
 from .migration import awq_block, folded_groups, smoothquant_block
 from .modules import W8A8Linear, WeightOnlyLinear
@@ -79,10 +82,11 @@ def oneshot(model: nn.Module, config: Any, calib_data: Optional[Iterable], *, in
         for name, linear in linears.items():
             recipe.check_tokens(f"{blocks_path}.{i}.{name}", linear, tokens)
     hidden = captured.hidden
+    sync = resolve(None)  # torch.distributed initialized with several ranks: static ranges of every rank's data
     for i, block in _blocks_in_turn(blocks, compute, progress):
         where = f"{blocks_path}.{i}"
         inputs = captured.inputs_of(i, hidden)
-        _compress_block(block, plan[i], inputs, recipe, where, report)
+        _compress_block(block, plan[i], inputs, recipe, where, report, sync)
         plan[i] = {}  # the replaced float Linears are freed now, not after the last block
         hidden = _run(block, inputs, where)  # the next block's inputs come from the compressed block
         del inputs
@@ -124,9 +128,10 @@ def _finished(target: nn.Module, report: QuantizationReport, started: float) -> 
 
 # -- one block ------------------------------------------------------------------------------------------------
 def _compress_block(block: nn.Module, linears: Dict[str, nn.Module], inputs: List[BlockInput], recipe: Recipe,
-                    where: str, report: QuantizationReport) -> None:
-    """Fold AWQ / SmoothQuant scales, accumulate the Hessians and input ranges the recipe needs (one pass over the
-    block's inputs), then compress each Linear."""
+                    where: str, report: QuantizationReport, sync: Sync = LOCAL) -> None:
+    """Fold AWQ / SmoothQuant scales, accumulate the Hessians and observe the input ranges the recipe needs (one
+    pass over the block's inputs; the ranges reduced over the ranks under torch.distributed), then compress each
+    Linear."""
     folded: Dict[str, str] = {}
     quantized = [n for n in linears if recipe.quantizes(f"{where}.{n}")]
     if recipe.awq:
@@ -134,21 +139,21 @@ def _compress_block(block: nn.Module, linears: Dict[str, nn.Module], inputs: Lis
     elif recipe.smoothquant:
         folded = folded_groups(smoothquant_block(block, quantized, inputs, recipe.w8a8.smoothquant))
     hessians = BlockHessians(where) if recipe.needs_hessian else None
-    ranges: Dict[str, Tensor] = {}
-    hooks = []
-    for name, linear in linears.items():
-        if hessians is not None:
-            hooks.append((linear, hessians.hook(name)))
-        if recipe.needs_input_ranges:
-            hooks.append((linear, _range_hook(ranges, name)))
+    observers = {n: recipe.input_observer() for n in linears} if recipe.needs_input_ranges else {}
+    batch = [-1]  # the batch being fed, for an observer's error
+    hooks = [(linear, hessians.hook(name)) for name, linear in linears.items()] if hessians is not None else []
+    hooks += observer_hooks(linears, observers, lambda: batch[0], prefix=f"{where}.")
     if hooks:
-        with hooks_attached(pre=hooks, with_kwargs=True):
-            _run(block, inputs, where)
+        with sync.guard(f"calibration of {where}"):
+            _run(block, inputs, where, pre=hooks, on_batch=lambda i: batch.__setitem__(0, i))
+        reduce_observers(observers, sync, model_device(block))
     with torch.no_grad():
         for name, linear in linears.items():
             full = f"{where}.{name}"
             hessian = hessians.take(name) if hessians is not None else None
-            replacement = recipe.compress(full, linear, hessian, ranges.get(name))
+            observer = observers.get(name)
+            absmax = observer.absmax() if observer is not None and observer.min_val is not None else None
+            replacement = recipe.compress(full, linear, hessian, absmax)
             if replacement is not None:
                 _replace(block, name, replacement)
             scheme = recipe.scheme(full)
@@ -157,24 +162,20 @@ def _compress_block(block: nn.Module, linears: Dict[str, nn.Module], inputs: Lis
             report.quantized.append(QuantizedLayer(full, op_type(linear), tuple(linear.weight.shape), scheme))
 
 
-def _range_hook(ranges: Dict[str, Tensor], name: str):
-    def pre_hook(module, args, kwargs):
-        x = first_tensor(args, kwargs)
-        if x is not None:
-            amax = x.detach().abs().amax().to(torch.float32)
-            ranges[name] = amax if name not in ranges else torch.maximum(ranges[name], amax)
-    return pre_hook
+def _run(block: nn.Module, inputs: List[BlockInput], where: str, pre: Sequence[Hook] = (),
+         on_batch: Optional[Callable[[int], None]] = None) -> List[Tensor]:
+    """The block's outputs on its captured inputs, fed by the calibration loop with ``pre`` hooks attached."""
+    outputs: List[Tensor] = []
 
+    def keep(i: int, out: Tensor) -> None:
+        if not bool(torch.isfinite(out).all()):
+            raise CalibrationError(f"{where} returned NaN or inf on calibration batch {i}; the block (or the "
+                                   "blocks compressed before it) diverged: check the float model on this text, "
+                                   "or exclude the block's layers with excluded_modules")
+        outputs.append(out)
 
-def _run(block: nn.Module, inputs: List[BlockInput], where: str) -> List[Tensor]:
-    outputs = []
-    with preserved_modes(block, "eval"), torch.no_grad():
-        for i, inp in enumerate(inputs):
-            outputs.append(block_output(block(*inp.args, **inp.kwargs)))
-            if not bool(torch.isfinite(outputs[-1]).all()):
-                raise CalibrationError(f"{where} returned NaN or inf on calibration batch {i}; the block (or the "
-                                       "blocks compressed before it) diverged: check the float model on this text, "
-                                       "or exclude the block's layers with excluded_modules")
+    feed_batches(BlockCall(block), inputs, what=f"{where}: calibration", input_fn=block_call, on_batch=on_batch,
+                 on_output=keep, pre=pre, hook_kwargs=True)
     return outputs
 
 

@@ -25,6 +25,7 @@ from ..quantization.grid import (
     quantize_rtn,
     symmetric_scale,
 )
+from ..quantization.observers import Observer, observer_for
 from ..quantization.qdq import op_type
 from ..quantization.selection import excluded_by
 from ..quantization.smoothquant.scales import linear_weight
@@ -145,6 +146,10 @@ class Recipe:
         """Static activations: each Linear's input max |x| over the calibration tokens gives its scale."""
         return self.w8a8 is not None and self.w8a8.activations == "static_per_tensor"
 
+    def input_observer(self) -> Observer:
+        """A fresh observer of one Linear's inputs for static activation scales (``w8a8_quantization.observer``)."""
+        return observer_for(self.w8a8.observer, percentile=self.w8a8.percentile)
+
     @property
     def needs_data(self) -> bool:
         """Whether any step reads calibration activations (Hessians, input ranges, AWQ or SmoothQuant scales);
@@ -210,7 +215,7 @@ class Recipe:
                  input_absmax: Optional[Tensor] = None) -> Optional[nn.Module]:
         """Prune and/or quantize ``module`` (layer ``name``): the WeightOnlyLinear or W8A8Linear that replaces it,
         or None when it was only pruned (its weight then holds the zeros, in its own dtype and layout).
-        ``input_absmax``: max |x| of its calibration inputs (static W8A8 activations)."""
+        ``input_absmax``: the largest |x| of its calibration inputs the observer keeps (static W8A8 activations)."""
         weight = linear_weight(module)
         pruned = self.pruning is not None and self._applies(self.pruning, name)
         if pruned:
@@ -257,7 +262,7 @@ class Recipe:
                          f"({'awq + ' if q.awq.enabled else ''}{q.algorithm}), a float")
         if self.w8a8 is not None and self._applies(self.w8a8, name):
             w = self.w8a8
-            act = "per token, dynamic" if w.activations == "dynamic_per_token" else "per tensor, static"
+            act = "per token, dynamic" if w.activations == "dynamic_per_token" else f"per tensor, static ({w.observer})"
             parts.append(f"w {w.format} per channel ({w.algorithm}), a {w.format} {act}")
         return " + ".join(parts)
 

@@ -6,13 +6,13 @@ always removed and every submodule's train/eval mode restored, even when calibra
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Iterable, Optional, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Union
 
 from torch import nn
 
 from ..batches import first_tensor
 from ..errors import CalibrationError, ConfigError
-from .passes import feed_batches, hooks_attached
+from .passes import Hook, feed_batches
 
 ModuleFilter = Union[Callable[[str, nn.Module], bool], Iterable[str]]
 
@@ -45,6 +45,20 @@ def calibrate(model: nn.Module, loader: Iterable, *, observer_factory: Callable[
                                f"and excluded_modules")
     observers = {n: observer_factory(n, m) for n, m in selected.items()}
     current = {"batch": -1}
+    seen = feed_batches(model, loader, what="calibration", num_batches=num_batches, input_fn=input_fn,
+                        on_batch=lambda i: current.__setitem__("batch", i),
+                        progress="slimtorch calibration" if progress else None,
+                        pre=observer_hooks(selected, observers, lambda: current["batch"]), hook_kwargs=True)
+    if seen == 0:
+        raise CalibrationError("the calibration loader yielded no batches; static quantization needs at least one "
+                               "batch of representative inputs")
+    return observers
+
+
+def observer_hooks(modules: Dict[str, nn.Module], observers: Dict[str, Any], batch: Callable[[], int],
+                   prefix: str = "") -> List[Hook]:
+    """Forward pre-hooks (with kwargs) that hand each module's first input tensor to ``observers[name]``; an
+    observer's CalibrationError gains the batch (``batch()``), the module's name (after ``prefix``) and type."""
 
     def observe_input(name: str):
         def hook(module, args, kwargs):
@@ -54,16 +68,9 @@ def calibrate(model: nn.Module, loader: Iterable, *, observer_factory: Callable[
             try:
                 observers[name].observe(x)
             except CalibrationError as e:  # say which module and batch; the observer only knows the tensor
-                raise CalibrationError(f"calibration batch {current['batch']}: input of module {name!r} "
+                raise CalibrationError(f"calibration batch {batch()}: input of module {prefix + name!r} "
                                        f"({type(module).__name__}): {e}") from e
             return None
         return hook
 
-    with hooks_attached(pre=[(m, observe_input(n)) for n, m in selected.items()], with_kwargs=True):
-        seen = feed_batches(model, loader, what="calibration", num_batches=num_batches, input_fn=input_fn,
-                            on_batch=lambda i: current.__setitem__("batch", i),
-                            progress="slimtorch calibration" if progress else None)
-    if seen == 0:
-        raise CalibrationError("the calibration loader yielded no batches; static quantization needs at least one "
-                               "batch of representative inputs")
-    return observers
+    return [(modules[n], observe_input(n)) for n in observers]

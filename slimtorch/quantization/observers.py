@@ -143,6 +143,14 @@ class Observer(ABC):
         lo, hi = self._range()
         return choose_qparams(lo, hi, dtype=self.dtype, symmetric=self.symmetric, eps=self.eps)
 
+    def absmax(self) -> Tensor:
+        """The largest magnitude of the range this observer proposes (clipped, for the histogram observers): what a
+        symmetric per-tensor scale is made from, whatever the grid (the block pipeline's static activations)."""
+        if self.min_val is None:
+            raise CalibrationError(f"{type(self).__name__}.absmax() called before any tensor was observed")
+        lo, hi = self._range()
+        return torch.maximum(-lo, hi)
+
 
 class MinMaxObserver(Observer):
     """Running min and max of everything observed."""
@@ -381,3 +389,10 @@ OBSERVERS = {
     "entropy": EntropyObserver,
     "mse": MSEObserver,
 }
+
+
+def observer_for(name: str, *, dtype: str = "int8", symmetric: bool = True, percentile: float = 99.99) -> Observer:
+    """A fresh observer of the kind a config's ``observer`` key names (:data:`OBSERVERS`); ``percentile`` is read by
+    the percentile observer only."""
+    kw = {"percentile": percentile} if name == "percentile" else {}
+    return OBSERVERS[name](dtype=dtype, symmetric=symmetric, **kw)

@@ -1,16 +1,19 @@
-"""Passes over calibration data: every statistic quantization collects (observers, SmoothQuant's channel ranges,
-bias correction's mean inputs, the accuracy search's reference outputs) comes from :func:`feed_batches`, and every
-step that runs the model does it inside :func:`preserved_modes`.
+"""Passes over calibration data: every statistic quantization and the block pipeline collect (observers,
+SmoothQuant's channel ranges, bias correction's mean inputs, the accuracy search's reference outputs, the decoder
+blocks' captured calls, GPTQ's Hessians) comes from :func:`feed_batches`, the one calibration loop, and every step
+that runs the model does it inside :func:`preserved_modes`.
 
 | name              | what it does                                                                            |
 |-------------------|-----------------------------------------------------------------------------------------|
 | preserved_modes   | eval (or train) mode inside; every submodule's own mode back afterwards, also on errors  |
 | hooks_attached    | forward (pre-)hooks on some modules for the duration of a block, always removed          |
-| feed_batches      | up to N batches through the model: input_fn, device, feeding rules, no_grad, errors      |
+| feed_batches      | up to N batches through the model: input_fn, device, feeding rules, no_grad, errors;    |
+|                   | hooks attached for the pass; a hook may end a forward early (:class:`StopForward`)      |
 | progress_bar      | a tqdm bar on stderr, or plain progress lines without tqdm                              |
 | ReplayableLoader  | the user's loader with ``calib_input_fn`` applied, iterable more than once               |
 
-Batches are fed as docs/conventions.md says (:func:`slimtorch.batches.feed`).
+Batches are fed as docs/conventions.md says (:func:`slimtorch.batches.feed`). ``tests/test_single_core.py`` fails
+if a second loop that feeds batches to a model appears in slimtorch.
 """
 from __future__ import annotations
 
@@ -22,10 +25,15 @@ from typing import Any, Callable, Iterable, Iterator, List, Optional, Sequence, 
 import torch
 from torch import nn
 
-from ..batches import describe, feed, model_device, to_device
-from ..errors import CalibrationError
+from ..batches import describe, feed
+from ..errors import CalibrationError, SlimError
 
 Hook = Tuple[nn.Module, Callable[..., Any]]
+
+
+class StopForward(Exception):
+    """Raised by a hook once it has recorded what the pass needs (the block pipeline's capture stops before the
+    blocks it does not need to run): :func:`feed_batches` ends that batch's forward there and counts it as fed."""
 
 
 @contextmanager
@@ -90,17 +98,19 @@ def feed_batches(model: nn.Module, batches: Iterable, *, what: str, num_batches:
                  input_fn: Optional[Callable[[Any], Any]] = None,
                  on_batch: Optional[Callable[[int], None]] = None,
                  on_output: Optional[Callable[[int, Any], None]] = None,
-                 progress: Optional[str] = None) -> int:
+                 progress: Optional[str] = None, pre: Sequence[Hook] = (), post: Sequence[Hook] = (),
+                 hook_kwargs: bool = False) -> int:
     """Feed up to ``num_batches`` (None: all) of ``batches`` to ``model`` in eval mode, without gradients; returns
     how many were fed. Never reads a batch too many from a one-shot loader.
 
-    Each batch is converted by ``input_fn``, moved to the model's device and fed by the feeding rules;
-    ``on_batch(i)`` runs before batch i, ``on_output(i, output)`` after it. A batch the model rejects is a
-    :class:`~slimtorch.CalibrationError` that names ``what``, the batch's index and its structure; a
-    CalibrationError raised inside (an observer's, with its own context) passes through unchanged. ``progress``
-    labels a progress bar on stderr (None: no bar). Train/eval modes are restored afterwards, also on errors.
+    Each batch is fed by :func:`slimtorch.batches.feed` (``input_fn``, the model's device, the feeding rules);
+    ``pre`` / ``post`` forward (pre-)hooks are attached for the pass (``hook_kwargs``: they receive the keyword
+    arguments too); ``on_batch(i)`` runs before batch i, ``on_output(i, output)`` after it (output None when a hook
+    raised :class:`StopForward`). A batch the model rejects is a :class:`~slimtorch.CalibrationError` that names
+    ``what``, the batch's index and its structure; slimtorch's own errors raised inside (an observer's, with its own
+    context) pass through unchanged. ``progress`` labels a progress bar on stderr (None: no bar). Train/eval modes
+    are restored afterwards, also on errors.
     """
-    device = model_device(model)
     bar = None
     if progress is not None:
         try:
@@ -111,15 +121,17 @@ def feed_batches(model: nn.Module, batches: Iterable, *, what: str, num_batches:
         bar = progress_bar(min(known) if known else 0, progress)
     seen = 0
     try:
-        with preserved_modes(model, "eval"), torch.no_grad():
+        with preserved_modes(model, "eval"), torch.no_grad(), hooks_attached(pre, post, with_kwargs=hook_kwargs):
             source = batches if num_batches is None else itertools.islice(batches, num_batches)
             for i, batch in enumerate(source):
                 if on_batch is not None:
                     on_batch(i)
                 inputs = input_fn(batch) if input_fn is not None else batch
                 try:
-                    out = feed(model, to_device(inputs, device))
-                except CalibrationError:
+                    out = feed(model, inputs)
+                except StopForward:
+                    out = None
+                except SlimError:
                     raise
                 except Exception as e:  # the model (or the feeding rules) rejected this batch
                     raise CalibrationError(f"{what} batch {i} ({describe(inputs)}) could not be fed to "

@@ -12,8 +12,11 @@
 | search_accuracy   | eval_fn, calibration batches      | float fallbacks until the criterion holds; report         |
 
 Each step is a function of the :class:`QuantizeRun` and skips itself when the config does not ask for it. The run
-holds one model and one loader: a layer-by-layer pipeline runs the same steps on one block at a time, with the
-block as ``model`` and the block's captured inputs as ``loader``. Memory: the steps hold the model (a copy of the
+holds one model and one loader. The block pipeline (``slimtorch.oneshot``, llm/oneshot.py) does not run these
+steps: it shares their primitives (the calibration loop :func:`~.passes.feed_batches`, the observers through
+:func:`~.calibrate.observer_hooks` and :func:`~.distributed.reduce_observers`, :func:`~.smoothquant.smooth`) and
+runs its own per block; docs/design.md ("What the block pipeline shares with quantize()") says step by step what
+differs and why. Memory: the steps hold the model (a copy of the
 caller's), one observer per target layer (a histogram observer: 2048 bins), the float modules the QDQ ones replace
 (shared with nothing: they are the copy's own), and under SmoothQuant with an accuracy criterion and no folding, a
 float copy of every target layer.
@@ -27,13 +30,13 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from ..batches import feed, model_device, to_device
+from ..batches import feed, model_device
 from ..config.quant_schema import StaticQuantization
 from .accuracy import evaluate_baseline, search_accuracy
 from .calibrate import calibrate as observe_inputs
 from .distributed import Sync, reduce_observers
 from .fold import fold_batchnorm as fold_into_convs
-from .observers import OBSERVERS, Observer
+from .observers import Observer, observer_for
 from .passes import ReplayableLoader
 from .qdq import QDQ_MODULES, QDQModule, op_type
 from .report import FloatLayer, QuantizationReport, QuantizedLayer
@@ -94,8 +97,7 @@ def fold_batchnorm(run: QuantizeRun) -> None:
         return
     with run.sync.guard("BatchNorm folding"):
         batch = run.loader.first()
-    device = model_device(run.model)
-    run.report.folded_batchnorm = fold_into_convs(run.model, lambda m: feed(m, to_device(batch, device)), sync=run.sync)
+    run.report.folded_batchnorm = fold_into_convs(run.model, lambda m: feed(m, batch), sync=run.sync)
 
 
 def select_layers(run: QuantizeRun) -> None:
@@ -195,8 +197,7 @@ STEPS: Tuple[Callable[[QuantizeRun], None], ...] = (
 # -- helpers ----------------------------------------------------------------------------------------------------
 def activation_observer(act) -> Observer:
     """A fresh observer of the kind the config's ``activation.observer`` names (:data:`OBSERVERS`)."""
-    kw = {"percentile": act.percentile} if act.observer == "percentile" else {}
-    return OBSERVERS[act.observer](dtype=act.dtype, symmetric=act.symmetric, **kw)
+    return observer_for(act.observer, dtype=act.dtype, symmetric=act.symmetric, percentile=act.percentile)
 
 
 def _keep_minmax_scale(qdq: QDQModule, weight: Tensor, granularity: str) -> None:

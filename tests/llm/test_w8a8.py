@@ -149,6 +149,44 @@ def test_static_activation_scales_come_from_the_calibration_inputs():
     assert all(not m.dynamic for m in q_model.modules() if isinstance(m, W8A8Linear))
 
 
+def test_static_activation_ranges_come_from_quantize_observers():
+    """``observer`` picks one of quantize's observers for the static ranges: percentile clips the 99th percentile
+    of |x| (the same observer quantize() uses, fed the same inputs), so the scale is below minmax's."""
+    from slimtorch.quantization.observers import PercentileObserver
+
+    model = TINY_MODELS["llama"]()
+    calib = calibration(model)
+    name = "model.layers.0.self_attn.q_proj"
+    observer = PercentileObserver(percentile=99.0)
+    hook = model.get_submodule(name).register_forward_pre_hook(lambda m, a: observer.observe(a[0]))
+    section = dict(activations="static_per_tensor", algorithm="rtn")
+    clipped = st.oneshot(model, config(**section, observer="percentile", percentile=99.0), calib, progress=False)
+    hook.remove()
+    plain = st.oneshot(model, config(**section), calib, progress=False)
+    scale = clipped.get_submodule(name).input_scale
+    torch.testing.assert_close(scale, INT8.scale(observer.absmax().reshape(1)), rtol=0, atol=0)
+    assert float(scale) < 0.9 * float(plain.get_submodule(name).input_scale)
+    assert "percentile" in st.quantization_report(clipped).quantized[0].scheme
+
+
+def test_w8a8_smoothquant_and_observer_config_errors():
+    model = TINY_MODELS["llama"]()
+    with pytest.raises(ConfigError, match=r"w8a8_quantization\.observer.*static_per_tensor"):
+        st.oneshot(model, config(observer="entropy"), calibration(model), progress=False)
+    with pytest.raises(ConfigError, match=r"w8a8_quantization\.smoothquant\.folding.*folds"):
+        st.oneshot(model, config(smoothquant={"enabled": True, "folding": False}), calibration(model),
+                   progress=False)
+
+
+def test_w8a8_smoothquant_takes_alpha_auto():
+    """One SmoothQuant shape: "auto" picks each group's alpha from the grid, in W8A8 as in static_quantization."""
+    model = _outlier_llama()
+    q = st.oneshot(model, config(algorithm="rtn", smoothquant={"enabled": True, "alpha": "auto"}),
+                   calibration(model), progress=False)
+    schemes = [layer.scheme for layer in st.quantization_report(q).quantized]
+    assert sum("SmoothQuant scales folded" in s for s in schemes) >= 8
+
+
 def _outlier_llama():
     """A tiny Llama whose input norms make two hidden channels 40x louder: the activation outliers SmoothQuant is
     for (real LLMs have them; random init has none)."""

@@ -94,6 +94,23 @@ CASES: List[tuple] = [
 ]
 
 
+#: slimtorch.oneshot cases (static W8A8 activation ranges from quantize's observers): name -> observer
+ONESHOT_CASES = {"oneshot_minmax": "minmax", "oneshot_percentile": "percentile"}
+
+
+def oneshot_config(observer: str) -> dict:
+    return {"compression_inference": {"w8a8_quantization": {
+        "enabled": True, "algorithm": "rtn", "activations": "static_per_tensor", "observer": observer}}}
+
+
+def token_shards():
+    """Two shards of random token ids for the tiny Llama, 3 batches each."""
+    from tests.llm.tiny_models import VOCAB, random_tokens
+
+    batches = [random_tokens(VOCAB, 2, 16, seed=i) for i in range(6)]
+    return batches[:3], batches[3:]
+
+
 def output_error(float_model: nn.Module):
     """eval_fn: relative error of the logits on the held-out digits (the same data on every rank); lower is better.
     Any quantization misses a criterion of 0, so the search ranks the layers and tries candidates."""
@@ -157,6 +174,11 @@ def calibrate_shards(rank: int, world: int, init_file: str, out_dir: str) -> Non
             kw["mpu"] = {"object": MPU(), "group": group}.get(kw.get("mpu"), kw.get("mpu"))
             out[name] = _outcome(lambda: _result(st.quantize(models[model], config(**cfg), calib_dataloader=data,
                                                              progress=False, **kw)))
+        from tests.llm.tiny_models import tiny_llama
+
+        for name, observer in ONESHOT_CASES.items():
+            out[name] = _outcome(lambda: {"state": st.oneshot(tiny_llama(), oneshot_config(observer),
+                                                               token_shards()[rank], progress=False).state_dict()})
         torch.save(out, f"{out_dir}/rank{rank}.pt")
     finally:
         _close()

@@ -66,6 +66,22 @@ def assert_same_state(a, b, what, rtol=0.0, atol=0.0):
             torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol, msg=lambda m: f"{what} {k}: {m}")
 
 
+@pytest.mark.parametrize("case", sorted(W.ONESHOT_CASES))
+def test_oneshot_static_ranges_are_reduced_like_quantize(runs, case):
+    """The block pipeline's static activation ranges come from quantize's observers, reduced over the ranks: both
+    ranks build the model one process builds from both shards, bit for bit."""
+    from tests.llm.tiny_models import tiny_llama
+
+    a, b = W.token_shards()
+    with torch_threads(1):
+        one = st.oneshot(tiny_llama(), W.oneshot_config(W.ONESHOT_CASES[case]), a + b, progress=False).state_dict()
+        alone = st.oneshot(tiny_llama(), W.oneshot_config(W.ONESHOT_CASES[case]), a, progress=False).state_dict()
+    ranks = result(runs, case)
+    assert_same_state(ranks[0]["state"], ranks[1]["state"], "rank 0 vs rank 1")
+    assert_same_state(ranks[0]["state"], one, "ranks vs one process on both shards")
+    assert any(not torch.equal(one[k], alone[k]) for k in one if k.endswith("input_scale"))  # the shards differ
+
+
 @pytest.mark.parametrize("case", ["minmax", "uint8", "percentile", "entropy", "mse"])
 def test_ranks_agree_bitwise_and_equal_one_process_on_both_shards(runs, models, case):
     r0, r1 = result(runs, case)

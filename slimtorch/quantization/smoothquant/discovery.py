@@ -12,10 +12,10 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from ...batches import feed, model_device, to_device
+from ...batches import model_device, to_device
 from ...errors import CalibrationError, ConfigError
 from ..distributed import LOCAL
-from ..passes import hooks_attached, preserved_modes
+from ..passes import feed_batches, preserved_modes
 from ..qdq import op_type
 from .exactness import ExactnessProbe, fold_change_reason
 from .report import SmoothGroup
@@ -75,9 +75,7 @@ def _trace(model: nn.Module, batch: Any) -> Tuple[Dict[str, str], Dict[str, int]
     modules = list(model.named_modules())
     pre_hooks = [(m, pre(name)) for name, m in modules if _is_linear(m)]
     post_hooks = [(m, post(name)) for name, m in modules if _is_linear(m) or _is_norm(m)]
-    # feed, not passes.feed_batches, which would re-word the model's own errors
-    with hooks_attached(pre=pre_hooks, post=post_hooks), torch.no_grad():
-        feed(model, batch)
+    feed_batches(model, [batch], what="SmoothQuant discovery", pre=pre_hooks, post=post_hooks)
     return source, calls, order
 
 
