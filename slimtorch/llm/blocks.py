@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from ..batches import describe, model_device, to_device
 from ..errors import CalibrationError, ConfigError, UnsupportedModelError
 from ..quantization.passes import preserved_modes
+from ..token_ids import check_token_ids
 
 #: names the blocks' ModuleList has in common architectures, tried first when several lists qualify
 USUAL_BLOCK_NAMES = ("layers", "h", "blocks", "block", "layer", "decoder_layers")
@@ -183,7 +184,9 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, batches: Itera
     try:
         with preserved_modes(model, "eval"), torch.no_grad():
             for i, batch in enumerate(batches):
-                inputs = to_device(language_model_inputs(model, batch), model_device(model))
+                inputs = language_model_inputs(model, batch)
+                check_token_ids(model, inputs.get("input_ids"), f"calibration batch {i}")
+                inputs = to_device(inputs, model_device(model))
                 current = []
                 try:
                     model(**inputs)
