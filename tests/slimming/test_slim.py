@@ -238,6 +238,12 @@ def test_uniform_widths_save_with_save_pretrained_and_load_in_transformers(tmp_p
 def test_layer_dependent_widths_save_in_slimtorch_format_and_load_back(tmp_path):
     small = slim(masked_bert(), bert_inputs(), measure_latency=False)  # BERT derives the head width from the count
     assert st.save_slim(small, tmp_path) == "slimtorch"
+    from transformers import AutoModel
+
+    with pytest.raises(OSError, match="model.safetensors"):  # transformers cannot: the folder's README says why
+        AutoModel.from_pretrained(tmp_path)
+    readme = (tmp_path / "README.md").read_text()
+    assert f'slimtorch.load_slim("{tmp_path.name}")' in readme and "BERT derives its head width" in readme
     loaded = st.load_slim(tmp_path)
     torch.testing.assert_close(outputs(loaded, bert_inputs(8)), outputs(small, bert_inputs(8)), rtol=0, atol=0)
     block = mobile_block()
@@ -249,6 +255,7 @@ def test_layer_dependent_widths_save_in_slimtorch_format_and_load_back(tmp_path)
     st.save_slim(small, tmp_path / "cnn")
     with pytest.raises(st.SlimError, match="pass a fresh instance"):
         st.load_slim(tmp_path / "cnn")
+    assert 'load_slim("cnn", model=fresh_float_model)' in (tmp_path / "cnn" / "README.md").read_text()
     loaded = st.load_slim(tmp_path / "cnn", model=mobile_block())
     x = torch.randn(1, 8, 9, 9)
     with torch.no_grad():
