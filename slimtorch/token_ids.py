@@ -27,7 +27,10 @@ def vocabulary_size(model: nn.Module) -> Optional[int]:
 
 
 def token_ids_of(inputs: Any) -> Optional[torch.Tensor]:
-    """The token ids of a batch as fed to a model: ``input_ids`` of a mapping, or an integer tensor itself."""
+    """The token ids of a batch as fed to a model (the feeding rules: a tuple or list by its first element):
+    ``input_ids`` of a mapping, or an integer tensor itself; None where there are none."""
+    while isinstance(inputs, (list, tuple)) and inputs:
+        inputs = inputs[0]
     ids = inputs.get("input_ids") if isinstance(inputs, Mapping) else inputs
     if isinstance(ids, torch.Tensor) and not (ids.dtype.is_floating_point or ids.dtype.is_complex
                                               or ids.dtype == torch.bool):

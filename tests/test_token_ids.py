@@ -49,3 +49,12 @@ def test_quantize_calibration_of_an_encoder_names_the_id():
 def test_ids_inside_the_vocabulary_pass():
     result = perplexity(tiny_llama(), random_tokens(VOCAB, 1, 64)[0], window=16)
     assert result.windows == 4 and result.tokens == 4 * 15
+
+
+def test_token_ids_are_found_by_the_feeding_rules():
+    from slimtorch.token_ids import token_ids_of
+
+    ids = torch.tensor([[1, 2]])
+    assert token_ids_of(({"input_ids": ids}, torch.tensor([0]))) is ids  # an (inputs, labels) pair
+    assert token_ids_of([ids]) is ids
+    assert token_ids_of(torch.randn(1, 3)) is None and token_ids_of({"pixel_values": ids}) is None
