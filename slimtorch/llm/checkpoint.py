@@ -31,14 +31,14 @@ Memory: the model's tensors are referenced, not copied; the packed integers add 
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Union
+from typing import Dict, List, Optional, Union
 
 import torch
 from torch import nn
 
 from ..errors import ConfigError, UnsupportedModelError
+from ..loaded_quantizer import saving_as_float
 from .grid import WeightGrid
 from .modules import W8A8Linear, WeightOnlyLinear
 from .w8a8 import EightBit
@@ -88,7 +88,7 @@ def save_compressed(model: nn.Module, directory: Union[str, Path]) -> Path:
 def _save(model: nn.Module, state: Dict[str, torch.Tensor], quantized: Dict[str, nn.Module], scheme: tuple,
           directory: Union[str, Path], version: str) -> Path:
     directory = Path(directory)
-    with _without_float_gguf_quantizer(model):
+    with saving_as_float(model):
         model.save_pretrained(directory, state_dict=state)
     config_path = directory / "config.json"
     config = json.loads(config_path.read_text())
@@ -97,41 +97,6 @@ def _save(model: nn.Module, state: Dict[str, torch.Tensor], quantized: Dict[str,
                                                                         quantized)
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
     return directory
-
-
-#: where transformers defines the layers that keep GGUF blocks unpacked (GgufLinear); a dequantized load has none
-_GGUF_MODULES = "transformers.integrations.gguf"
-
-
-@contextmanager
-def _without_float_gguf_quantizer(model: nn.Module) -> Iterator[None]:
-    """Let ``save_pretrained`` write a model loaded with ``from_pretrained(..., gguf_file=...)``.
-
-    transformers keeps a GGUF "quantizer" on such a model and refuses to save it ("The model is quantized with gguf
-    and is not serializable"), although a dequantized GGUF holds plain float weights (slimtorch compressed them as
-    such). The quantizer is detached for the write and put back, so the user's model is as it was; the written
-    ``quantization_config`` is the compressed-tensors one. Any other non-serializable quantizer (weights that are
-    not float) is an error that says to load the model in float.
-    """
-    quantizer = getattr(model, "hf_quantizer", None)
-    if quantizer is None or quantizer.is_serializable():
-        yield
-        return
-    config = getattr(quantizer, "quantization_config", None)
-    method = getattr(getattr(config, "quant_method", None), "value", getattr(config, "quant_method", None))
-    in_blocks = [name for name, m in model.named_modules() if type(m).__module__.startswith(_GGUF_MODULES)]
-    if method != "gguf" or in_blocks:
-        kept = f"{in_blocks[0]} keeps its weights in GGUF blocks" if in_blocks else f"its weights are {method} ones"
-        raise UnsupportedModelError(
-            f"{type(model).__name__} was loaded with transformers' {method} quantizer and {kept}, which transformers "
-            "cannot save and slimtorch does not compress; load it as a float model (for a GGUF file: "
-            "from_pretrained(..., gguf_file=..., quantization_config=GgufConfig(dequantize=True)); else a float "
-            "checkpoint) and compress that")
-    model.hf_quantizer = None
-    try:
-        yield
-    finally:
-        model.hf_quantizer = quantizer
 
 
 def _stored_weight(m: nn.Module) -> torch.Tensor:

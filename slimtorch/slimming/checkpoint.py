@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import SlimError
+from ..loaded_quantizer import saving_as_float
 from . import surgery
 
 MANIFEST = "slimtorch_slim.json"
@@ -112,7 +113,8 @@ def save_slim(model: nn.Module, directory: str | os.PathLike) -> str:
         original = model.config
         model.config = config
         try:
-            model.save_pretrained(directory)
+            with saving_as_float(model):  # a model loaded from a GGUF file: its weights are float
+                model.save_pretrained(directory)
         finally:
             model.config = original
         return "transformers"
@@ -122,7 +124,8 @@ def save_slim(model: nn.Module, directory: str | os.PathLike) -> str:
     save_file(_untied(state), str(directory / WEIGHTS))
     manifest: Dict[str, Any] = {"format": "slimtorch-slim/1", "shapes": _shapes(model)}
     if getattr(model, "config", None) is not None and hasattr(model.config, "to_dict"):
-        model.config.save_pretrained(directory)
+        with saving_as_float(model):  # no GGUF quantization_config in the float architecture's config
+            model.config.save_pretrained(directory)
         manifest["architecture"] = type(model).__name__
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=1))
     (directory / README).write_text(_README_TEXT.format(
