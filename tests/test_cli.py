@@ -187,3 +187,18 @@ def test_slim_command_cuts_a_pruned_minilm_and_saves_it(tmp_path, capsys):
     assert loaded.config.intermediate_size == 1152 and loaded.encoder.layer[5].intermediate.dense.out_features == 1152
     code = main(["slim", "--model", str(source), "--output", str(tmp_path / "again"), "--input-shape", "x"])
     assert code == 2 and "--input-shape 'x'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra,noted", [({}, True), ({"scope": "local"}, False), ({"dense_ratio": 0.6}, False)])
+def test_check_says_what_full_nm_costs_in_global_scope(tmp_path, capsys, extra, noted):
+    """2:4 at 50% ends 2:4 in every layer whatever the scope; global scope (snip_momentum's default) only changes the
+    path, which costs quality: check says so and how to ask for local. At 40% global scope allocates (no note)."""
+    path = tmp_path / "ds_config.json"
+    path.write_text(json.dumps({"compression_training": {"sparse_pruning": {"shared_parameters": {
+        "enabled": True, "method": "snip_momentum", "pattern": "2:4", "dense_ratio": 0.5, **extra}}}}))
+    assert main(["check", str(path)]) == 0
+    out = capsys.readouterr().out
+    note = ("note: shared_parameters: 2:4 at its full sparsity in global scope: every layer ends exactly 2:4 either "
+            "way")
+    assert (note in out) is noted
+    assert ('add "scope": "local" to shared_parameters' in out) is noted

@@ -257,7 +257,7 @@ def _plain_checkpoint(model, tokenizer, keep: List) -> None:
         return
     directory = tempfile.TemporaryDirectory(prefix="smollm2-float32-")
     keep.append(directory)
-    model.save_pretrained(directory.name)
+    S.save_float(model, directory.name)
     tokenizer.save_pretrained(directory.name)
     model.config.name_or_path = directory.name
 

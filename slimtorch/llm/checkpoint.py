@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, UnsupportedModelError
+from ..loaded_quantizer import saving_as_float
 from ..quantization.grid import WeightGrid
 from .modules import W8A8Linear, WeightOnlyLinear
 
@@ -86,7 +87,8 @@ def save_compressed(model: nn.Module, directory: Union[str, Path]) -> Path:
 def _save(model: nn.Module, state: Dict[str, torch.Tensor], quantized: Dict[str, nn.Module], scheme: tuple,
           directory: Union[str, Path], version: str) -> Path:
     directory = Path(directory)
-    model.save_pretrained(directory, state_dict=state)
+    with saving_as_float(model):
+        model.save_pretrained(directory, state_dict=state)
     config_path = directory / "config.json"
     config = json.loads(config_path.read_text())
     config["quantization_config"] = _quantization_config(model, quantized, scheme, version)

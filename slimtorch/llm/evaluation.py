@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from ..batches import model_device
 from ..errors import ConfigError
 from ..quantization.passes import preserved_modes, progress_bar
+from ..token_ids import check_token_ids
 
 __all__ = ["PerplexityResult", "perplexity", "token_windows"]
 
@@ -106,6 +107,7 @@ def perplexity(model: nn.Module, token_ids: Tensor, *, window: int = 512, batch_
     is called as ``model(input_ids=..., use_cache=False)``. ``progress`` shows a bar on stderr.
     """
     windows = token_windows(token_ids, window)
+    check_token_ids(model, windows, f"the evaluation token stream, cut in windows of {window}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
     target_device = model_device(model) if device is None else torch.device(device)

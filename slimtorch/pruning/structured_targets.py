@@ -75,19 +75,24 @@ def plan_structured(model: nn.Module, config: CompressionConfig) -> TargetPlan:
 def _pair_batchnorms(targets: List[TargetLayer], group, modules: Dict[str, nn.Module], all_names: List[str],
                      where: str) -> None:
     """The BatchNorms of ``related_modules`` follow the pruned convs' channels. DeepSpeed pairs them by position:
-    the j-th module a related pattern matches takes the mask of the j-th pruned layer; the widths must agree."""
+    ``related_modules[i]`` goes with ``modules[i]``, and the j-th BatchNorm a related pattern matches takes the
+    mask of the j-th layer ``modules[i]`` matches (one BatchNorm per conv, or one pattern for all of them in
+    order); the widths must agree."""
     for i, related in enumerate(group.related_modules or []):
+        entry = [t for t in targets if re.search(group.modules[i], t.name)]
         for j, pattern in enumerate(related):
             norms = [n for n in all_names
                      if re.search(pattern, n) and isinstance(modules[n], nn.modules.batchnorm._BatchNorm)]
             if not norms:
                 continue  # convs and linears reading the channels: slim() finds and narrows them itself
-            if len(norms) != len(targets):
+            if len(norms) != len(entry):
                 raise ConfigError(
-                    f"{where}.related_modules[{i}][{j}]: {pattern!r} matches {len(norms)} BatchNorm layers but the "
-                    f"group prunes {len(targets)} layers; DeepSpeed pairs them by position, so they must match one to "
-                    "one")
-            for target, name in zip(targets, norms):
+                    f"{where}.related_modules[{i}][{j}]: {pattern!r} matches {len(norms)} BatchNorm layers "
+                    f"({', '.join(norms[:4])}) but modules[{i}] {group.modules[i]!r} prunes {len(entry)} "
+                    f"({', '.join(t.name for t in entry[:4])}); DeepSpeed pairs related_modules[i] with modules[i] "
+                    "by position, so they must match one to one (give one modules entry per conv with its "
+                    "BatchNorm, or patterns that match the convs and their BatchNorms in the same order)")
+            for target, name in zip(entry, norms):
                 conv, norm = target.module, modules[name]
                 channels = full_shape(conv.weight)[0]
                 if norm.num_features != channels:

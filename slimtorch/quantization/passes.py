@@ -27,6 +27,7 @@ from torch import nn
 
 from ..batches import describe, feed
 from ..errors import CalibrationError, SlimError
+from ..token_ids import check_token_ids, token_ids_of
 
 Hook = Tuple[nn.Module, Callable[..., Any]]
 
@@ -134,6 +135,7 @@ def feed_batches(model: nn.Module, batches: Iterable, *, what: str, num_batches:
                 except SlimError:
                     raise
                 except Exception as e:  # the model (or the feeding rules) rejected this batch
+                    check_token_ids(model, token_ids_of(inputs), f"{what} batch {i}")  # the usual cause, named
                     raise CalibrationError(f"{what} batch {i} ({describe(inputs)}) could not be fed to "
                                            f"{type(model).__name__}: {type(e).__name__}: {e}") from e
                 if on_output is not None:

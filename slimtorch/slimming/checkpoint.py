@@ -20,10 +20,29 @@ import torch
 from torch import nn
 
 from ..errors import SlimtorchError
+from ..loaded_quantizer import saving_as_float
 from . import surgery
 
 MANIFEST = "slimtorch_slim.json"
 WEIGHTS = "slim_model.safetensors"
+#: written beside the weights of the slimtorch format: transformers' from_pretrained on the folder fails with "no file
+#: named model.safetensors" and does not say why, so the folder itself says how to load it
+README = "README.md"
+_README_TEXT = """# A slim model saved by slimtorch.save_slim (slimtorch format)
+
+Load it with slimtorch, not with transformers' `from_pretrained` (which finds no `model.safetensors` here):
+
+```python
+import slimtorch
+model = slimtorch.load_slim("{directory}"{model_argument})
+```
+
+Why this format: {why} `{weights}` holds the weights, `{manifest}` the shape of every narrowed layer and the head
+counts of the attention modules; `config.json` (if present) is the float architecture's config, which `load_slim`
+narrows. A model whose layers all keep the same widths, in a config that can say so (Llama, Qwen, Gemma, Mistral),
+is saved as a plain transformers checkpoint instead: prune with `"scope": "local"` for equal widths
+(docs/slimming.md, "Saving and loading").
+"""
 _ATTRIBUTES = ("num_heads", "num_attention_heads", "n_heads", "n_head", "num_key_value_heads", "num_kv_heads",
                "n_kv_heads", "all_head_size", "inner_dim")
 
@@ -94,7 +113,8 @@ def save_slim(model: nn.Module, directory: str | os.PathLike) -> str:
         original = model.config
         model.config = config
         try:
-            model.save_pretrained(directory)
+            with saving_as_float(model):  # a model loaded from a GGUF file: its weights are float
+                model.save_pretrained(directory)
         finally:
             model.config = original
         return "transformers"
@@ -104,10 +124,21 @@ def save_slim(model: nn.Module, directory: str | os.PathLike) -> str:
     save_file(untied(state), str(directory / WEIGHTS))
     manifest: Dict[str, Any] = {"format": "slimtorch-slim/1", "shapes": _shapes(model)}
     if getattr(model, "config", None) is not None and hasattr(model.config, "to_dict"):
-        model.config.save_pretrained(directory)
+        with saving_as_float(model):  # no GGUF quantization_config in the float architecture's config
+            model.config.save_pretrained(directory)
         manifest["architecture"] = type(model).__name__
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    (directory / README).write_text(_README_TEXT.format(
+        directory=directory.name, weights=WEIGHTS, manifest=MANIFEST, why=_why_not_transformers(model),
+        model_argument="" if "architecture" in manifest else ", model=fresh_float_model"))
     return "slimtorch"
+
+
+def _why_not_transformers(model: nn.Module) -> str:
+    if getattr(model, "config", None) is None or not hasattr(model, "save_pretrained"):
+        return "a plain PyTorch model has no config to rebuild it from: pass a fresh float instance as model=."
+    return (f"the widths of {type(model).__name__}'s layers differ from layer to layer, or its config cannot "
+            "express them (BERT derives its head width from the head count).")
 
 
 def untied(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:

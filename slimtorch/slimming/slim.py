@@ -157,6 +157,11 @@ def _plans(analysis: Analysis, modules: Dict[str, nn.Module], round_to: int, rep
                     report.refused[space.module] = group.reason
             continue
         plan = pruned_units(group, modules)
+        if plan.refused is not None:
+            for space in group.producers:
+                if bool(surgery.zero_rows(surgery.linear_view(modules[space.module])).any()):
+                    report.refused[space.module] = plan.refused
+            continue
         if group.head_dim is None:
             plan = rounded(plan, round_to)
         if plan.removed and not plan.kept:  # keep one unit: a width-0 layer exports and runs nowhere well
@@ -174,7 +179,9 @@ def _nothing_removable(analysis: Analysis, modules: Dict[str, nn.Module], report
             f"{len(removable)} removable groups, e.g. "
             f"{', '.join(s.module for s in removable[0].producers) if removable else 'none'})"
             + (f". Zero rows that cannot go: {refused}" if refused else "")
-            + ". Prune whole units (pattern '1xchannel' on FFN and conv layers), then finalize() the callbacks")
+            + ". Prune whole units on the layers that read them (sparse_pruning pattern 'channelx1' on FFN output "
+              "projections and convs, 'head' on attention output projections; or DeepSpeed's row_pruning, "
+              "head_pruning, channel_pruning), then finalize() the callbacks")
 
 
 def _consumer_channel_dim(module: nn.Module) -> int:

@@ -82,6 +82,7 @@ class Group:
     followers: List[Tuple[str, str]] = field(default_factory=list)   # (module, op)
     head_dim: Optional[int] = None
     reason: Optional[str] = None
+    summed_in: Optional[str] = None  # where the producers' outputs are added (one residual stream), if they are
 
     @property
     def units(self) -> int:
@@ -112,6 +113,7 @@ class _Tracer:
         self.spaces: List[Space] = []
         self.parent: List[int] = []
         self.reason: Dict[int, str] = {}
+        self.summed: Dict[int, str] = {}       # root -> where two producers' channels are added (a residual stream)
         self.head_dim: Dict[int, int] = {}
         self.consumers: Dict[int, List[Tuple[str, str]]] = {}
         self.followers: Dict[int, List[Tuple[str, str]]] = {}
@@ -131,8 +133,9 @@ class _Tracer:
             return ra
         keep, gone = min(ra, rb), max(ra, rb)
         self.parent[gone] = keep
-        if gone in self.reason and keep not in self.reason:
-            self.reason[keep] = self.reason[gone]
+        for table in (self.reason, self.summed):
+            if gone in table and keep not in table:
+                table[keep] = table[gone]
         if gone in self.head_dim:
             if keep in self.head_dim and self.head_dim[keep] != self.head_dim[gone]:
                 self.escape(keep, f"heads of {self.head_dim[keep]} and {self.head_dim[gone]} channels meet")
@@ -359,6 +362,8 @@ class _Tracer:
                     self.escape(first.space, f"{name} in {where} meets them with differently laid-out channels")
                     self.escape(other.space, f"{name} in {where} meets them with differently laid-out channels")
                 self.union(first.space, other.space)
+            if len(found) > 1 and name in ("add", "sub", "rsub"):
+                self.summed.setdefault(self.find(first.space), where)
             if untagged_full and name in ("add", "sub", "rsub", "maximum", "minimum") and \
                     not all(self._is_const(u) for u in untagged_full):
                 self.escape(first.space, f"they are added to other values (a residual connection?) in {where}")
@@ -549,7 +554,7 @@ class _Tracer:
             head_dim = self.head_dim.get(root)
             group = Group(spaces, consumers=_unique(self.consumers.get(root, [])),
                           followers=_unique(self.followers.get(root, [])), head_dim=head_dim,
-                          reason=self.reason.get(root))
+                          reason=self.reason.get(root), summed_in=self.summed.get(root))
             if group.reason is None and not group.consumers:
                 group.reason = "no layer reads them"
             if group.reason is None:

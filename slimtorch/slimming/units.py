@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 from torch import Tensor, nn
@@ -23,6 +23,8 @@ class UnitPlan:
 
     group: Group
     removed: List[int]
+    #: why no unit goes although some producers' rows are zero (a residual stream pruned in part); None otherwise
+    refused: Optional[str] = None
 
     @property
     def kept(self) -> List[int]:
@@ -47,7 +49,9 @@ def pruned_units(group: Group, modules: Dict[str, nn.Module]) -> UnitPlan:
 
     A producer with zero rows that do not fill whole units, or a unit zero in some producers' rows and not in
     others', is an error naming the layer: its mask does not follow the units that can be removed (prune the
-    coupled layers together with a pattern whose units are the removable ones)."""
+    coupled layers together with a pattern whose units are the removable ones). Except where the producers are
+    added into one stream (a CNN's residual stream, from its stem conv on): a unit that not every producer prunes
+    carries the others' values, so nothing of the group goes and the plan says why (``refused``)."""
     units = group.units
     zero_per_producer = []
     for space in group.producers:
@@ -69,6 +73,11 @@ def pruned_units(group: Group, modules: Dict[str, nn.Module]) -> UnitPlan:
         unit = int((some_zero & ~all_zero).nonzero()[0])
         zero_in = [s.module for s, z in zip(group.producers, zero_per_producer) if bool(z[unit])]
         kept_in = [s.module for s, z in zip(group.producers, zero_per_producer) if not bool(z[unit])]
+        if group.summed_in is not None:
+            return UnitPlan(group, [], refused=(
+                f"they are added to other layers' channels (a residual stream) in {group.summed_in}, and unit "
+                f"{unit} is pruned in {', '.join(zero_in)} but not in {', '.join(kept_in)}: a stream channel goes "
+                "only when every layer adding into it prunes it (prune them in one group)"))
         raise UnsupportedModelError(
             f"unit {unit} is pruned in {', '.join(zero_in)} but not in {', '.join(kept_in)}: layers whose units are "
             "removed together must be pruned together (one group in the config, a coupled pattern)")

@@ -167,3 +167,47 @@ def _loaded_nonzero(module):
     if hasattr(module, "weight_packed"):
         return unpack_from_int32(module.weight_packed, 4, torch.Size(module.weight_shape.tolist())) != 0
     return module.weight.detach() != 0
+
+
+def test_a_model_loaded_from_a_gguf_file_saves_and_stays_as_loaded(tmp_path):
+    """transformers keeps a GGUF "quantizer" on a model loaded with gguf_file= and refuses save_pretrained; the
+    weights are float, so save_compressed writes them and leaves the quantizer where it was."""
+    pytest.importorskip("gguf")
+    from transformers import AutoModelForCausalLM
+
+    from .tiny_models import tiny_llama, write_llama_gguf
+
+    original = tiny_llama()
+    write_llama_gguf(original, tmp_path / "tiny.gguf")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="tiny.gguf", dtype=torch.float32).eval()
+    ids = random_tokens(original.config.vocab_size, 2, 24, seed=99)
+    with torch.no_grad():  # the GGUF round trip itself is exact
+        torch.testing.assert_close(model(input_ids=ids).logits, original(input_ids=ids).logits, rtol=0, atol=0)
+    quantizer = model.hf_quantizer
+    with pytest.raises(ValueError, match="not serializable"):  # what the user meets without slimtorch's handling
+        model.save_pretrained(tmp_path / "plain")
+
+    calib = [random_tokens(model.config.vocab_size, 2, 32, seed) for seed in range(4)]
+    cfg = {"compression_inference": {"weight_only_quantization": {"enabled": True, "algorithm": "rtn",
+                                                                  "group_size": 32}}}
+    q_model = st.oneshot(model, cfg, calib, progress=False)
+    st.save_compressed(q_model, tmp_path / "out")
+    assert model.hf_quantizer is quantizer and q_model.hf_quantizer is not None  # both as they were
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, q_model(input_ids=ids).logits, rtol=0, atol=1e-5)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "compressed-tensors"
+
+
+def test_a_quantizer_whose_weights_are_not_float_is_an_error(tmp_path):
+    class Bnb:  # what transformers leaves on a model loaded with bitsandbytes: its weights are not float
+        quantization_config = type("Config", (), {"quant_method": "bitsandbytes"})()
+
+        def is_serializable(self):
+            return False
+
+    _, q_model = compress("llama")
+    q_model.hf_quantizer = Bnb()
+    with pytest.raises(st.UnsupportedModelError, match="bitsandbytes quantizer.*load it as a float model"):
+        st.save_compressed(q_model, tmp_path)

@@ -101,3 +101,47 @@ TINY_MODELS: Dict[str, Callable[..., torch.nn.Module]] = {
 def random_tokens(vocab: int, batch: int, length: int, seed: int = 0) -> torch.Tensor:
     """[batch, length] int64 token ids uniform in [0, vocab), from their own generator seeded with ``seed``."""
     return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+#: Llama state_dict names -> GGUF tensor names (llama.cpp's naming, which transformers' GGUF loader maps back)
+_GGUF_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+               "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+               "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+
+
+def _rope_rows_for_gguf(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """llama.cpp's converter reorders each q/k head's rows for its rotary layout; transformers undoes it on load."""
+    return weight.reshape(heads, 2, weight.shape[0] // heads // 2, weight.shape[1]).transpose(1, 2).reshape(
+        weight.shape)
+
+
+def write_llama_gguf(model, path) -> None:
+    """Write a (tiny) transformers Llama as a float32 GGUF file with the ``gguf`` package, so that
+    ``from_pretrained(dir, gguf_file=name)`` loads the same weights (no tokenizer is written: the model needs none)."""
+    import gguf
+
+    c = model.config
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(c.max_position_embeddings)
+    writer.add_block_count(c.num_hidden_layers)
+    writer.add_feed_forward_length(c.intermediate_size)
+    writer.add_embedding_length(c.hidden_size)
+    writer.add_rope_dimension_count(c.head_dim)
+    writer.add_head_count(c.num_attention_heads)
+    writer.add_head_count_kv(c.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(c.rms_norm_eps)
+    writer.add_vocab_size(c.vocab_size)
+    state = model.state_dict()
+    writer.add_tensor("token_embd.weight", state["model.embed_tokens.weight"].numpy())
+    writer.add_tensor("output_norm.weight", state["model.norm.weight"].numpy())
+    for i in range(c.num_hidden_layers):
+        for ours, theirs in _GGUF_NAMES.items():
+            weight = state[f"model.layers.{i}.{ours}.weight"]
+            if theirs in ("attn_q", "attn_k"):
+                heads = c.num_attention_heads if theirs == "attn_q" else c.num_key_value_heads
+                weight = _rope_rows_for_gguf(weight, heads)
+            writer.add_tensor(f"blk.{i}.{theirs}.weight", weight.contiguous().numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()

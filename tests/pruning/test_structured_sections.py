@@ -325,3 +325,51 @@ def test_structured_section_mistakes_on_the_model_are_clear():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         st.prepare_pruning(model, copy.deepcopy(row_head_config())).finalize()
+
+
+def _channel_pruned_resnet(modules, related):
+    """The small ResNet after one l1 channel_pruning update (lr 0: only the masks change) and finalize()."""
+    torch.manual_seed(0)
+    model = _ResNet()
+    group = {"params": {"dense_ratio": 0.5}, "modules": modules, "related_modules": related}
+    config = {"compression_training": {"channel_pruning": {
+        "shared_parameters": {"enabled": True, "method": "l1", "schedule_offset": 0},
+        "different_groups": {"cp": group}}}}
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    cb = st.prepare_pruning(model, config, optimizer=opt)
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    model(x).sum().backward()
+    opt.step()
+    cb.finalize()
+    return model.eval(), x
+
+
+def test_related_modules_one_batchnorm_list_per_modules_entry():
+    """config.md's form: related_modules[i] goes with modules[i], one BatchNorm per conv."""
+    model, x = _channel_pruned_resnet(["layer1.0.conv1", "layer1.1.conv1"], [["layer1.0.bn1"], ["layer1.1.bn1"]])
+    for block in model.layer1:
+        pruned = (block.conv1.weight == 0).flatten(1).all(dim=1)
+        assert int(pruned.sum()) == 4 and (block.bn1.weight[pruned] == 0).all() and (block.bn1.bias[pruned] == 0).all()
+        assert (block.bn1.weight[~pruned] != 0).all()
+    small = st.slim(model, x, measure_latency=False)
+    assert [b.bn1.num_features for b in small.layer1] == [4, 4]
+    with pytest.raises(ConfigError, match=r"related_modules\[0\]\[0\]: 'layer1...bn1' matches 2 BatchNorm layers "
+                       r"\(layer1.0.bn1, layer1.1.bn1\) but modules\[0\] 'layer1.0.conv1' prunes 1"):
+        _channel_pruned_resnet(["layer1.0.conv1", "layer1.1.conv1"], [["layer1...bn1"], ["layer1.1.bn1"]])
+
+
+def test_a_residual_stream_pruned_in_part_stays_and_is_reported():
+    """The stream starts at the stem conv and the blocks' conv2 add into it: pruning the stem alone cannot remove a
+    channel (the blocks still write it), so the stem's zero rows stay, named in refused, and the rest is slimmed."""
+    model, x = _channel_pruned_resnet(["^conv1$", "layer1.0.conv1"], [["^bn1$"], ["layer1.0.bn1"]])
+    small = st.slim(model, x, measure_latency=False)
+    assert small.conv1.out_channels == 8 and small.layer1[0].conv1.out_channels == 4
+    assert list(st.slim_report(small).refused) == ["conv1"]
+    assert "residual stream) in layer1.0, and unit 0 is pruned in conv1 but not in layer1.0.conv2, layer1.1.conv2" \
+        in st.slim_report(small).refused["conv1"]
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), model(x), rtol=1e-5, atol=1e-6)
+    alone, x = _channel_pruned_resnet(["^conv1$"], [["^bn1$"]])
+    with pytest.raises(st.UnsupportedModelError, match=r"nothing to remove.*Zero rows that cannot go: conv1: they "
+                       r"are added .*residual stream.*pattern 'channelx1'"):
+        st.slim(alone, x, measure_latency=False)

@@ -218,16 +218,31 @@ def test_pruning_whole_columns_during_training_then_slimming():
     torch.testing.assert_close(outputs(small, bert_inputs(6)), outputs(model, bert_inputs(6)), rtol=1e-5, atol=1e-6)
 
 
-def test_uniform_widths_save_with_save_pretrained_and_load_in_transformers(tmp_path):
-    from transformers import LlamaForCausalLM
+@pytest.mark.parametrize("source", ["float", "gguf"])
+def test_uniform_widths_save_with_save_pretrained_and_load_in_transformers(tmp_path, source):
+    """Also for a model loaded from a GGUF file, which transformers refuses to save_pretrained (its weights are
+    float): save_slim writes it as a plain checkpoint and leaves the GGUF quantizer on the model."""
+    import json
+
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
     model = TINY_MODELS["llama"]().eval()
+    if source == "gguf":
+        pytest.importorskip("gguf")
+        from tests.llm.tiny_models import write_llama_gguf
+
+        write_llama_gguf(model, tmp_path / "tiny.gguf")
+        model = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="tiny.gguf", dtype=torch.float32).eval()
+        tmp_path = tmp_path / "slim"
     with torch.no_grad():
         for layer in model.model.layers:  # the same units and key/value head in every layer
             layer.mlp.down_proj.weight[:, :64] = 0
             layer.self_attn.o_proj.weight[:, 64:] = 0
     small = slim(model, llama_inputs(model), measure_latency=False)
+    quantizer = getattr(small, "hf_quantizer", None)
     assert st.save_slim(small, tmp_path) == "transformers"
+    assert getattr(small, "hf_quantizer", None) is quantizer and (quantizer is not None) == (source == "gguf")
+    assert "quantization_config" not in json.loads((tmp_path / "config.json").read_text())
     loaded = LlamaForCausalLM.from_pretrained(tmp_path).eval()
     assert (loaded.config.intermediate_size, loaded.config.num_attention_heads, loaded.config.num_key_value_heads) \
         == (192, 2, 1)
@@ -238,6 +253,12 @@ def test_uniform_widths_save_with_save_pretrained_and_load_in_transformers(tmp_p
 def test_layer_dependent_widths_save_in_slimtorch_format_and_load_back(tmp_path):
     small = slim(masked_bert(), bert_inputs(), measure_latency=False)  # BERT derives the head width from the count
     assert st.save_slim(small, tmp_path) == "slimtorch"
+    from transformers import AutoModel
+
+    with pytest.raises(OSError, match="model.safetensors"):  # transformers cannot: the folder's README says why
+        AutoModel.from_pretrained(tmp_path)
+    readme = (tmp_path / "README.md").read_text()
+    assert f'slimtorch.load_slim("{tmp_path.name}")' in readme and "BERT derives its head width" in readme
     loaded = st.load_slim(tmp_path)
     torch.testing.assert_close(outputs(loaded, bert_inputs(8)), outputs(small, bert_inputs(8)), rtol=0, atol=0)
     block = mobile_block()
@@ -249,6 +270,7 @@ def test_layer_dependent_widths_save_in_slimtorch_format_and_load_back(tmp_path)
     st.save_slim(small, tmp_path / "cnn")
     with pytest.raises(st.SlimError, match="pass a fresh instance"):
         st.load_slim(tmp_path / "cnn")
+    assert 'load_slim("cnn", model=fresh_float_model)' in (tmp_path / "cnn" / "README.md").read_text()
     loaded = st.load_slim(tmp_path / "cnn", model=mobile_block())
     x = torch.randn(1, 8, 9, 9)
     with torch.no_grad():
