@@ -100,7 +100,7 @@ def memory(rank: int, world: int, init_file: str, out_dir: str, num_layers: int,
     weights, scores, masks) are alive at once during the mask updates, and the most bytes they hold."""
     from slimtorch.integrations.zero3 import ZeRO3Access
 
-    peak = F.track_whole_tensors(ZeRO3Access)
+    peak, stop_tracking = F.track_whole_tensors(ZeRO3Access)
     D._init(rank, world, init_file)
     try:
         torch.manual_seed(0)
@@ -122,6 +122,7 @@ def memory(rank: int, world: int, init_file: str, out_dir: str, num_layers: int,
                     "shard_bytes": shard, "layers": len(cb.pruner.layers)}, f"{out_dir}/rank{rank}.pt")
         cb.finalize()
     finally:
+        stop_tracking()
         D.W._close()
 
 
