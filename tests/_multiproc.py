@@ -63,19 +63,20 @@ def _cases_entry(rank: int, cases: Sequence[tuple], root: str) -> None:
     os._exit(0)
 
 
-def spawn_cases(cases: Mapping[str, tuple], tmp_path: Path, timeout: float = 600.0) -> Dict[str, Path]:
+def spawn_cases(cases: Mapping[str, tuple], tmp_path: Path, timeout: float = 300.0) -> Dict[str, Path]:
     """Run several cases in one launch of WORLD processes, one after another: ``cases`` maps a name to
     ``(fn, *args)``, run as ``fn(rank, WORLD, init_file, case_dir, *args)`` with its own directory and process group.
 
     Starting the ranks (imports of torch, slimtorch, DeepSpeed, transformers) costs more than most cases, so a module
     launches once and each test asserts on its own case's directory, through :func:`case_dir`. A case that raises on a
     rank leaves the traceback in ``rank<r>.error`` there and the ranks go on with the next case (a rank left waiting
-    in a collective meets gloo's timeout first)."""
+    in a collective meets gloo's timeout first). ``timeout`` is per case: a hang fails after ``timeout`` times the
+    number of cases."""
     for name in cases:
         (tmp_path / name).mkdir(parents=True, exist_ok=True)  # the caller may have put a case's inputs there
     listed = [(name, spec[0], tuple(spec[1:])) for name, spec in cases.items()]
     ctx = mp.spawn(_cases_entry, args=(listed, str(tmp_path)), nprocs=WORLD, join=False)
-    _join(ctx, timeout, f"cases {list(cases)}")
+    _join(ctx, timeout * len(cases), f"cases {list(cases)}")
     return {name: tmp_path / name for name in cases}
 
 

@@ -2,6 +2,8 @@
 hands-free pruning, each rank training on its half of the same global batch (importable by spawned children)."""
 from __future__ import annotations
 
+import functools
+
 import torch
 
 import slimtorch as st
@@ -77,9 +79,11 @@ def share(batch, rank: int, world: int):
     return {k: v[rank * n:(rank + 1) * n] for k, v in batch.items()}
 
 
+@functools.lru_cache(maxsize=None)
 def one_process(arch: str, pattern: str, scope: str = "local"):
     """The reference: the unsharded model on the whole global batches; masks after every update, final weights.
-    One thread, as the ranks run, so that the same sums are taken in the same order."""
+    One thread, as the ranks run, so that the same sums are taken in the same order. Computed once per process and
+    arguments (the FSDP2 and ZeRO-3 tests compare with the same references); callers only read it."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

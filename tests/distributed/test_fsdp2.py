@@ -22,14 +22,14 @@ def runs(tmp_path_factory):
                   "refusals": (F.refusals,),
                   **{f"resume-{per_rank}": (F.resume, 3, per_rank) for per_rank in (False, True)},
                   **{f"memory-{scope}": (F.memory, 16, scope) for scope in ("local", "global")}})
-    return spawn_cases(cases, tmp_path_factory.mktemp("fsdp2"), timeout=1200)
+    return spawn_cases(cases, tmp_path_factory.mktemp("fsdp2"))
 
 
 @pytest.fixture(scope="module")
 def slow_runs(tmp_path_factory):
     """The all-MiniLM-L6-v2 cases (slow tests only)."""
     cases = {_train_case(a, p): (F.fsdp_train, a, p, True) for a, p in TRAIN if a == "minilm"}
-    return spawn_cases(cases, tmp_path_factory.mktemp("fsdp2_slow"), timeout=1200)
+    return spawn_cases(cases, tmp_path_factory.mktemp("fsdp2_slow"))
 
 
 def _ranks(tmp_path):
