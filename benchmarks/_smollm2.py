@@ -15,9 +15,10 @@ loads read in ~2 s. No second copy is kept in memory: peak RSS stays that of one
 
 Text protocol (pinned by the constants below; change them only for both sides at once):
 
-* Text: ``pydoc_data.topics.topics`` of the running Python, topics sorted by key. The text changes between Python
-  releases (464,970 characters on 3.11.7, 466,019 on Debian's 3.11.2, 492,155 on 3.12.1): the reference numbers
-  below hold for ``TEXT_CHARACTERS`` only.
+* Text: Python 3.11.7's ``pydoc_data.topics.topics``, topics sorted by key, read from the copy shipped in
+  ``benchmarks/data/`` (:func:`topics`), whatever Python runs this file. The module itself changes between Python
+  releases (464,970 characters on 3.11.7, 466,019 on Debian's 3.11.2, 492,155 on 3.12.1), and the reference numbers
+  below hold for that text only (``TEXT_CHARACTERS``).
 * Held out: every 4th sorted topic starting with the first, ``keys[0::4]`` (20 topics: 'assert', 'atom-literals',
   ...); the other 59 topics are the calibration pool. Each side's topics are joined with ``"\n\n"`` (each topic
   already ends with a newline) and tokenized as one text with no special token: SmolLM2's GGUF tokenizer adds none
@@ -40,12 +41,14 @@ float32 reference measured by the same protocol (or rerun the peers with this fi
 from __future__ import annotations
 
 import importlib.util
+import json
+import lzma
 import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Tuple
+from typing import Dict, Tuple
 
 import torch
 
@@ -57,7 +60,7 @@ JOIN = "\n\n"
 WINDOW = 512
 CALIBRATION_COUNT = 32
 
-TEXT_CHARACTERS = 464_970         # sum of len(topic) over pydoc_data.topics on Python 3.11.7: the text measured below
+TEXT_CHARACTERS = 464_970         # sum of len(topic) over Python 3.11.7's pydoc_data.topics: the text measured below
 # Measured on Python 3.11.7's topics with transformers 5.25 (5.17 gives the same tokens and logits), torch 2.13 CPU:
 HELD_OUT_TOKENS = 29_730          # 20 topics; 58 windows of 512, a 34-token tail dropped
 PREDICTED_TOKENS = 58 * 511       # 29,638: a window's first token has no prediction
@@ -164,21 +167,27 @@ def last_load() -> dict:
     return dict(_last_load)
 
 
-def text_characters() -> int:
-    """Characters of this Python's ``pydoc_data.topics`` (``TEXT_CHARACTERS`` where the reference numbers hold)."""
-    from pydoc_data.topics import topics
+TOPICS_FILE = Path(__file__).resolve().parent / "data" / "pydoc_topics_python3.11.7.json.xz"
 
-    return sum(len(text) for text in topics.values())
+
+def topics() -> Dict[str, str]:
+    """Python 3.11.7's ``pydoc_data.topics.topics`` (topic -> text; Python Software Foundation License), from
+    :data:`TOPICS_FILE`: the same text on every interpreter, so the reference numbers hold everywhere."""
+    return json.loads(lzma.decompress(TOPICS_FILE.read_bytes()))
+
+
+def text_characters() -> int:
+    """Characters of the protocol's text (``TEXT_CHARACTERS``, where the reference numbers hold)."""
+    return sum(len(text) for text in topics().values())
 
 
 def pydoc_texts() -> Tuple[str, str]:
     """(calibration text, held-out text) of the protocol."""
-    from pydoc_data.topics import topics
-
-    keys = sorted(topics)
+    texts = topics()
+    keys = sorted(texts)
     held_out = [k for i, k in enumerate(keys) if i % HELD_OUT_EVERY == HELD_OUT_OFFSET]
     calibration = [k for i, k in enumerate(keys) if i % HELD_OUT_EVERY != HELD_OUT_OFFSET]
-    return JOIN.join(topics[k] for k in calibration), JOIN.join(topics[k] for k in held_out)
+    return JOIN.join(texts[k] for k in calibration), JOIN.join(texts[k] for k in held_out)
 
 
 def _token_ids(tokenizer, text: str) -> torch.Tensor:

@@ -11,10 +11,12 @@ import os
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
 import pytest
+import torch
 import torch.multiprocessing as mp
 
 WORLD = 2
@@ -33,14 +35,58 @@ def spawn(fn: Callable[..., None], tmp_path: Path, *args: Any, timeout: float = 
     """Run ``fn(rank, WORLD, init_file, out_dir, *args)`` on WORLD processes; a hang fails after ``timeout`` s."""
     ctx = mp.spawn(_rank_entry, args=(fn, WORLD, str(tmp_path / "init"), str(tmp_path), *args), nprocs=WORLD,
                    join=False)
+    _join(ctx, timeout, fn.__name__)
+    return tmp_path
+
+
+def _join(ctx, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
         if time.monotonic() >= deadline:
             for p in ctx.processes:
                 if p.is_alive():
                     p.kill()
-            pytest.fail(f"{fn.__name__} did not finish in {timeout:.0f} s (a rank waits in a collective?)")
-    return tmp_path
+            pytest.fail(f"{what} did not finish in {timeout:.0f} s (a rank waits in a collective?)")
+
+
+def _cases_entry(rank: int, cases: Sequence[tuple], root: str) -> None:
+    seed = torch.initial_seed()  # a fresh process's; every case starts from it, as if it had the process alone
+    for name, fn, args in cases:
+        out_dir = Path(root) / name
+        torch.manual_seed(seed)
+        try:
+            fn(rank, WORLD, str(out_dir / "init"), str(out_dir), *args)
+        except BaseException:  # noqa: BLE001  (recorded for that case's test; the next case still runs)
+            (out_dir / f"rank{rank}.error").write_text(traceback.format_exc())
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def spawn_cases(cases: Mapping[str, tuple], tmp_path: Path, timeout: float = 300.0) -> Dict[str, Path]:
+    """Run several cases in one launch of WORLD processes, one after another: ``cases`` maps a name to
+    ``(fn, *args)``, run as ``fn(rank, WORLD, init_file, case_dir, *args)`` with its own directory and process group.
+
+    Starting the ranks (imports of torch, slimtorch, DeepSpeed, transformers) costs more than most cases, so a module
+    launches once and each test asserts on its own case's directory, through :func:`case_dir`. A case that raises on a
+    rank leaves the traceback in ``rank<r>.error`` there and the ranks go on with the next case (a rank left waiting
+    in a collective meets gloo's timeout first). ``timeout`` is per case: a hang fails after ``timeout`` times the
+    number of cases."""
+    for name in cases:
+        (tmp_path / name).mkdir(parents=True, exist_ok=True)  # the caller may have put a case's inputs there
+    listed = [(name, spec[0], tuple(spec[1:])) for name, spec in cases.items()]
+    ctx = mp.spawn(_cases_entry, args=(listed, str(tmp_path)), nprocs=WORLD, join=False)
+    _join(ctx, timeout * len(cases), f"cases {list(cases)}")
+    return {name: tmp_path / name for name in cases}
+
+
+def case_dir(dirs: Mapping[str, Path], name: str) -> Path:
+    """The directory of case ``name`` of :func:`spawn_cases`; fails the calling test with the case's tracebacks."""
+    errors = sorted(dirs[name].glob("rank*.error"))
+    if errors:
+        pytest.fail(f"case {name} raised:\n" + "\n".join(f"{e.stem}: {e.read_text()}" for e in errors),
+                    pytrace=False)
+    return dirs[name]
 
 
 def torchrun(script: Path, *args: str, timeout: float = 300.0,

@@ -2,6 +2,8 @@
 hands-free pruning, each rank training on its half of the same global batch (importable by spawned children)."""
 from __future__ import annotations
 
+import functools
+
 import torch
 
 import slimtorch as st
@@ -77,9 +79,11 @@ def share(batch, rank: int, world: int):
     return {k: v[rank * n:(rank + 1) * n] for k, v in batch.items()}
 
 
+@functools.lru_cache(maxsize=None)
 def one_process(arch: str, pattern: str, scope: str = "local"):
     """The reference: the unsharded model on the whole global batches; masks after every update, final weights.
-    One thread, as the ranks run, so that the same sums are taken in the same order."""
+    One thread, as the ranks run, so that the same sums are taken in the same order. Computed once per process and
+    arguments (the FSDP2 and ZeRO-3 tests compare with the same references); callers only read it."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -233,7 +237,8 @@ def resume(rank: int, world: int, init_file: str, out_dir: str, resume_at: int, 
 
 def track_whole_tensors(access_cls):
     """Count every whole tensor ``access_cls.full`` and ``.gather`` hand out while it is alive: the most layers with
-    one alive at once and the most bytes they hold (the returned dict fills in as the run goes)."""
+    one alive at once and the most bytes they hold (the returned dict fills in as the run goes), and a function that
+    puts the methods back (the next case in the same process runs untracked)."""
     import weakref
 
     alive = {}  # id(param) -> number of its whole tensors alive
@@ -264,9 +269,15 @@ def track_whole_tensors(access_cls):
             return out
         return wrapped
 
+    originals = {"full": access_cls.__dict__["full"], "gather": access_cls.__dict__["gather"]}
+
+    def stop():
+        for name, method in originals.items():
+            setattr(access_cls, name, method)
+
     access_cls.full = track(access_cls.full)
     access_cls.gather = track(access_cls.gather)
-    return peak
+    return peak, stop
 
 
 def check_one_layer_whole(out_dir, world: int, num_layers: int) -> None:
@@ -291,7 +302,7 @@ def memory(rank: int, world: int, init_file: str, out_dir: str, num_layers: int,
 
     from slimtorch.pruning.fsdp import FSDP2Access
 
-    peak = track_whole_tensors(FSDP2Access)
+    peak, stop_tracking = track_whole_tensors(FSDP2Access)
     W._init(rank, world, init_file)
     try:
         mesh = init_device_mesh("cpu", (world,))
@@ -315,4 +326,5 @@ def memory(rank: int, world: int, init_file: str, out_dir: str, num_layers: int,
                     "shard_bytes": shard, "layers": len(cb.pruner.layers)}, f"{out_dir}/rank{rank}.pt")
         cb.finalize()
     finally:
+        stop_tracking()
         W._close()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime
+import functools
 import traceback
 
 import torch
@@ -57,6 +58,21 @@ def train(model, opt, x, y, on_update=None):
         loss.backward()
         opt.step()
         yield step
+
+
+@functools.lru_cache(maxsize=None)
+def one_process():
+    """One process, plain PyTorch, the whole global batch of 32 per update: every update's masks and the final
+    weights, the reference of the DDP and DeepSpeed runs (computed once per process; callers only read it)."""
+    x, y = digits_tensors()
+    model = digits_cnn()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    cb = st.prepare_pruning(model, config(), optimizer=opt)
+    masks = []
+    for _ in train(model, opt, x, y):
+        masks.append({l.name: l.mask.clone() for l in cb.pruner.layers if l.mask is not None})
+    cb.finalize()
+    return masks, {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def _init(rank: int, world: int, init_file: str) -> None:

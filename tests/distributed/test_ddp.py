@@ -5,16 +5,23 @@ import torch
 from torch import nn
 
 import slimtorch as st
-from tests._multiproc import ROOT, WORLD, torchrun
-from tests._multiproc import spawn as launch
+from tests._multiproc import ROOT, WORLD, case_dir, spawn_cases, torchrun
 
 from . import _workers as W
 
 
 @pytest.fixture(scope="module")
-def ddp_run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("ddp")
-    launch(W.ddp_pruning, tmp)
+def runs(tmp_path_factory):
+    """Every 2-rank case of this module in one launch (each test asserts on its own case's directory)."""
+    return spawn_cases({"ddp": (W.ddp_pruning,),
+                        "default_targets": (W.mismatched_plan, "default_targets"),
+                        "named_module": (W.mismatched_plan, "named_module"),
+                        "unsynchronised": (W.unsynchronised_gradients,)}, tmp_path_factory.mktemp("ddp"))
+
+
+@pytest.fixture(scope="module")
+def ddp_run(runs):
+    tmp = case_dir(runs, "ddp")
     return [torch.load(tmp / f"rank{r}.pt") for r in range(WORLD)]
 
 
@@ -34,17 +41,13 @@ def test_masks_and_weights_are_bitwise_identical_on_every_rank_after_every_updat
 
 
 def test_ddp_run_matches_one_process_with_the_same_global_batch(ddp_run):
-    x, y = W.digits_tensors()
-    model = W.digits_cnn()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    cb = st.prepare_pruning(model, W.config(), optimizer=opt)
-    for step in W.train(model, opt, x, y):
-        masks = {l.name: l.mask for l in cb.pruner.layers if l.mask is not None}
+    every_update, weights = W.one_process()
+    assert len(every_update) == len(ddp_run[0]) == W.UPDATES
+    for step, masks in enumerate(every_update):
         assert masks.keys() == ddp_run[0][step]["masks"].keys()
         for name, mask in masks.items():
             assert torch.equal(mask, ddp_run[0][step]["masks"][name]), (step, name)
-    cb.finalize()
-    for key, value in model.state_dict().items():
+    for key, value in weights.items():
         torch.testing.assert_close(value, ddp_run[0][-1]["weights"][key], rtol=1e-5, atol=1e-6)
 
 
@@ -56,18 +59,18 @@ def test_ddp_run_matches_one_process_with_the_same_global_batch(ddp_run):
     ("named_module", "DistributedError: prepare_pruning failed on rank 1: ConfigError",
      "ConfigError"),
 ])
-def test_a_rank_with_another_model_is_an_error_on_every_rank_not_a_hang(tmp_path, case, rank0, rank1):
-    launch(W.mismatched_plan, tmp_path, case, timeout=120)
-    outcomes = [(tmp_path / f"rank{r}.txt").read_text() for r in range(WORLD)]
+def test_a_rank_with_another_model_is_an_error_on_every_rank_not_a_hang(runs, case, rank0, rank1):
+    tmp = case_dir(runs, case)
+    outcomes = [(tmp / f"rank{r}.txt").read_text() for r in range(WORLD)]
     assert outcomes[0].startswith(rank0), outcomes
     assert outcomes[1].startswith(rank1), outcomes
     if case == "default_targets":
         assert "(1 layers against 2; missing on rank 1: ['2']" in outcomes[0]  # its layer 2 is the head
 
 
-def test_unsynchronised_gradients_are_caught_at_the_first_mask_update_that_prunes(tmp_path):
-    launch(W.unsynchronised_gradients, tmp_path)
-    outcomes = [(tmp_path / f"rank{r}.txt").read_text() for r in range(WORLD)]
+def test_unsynchronised_gradients_are_caught_at_the_first_mask_update_that_prunes(runs):
+    tmp = case_dir(runs, "unsynchronised")
+    outcomes = [(tmp / f"rank{r}.txt").read_text() for r in range(WORLD)]
     for text in outcomes:
         # step 0's target is 0 (nothing pruned, masks agree); step 2 is the first that prunes
         assert text.startswith("DistributedError: mask update at step 2: the ranks' masks differ"), outcomes

@@ -3,18 +3,45 @@ update gathers one layer at a time and computes the mask as one process does; ea
 import pytest
 import torch
 
-from tests._multiproc import WORLD, spawn
+from tests._multiproc import WORLD, case_dir, spawn_cases
 
 from . import _fsdp_workers as F
 
+TRAIN = [("llama", "2:4"), ("llama", "4x1"), ("bert", "2:4"), ("minilm", "2:4"), ("minilm", "4x1")]
 
-@pytest.mark.parametrize("arch,pattern", [("llama", "2:4"), ("llama", "4x1"), ("bert", "2:4"),
-                                          pytest.param("minilm", "2:4", marks=pytest.mark.slow),
-                                          pytest.param("minilm", "4x1", marks=pytest.mark.slow)])
-def test_fsdp2_masks_match_one_process_and_each_rank_holds_its_rows(arch, pattern, tmp_path):
+
+def _train_case(arch, pattern):
+    return f"train-{arch}-{pattern.replace(':', 'to')}"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Every 2-rank case of the fast tests in one launch (each test asserts on its own case's directory)."""
+    cases = {_train_case(a, p): (F.fsdp_train, a, p, True) for a, p in TRAIN if a != "minilm"}
+    cases.update({"split_batches": (F.fsdp_train, "llama", "2:4", False),
+                  "refusals": (F.refusals,),
+                  **{f"resume-{per_rank}": (F.resume, 3, per_rank) for per_rank in (False, True)},
+                  **{f"memory-{scope}": (F.memory, 16, scope) for scope in ("local", "global")}})
+    return spawn_cases(cases, tmp_path_factory.mktemp("fsdp2"))
+
+
+@pytest.fixture(scope="module")
+def slow_runs(tmp_path_factory):
+    """The all-MiniLM-L6-v2 cases (slow tests only)."""
+    cases = {_train_case(a, p): (F.fsdp_train, a, p, True) for a, p in TRAIN if a == "minilm"}
+    return spawn_cases(cases, tmp_path_factory.mktemp("fsdp2_slow"))
+
+
+def _ranks(tmp_path):
+    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+
+
+@pytest.mark.parametrize("arch,pattern", [c if c[0] != "minilm" else pytest.param(*c, marks=pytest.mark.slow)
+                                          for c in TRAIN])
+def test_fsdp2_masks_match_one_process_and_each_rank_holds_its_rows(arch, pattern, request):
     """Every rank on the whole global batch: the engine's arithmetic is one process's, so everything is bitwise."""
-    spawn(F.fsdp_train, tmp_path, arch, pattern, True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    launched = request.getfixturevalue("slow_runs" if arch == "minilm" else "runs")
+    ranks = _ranks(case_dir(launched, _train_case(arch, pattern)))
     masks, weights = F.one_process(arch, pattern)
     for update, (a, b, one) in enumerate(zip(ranks[0]["steps"], ranks[1]["steps"], masks)):
         assert a.keys() == b.keys() == one.keys() and one, update
@@ -34,12 +61,11 @@ def test_fsdp2_masks_match_one_process_and_each_rank_holds_its_rows(arch, patter
     assert all(torch.equal(state[n]["mask"], m) for n, m in masks[-1].items())  # checkpoints hold whole masks
 
 
-def test_fsdp2_with_split_batches_keeps_the_ranks_identical(tmp_path):
+def test_fsdp2_with_split_batches_keeps_the_ranks_identical(runs):
     """Each rank on its half of the global batch: FSDP2 averages two half-batch gradients, which differs from one
     process's gradient in the last bits, so near-ties in the scores may fall the other way; the ranks still hold
     the same whole masks after every update, and almost all of one process's."""
-    spawn(F.fsdp_train, tmp_path, "llama", "2:4", False)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    ranks = _ranks(case_dir(runs, "split_batches"))
     masks, _ = F.one_process("llama", "2:4")
     differing, total = F.masks_against_one_process(ranks[0]["steps"], ranks[1]["steps"], masks)
     print(f"mask entries differing from one process: {differing} of {total}")
@@ -48,8 +74,8 @@ def test_fsdp2_with_split_batches_keeps_the_ranks_identical(tmp_path):
         assert pattern is None or valid, name
 
 
-def test_what_fsdp2_cannot_serve_is_refused_on_every_rank(tmp_path):
-    spawn(F.refusals, tmp_path)
+def test_what_fsdp2_cannot_serve_is_refused_on_every_rank(runs):
+    tmp_path = case_dir(runs, "refusals")
     for rank in range(WORLD):
         topk, replicated = (tmp_path / f"rank{rank}.txt").read_text().split("\n")
         assert topk.startswith("UnsupportedModelError: prepare_pruning: 'bert.encoder.layer.0.intermediate.dense' "
@@ -59,12 +85,12 @@ def test_what_fsdp2_cannot_serve_is_refused_on_every_rank(tmp_path):
 
 
 @pytest.mark.parametrize("per_rank", [False, True])
-def test_fsdp2_resumes_bitwise_from_a_distributed_checkpoint_and_consolidates_the_zeros(tmp_path, per_rank):
+def test_fsdp2_resumes_bitwise_from_a_distributed_checkpoint_and_consolidates_the_zeros(runs, per_rank):
     """torch.distributed.checkpoint (sharded model and optimizer) plus the callbacks' state, saved after 3 updates
     (mid-schedule: masks are recomputed at 0, 2, 4 and 6) and loaded into a fresh sharded model: the rest of the run
     is bitwise the uninterrupted one's, with the pruning state whole (rank 0's file) or each rank's own parts. The
     consolidated (full) state dict holds exactly the pruned zeros."""
-    spawn(F.resume, tmp_path, 3, per_rank)
+    tmp_path = case_dir(runs, f"resume-{per_rank}")
     for rank in range(WORLD):
         run = torch.load(tmp_path / f"rank{rank}.pt")
         straight, resumed = run["straight"], run["resumed"]
@@ -82,10 +108,9 @@ def test_fsdp2_resumes_bitwise_from_a_distributed_checkpoint_and_consolidates_th
 
 
 @pytest.mark.parametrize("scope", ["local", "global"])
-def test_a_mask_update_holds_one_layer_whole_at_a_time(tmp_path, scope):
+def test_a_mask_update_holds_one_layer_whole_at_a_time(runs, scope):
     """Beside its shard, a rank holds during a mask update the whole weight and scores of one layer at a time, never
     more: counted on every whole tensor the FSDP2 access gathers, on a 16-layer tiny Llama. Global scope ranks the
     layers' units (1/4 of the scores for 2:4), gathering each layer for them and again for its mask. The same while
     the pruning state of a checkpoint is gathered."""
-    spawn(F.memory, tmp_path, 16, scope)
-    F.check_one_layer_whole(tmp_path, WORLD, 16)
+    F.check_one_layer_whole(case_dir(runs, f"memory-{scope}"), WORLD, 16)

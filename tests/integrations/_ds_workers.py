@@ -30,6 +30,18 @@ def _init(rank: int, world: int, init_file: str) -> None:
     W._init(rank, world, init_file)  # torch.distributed (gloo) first: DeepSpeed's comm then uses it
 
 
+def _close() -> None:
+    """``W._close`` through DeepSpeed's comm once it took over: it drops the process groups DeepSpeed keeps (a clone
+    of the world group) with the group, so a next case in the same process builds its own."""
+    from deepspeed.comm import comm
+
+    if comm.cdb is None:
+        W._close()
+        return
+    torch.distributed.barrier()
+    comm.destroy_process_group()
+
+
 def _engine(stage: int, accumulate: int = 1, hands_free: bool = True, **pruning):
     model = W.digits_cnn()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)  # elementwise: ZeRO's partitions step alike
@@ -60,7 +72,8 @@ def train(rank: int, world: int, init_file: str, out_dir: str, stage: int, accum
     try:
         x, y = W.digits_tensors()
         model, (engine, _, _, _, cb) = _engine(stage, accumulate, hands_free)
-        reductions = _count_weight_sized_all_reduces([layer.weight.numel() for layer in cb.pruner.layers])
+        sizes = [layer.weight.numel() for layer in cb.pruner.layers]
+        reductions, stop_counting = _count_weight_sized_all_reduces(sizes)
         steps = []
         for update in range(W.UPDATES):
             if update == resume_at:
@@ -82,14 +95,16 @@ def train(rank: int, world: int, init_file: str, out_dir: str, stage: int, accum
                       "report": [(r.name, r.pattern, r.sparsity, r.pattern_valid) for r in report],
                       "master": _master_weights(engine, model),
                       "deepspeed_keys": sorted(engine._config._param_dict)})
+        stop_counting()
         torch.save(steps, f"{out_dir}/rank{rank}.pt")
     finally:
-        W._close()
+        _close()
 
 
 def _count_weight_sized_all_reduces(sizes):
     """Record the size of every float32 all-reduce through deepspeed.comm as large as a pruned weight (gradient
-    gathers and score sums; DeepSpeed's own reductions are flat buckets or scalars); returns the live list."""
+    gathers and score sums; DeepSpeed's own reductions are flat buckets or scalars); returns the live list and a
+    function that stops the counting (the next case in the same process counts its own)."""
     from deepspeed import comm
 
     seen, original = [], comm.all_reduce
@@ -99,8 +114,11 @@ def _count_weight_sized_all_reduces(sizes):
             seen.append(tensor.numel())
         return original(tensor, *args, **kwargs)
 
+    def stop():
+        comm.all_reduce = original
+
     comm.all_reduce = all_reduce
-    return seen
+    return seen, stop
 
 
 def _master_weights(engine, model):
@@ -126,7 +144,7 @@ def gradient_accumulation_mismatch(rank: int, world: int, init_file: str, out_di
         with open(f"{out_dir}/rank{rank}.txt", "w") as f:
             f.write(outcome)
     finally:
-        W._close()
+        _close()
 
 
 def l1_in_bf16(rank: int, world: int, init_file: str, out_dir: str, stage: int) -> None:
@@ -157,7 +175,7 @@ def l1_in_bf16(rank: int, world: int, init_file: str, out_dir: str, stage: int) 
                     "master": safe_get_full_fp32_param(layer.weight).cpu(),  # a collective too
                     "dtype": str(engine.module.get_submodule("6").weight.dtype)}, f"{out_dir}/rank{rank}.pt")
     finally:
-        W._close()
+        _close()
 
 
 TOPK = {"compression_training": {
@@ -192,4 +210,4 @@ def topk_sections(rank: int, world: int, init_file: str, out_dir: str, stage: in
         torch.save({"steps": steps, "final": final, "master": _master_weights(engine, model)},
                    f"{out_dir}/rank{rank}.pt")
     finally:
-        W._close()
+        _close()

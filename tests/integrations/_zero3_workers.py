@@ -66,7 +66,7 @@ def train(rank: int, world: int, init_file: str, out_dir: str, arch: str, patter
         cb.finalize()
         torch.save({"steps": steps, "local": local, "report": report}, f"{out_dir}/rank{rank}.pt")
     finally:
-        D.W._close()
+        D._close()
 
 
 def resume(rank: int, world: int, init_file: str, out_dir: str, resume_at: int) -> None:
@@ -92,7 +92,7 @@ def resume(rank: int, world: int, init_file: str, out_dir: str, resume_at: int) 
             outcome[mode] = {"masks": masks, "weights": eng._zero3_consolidated_16bit_state_dict()}
         torch.save(outcome, f"{out_dir}/rank{rank}.pt")
     finally:
-        D.W._close()
+        D._close()
 
 
 def memory(rank: int, world: int, init_file: str, out_dir: str, num_layers: int, scope: str = "local") -> None:
@@ -100,7 +100,7 @@ def memory(rank: int, world: int, init_file: str, out_dir: str, num_layers: int,
     weights, scores, masks) are alive at once during the mask updates, and the most bytes they hold."""
     from slimtorch.integrations.zero3 import ZeRO3Access
 
-    peak = F.track_whole_tensors(ZeRO3Access)
+    peak, stop_tracking = F.track_whole_tensors(ZeRO3Access)
     D._init(rank, world, init_file)
     try:
         torch.manual_seed(0)
@@ -122,7 +122,8 @@ def memory(rank: int, world: int, init_file: str, out_dir: str, num_layers: int,
                     "shard_bytes": shard, "layers": len(cb.pruner.layers)}, f"{out_dir}/rank{rank}.pt")
         cb.finalize()
     finally:
-        D.W._close()
+        stop_tracking()
+        D._close()
 
 
 def refusals(rank: int, world: int, init_file: str, out_dir: str) -> None:
@@ -156,7 +157,7 @@ def refusals(rank: int, world: int, init_file: str, out_dir: str) -> None:
         with open(f"{out_dir}/rank{rank}.txt", "w") as f:
             f.write("\n".join(outcomes))
     finally:
-        D.W._close()
+        D._close()
 
 
 L1 = {"compression_training": {"sparse_pruning": {
@@ -194,4 +195,4 @@ def zero_init(rank: int, world: int, init_file: str, out_dir: str) -> None:
         cb.finalize()
         torch.save({"partitioned": partitioned, "start": start, "masks": masks}, f"{out_dir}/rank{rank}.pt")
     finally:
-        D.W._close()
+        D._close()

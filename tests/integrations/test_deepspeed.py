@@ -4,11 +4,13 @@ Each run trains the digits CNN with snip_momentum 2:4 (the DDP test's model, dat
 bitwise-identical masks and weights on both ranks after every update, the single-process run's masks at every
 update and its final weights within float tolerance, and pruned zeros in DeepSpeed's fp32 master copy too.
 """
+import functools
+
 import pytest
 import torch
 
 import slimtorch as st
-from tests._multiproc import ROOT, WORLD, spawn, torchrun
+from tests._multiproc import ROOT, WORLD, case_dir, spawn_cases, torchrun
 from tests.distributed import _workers as W
 
 from . import _ds_workers as D
@@ -18,28 +20,37 @@ pytest.importorskip("deepspeed")
 PRUNED = ("3", "6")
 
 
-def run(tmp_path_factory, name, *args):
-    tmp = spawn(D.train, tmp_path_factory.mktemp(name), *args)
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Every 2-rank case of the fast tests in one launch (each test asserts on its own case's directory)."""
+    return spawn_cases({**{f"zero{stage}": (D.train, stage) for stage in (0, 1, 2)},
+                        "explicit": (D.train, 2, 2, False),
+                        "resume": (D.train, 2, 1, True, 3),
+                        "accumulation_mismatch": (D.gradient_accumulation_mismatch,),
+                        **{f"topk{stage}": (D.topk_sections, stage) for stage in (0, 2)}},
+                       tmp_path_factory.mktemp("deepspeed"))
+
+
+@pytest.fixture(scope="module")
+def slow_runs(tmp_path_factory):
+    return spawn_cases({f"l1_bf16_zero{stage}": (D.l1_in_bf16, stage) for stage in (2, 3)},
+                       tmp_path_factory.mktemp("deepspeed_slow"))
+
+
+def run(runs, name):
+    tmp = case_dir(runs, name)
     return [torch.load(tmp / f"rank{r}.pt") for r in range(WORLD)]
 
 
 @pytest.fixture(scope="module")
 def single_process():
     """One process, plain PyTorch, the same global batch of 32: every update's masks and the final weights."""
-    x, y = W.digits_tensors()
-    model = W.digits_cnn()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    cb = st.prepare_pruning(model, W.config(), optimizer=opt)
-    masks = []
-    for _ in W.train(model, opt, x, y):
-        masks.append({l.name: l.mask.clone() for l in cb.pruner.layers if l.mask is not None})
-    cb.finalize()
-    return masks, {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return W.one_process()
 
 
 @pytest.fixture(scope="module", params=[0, 1, 2], ids=lambda s: f"zero{s}")
-def zero_run(request, tmp_path_factory):
-    return request.param, run(tmp_path_factory, f"zero{request.param}", request.param)
+def zero_run(request, runs):
+    return request.param, run(runs, f"zero{request.param}")
 
 
 def assert_identical_ranks(rank0, rank1):
@@ -106,25 +117,25 @@ def test_no_update_communicates_for_pruning_scores_at_zero_1_and_2(zero_run):
             assert sorted(sizes) == sorted([16 * 32 * 9, 64 * 512] * 4), sizes
 
 
-def test_explicit_callbacks_with_gradient_accumulation_match_one_process(tmp_path_factory, single_process):
+def test_explicit_callbacks_with_gradient_accumulation_match_one_process(runs, single_process):
     # 2 micro-batches of 8 per rank and update; the callbacks are called around every engine.step()
-    ranks = run(tmp_path_factory, "explicit", 2, 2, False)
+    ranks = run(runs, "explicit")
     assert_identical_ranks(*ranks)
     assert_matches_single_process(ranks, single_process)
 
 
-def test_a_deepspeed_checkpoint_resumes_the_schedule_mid_way(tmp_path_factory, single_process):
+def test_a_deepspeed_checkpoint_resumes_the_schedule_mid_way(runs, single_process):
     # ZeRO 2: save_checkpoint after 3 updates (mid-schedule: pruning at 0, 2, 4, 6), a fresh engine loads it and
     # trains on; the callbacks' state travels in the checkpoint's client_state, next to the user's own keys
-    ranks = run(tmp_path_factory, "resume", 2, 1, True, 3)
+    ranks = run(runs, "resume")
     assert_identical_ranks(*ranks)  # step counts continue: 1..10 on both ranks
     assert_matches_single_process(ranks, single_process)
 
 
-def test_conflicting_gradient_accumulation_is_an_error_on_every_rank(tmp_path):
-    spawn(D.gradient_accumulation_mismatch, tmp_path, timeout=180)
+def test_conflicting_gradient_accumulation_is_an_error_on_every_rank(runs):
+    tmp = case_dir(runs, "accumulation_mismatch")
     for rank in range(WORLD):
-        text = (tmp_path / f"rank{rank}.txt").read_text()
+        text = (tmp / f"rank{rank}.txt").read_text()
         assert text.startswith("ConfigError: compression_training.sparse_pruning.shared_parameters."
                                "gradient_accumulation_steps is 4 but the DeepSpeed engine accumulates 2"), text
 
@@ -185,15 +196,14 @@ def test_zero_3_partitioned_parameters_are_refused_at_prepare():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
-def test_l1_under_a_bf16_engine_ranks_the_float_weights_as_deepspeed_does(tmp_path, stage):
+def test_l1_under_a_bf16_engine_ranks_the_float_weights_as_deepspeed_does(slow_runs, stage):
     """DeepSpeed's init_compression ranks |w| before its engine casts the model; slimtorch ranks the float weights
     before deepspeed.initialize too, so bf16 rounding (which reorders near-equal weights) changes nothing. The fp32
     master holds the zeros, and its kept weights keep their fp32 values (masking multiplies the master; writing the
     bf16 weights into it would round them)."""
     from tests.reference.protocol import ceil_top_k
 
-    tmp = spawn(D.l1_in_bf16, tmp_path, stage)
-    ranks = [torch.load(tmp / f"rank{r}.pt") for r in range(2)]
+    ranks = run(slow_runs, f"l1_bf16_zero{stage}")
     assert ranks[0]["dtype"] == "torch.bfloat16"
     assert torch.equal(ranks[0]["mask"], ranks[1]["mask"])
 
@@ -207,6 +217,7 @@ def test_l1_under_a_bf16_engine_ranks_the_float_weights_as_deepspeed_does(tmp_pa
     assert (kept != kept.to(torch.bfloat16).float()).float().mean() > 0.5  # fp32 values, not bf16 ones
 
 
+@functools.lru_cache(maxsize=None)
 def single_process_topk():
     x, y = W.digits_tensors()
     model = W.digits_cnn()
@@ -219,11 +230,10 @@ def single_process_topk():
 
 
 @pytest.mark.parametrize("stage", [0, 2])
-def test_topk_row_and_channel_pruning_under_the_engine(stage, tmp_path):
+def test_topk_row_and_channel_pruning_under_the_engine(stage, runs):
     """The scores are created before the engine and trained by its optimizer: both ranks hold the same unit masks
     after every update, the single process's, and finalize writes the zeros into DeepSpeed's fp32 master."""
-    spawn(D.topk_sections, tmp_path, stage)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    ranks = run(runs, f"topk{stage}")
     steps, weights = single_process_topk()
     for update, (a, b, one) in enumerate(zip(ranks[0]["steps"], ranks[1]["steps"], steps)):
         for name in one:

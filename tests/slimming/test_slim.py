@@ -184,9 +184,30 @@ def test_a_model_still_being_pruned_is_refused():
 
 
 def test_the_slim_model_exports_to_onnx(tmp_path):
-    pytest.importorskip("onnxruntime")
-    small = slim(masked_bert(), bert_inputs(), measure_latency=False)
-    st.export_onnx(small, bert_inputs(), tmp_path / "slim.onnx")  # checked in ONNX Runtime against PyTorch
+    """The exported file holds the narrowed layers, and ONNX Runtime computes what the slim PyTorch model does, on
+    other inputs than the export's (another batch size and sequence length: both axes stay dynamic)."""
+    ort = pytest.importorskip("onnxruntime")
+    onnx = pytest.importorskip("onnx")
+    model = masked_bert()
+    small = slim(model, bert_inputs(), measure_latency=False)
+    path = st.export_onnx(small, bert_inputs(), tmp_path / "slim.onnx")
+    assert path == str(tmp_path / "slim.onnx")
+    graph = onnx.load(path).graph
+    shapes = {i.name: tuple(i.dims) for i in graph.initializer}
+    for i in range(2):  # 3 heads of 16 and 64 FFN units left in every layer
+        for proj in ("query", "key", "value"):
+            assert shapes[f"model.bert.encoder.layer.{i}.attention.self.{proj}.bias"] == (48,)
+        assert shapes[f"model.bert.encoder.layer.{i}.intermediate.dense.bias"] == (64,)
+    stored = sum(torch.Size(dims).numel() for dims in shapes.values())
+    assert stored < 0.7 * sum(p.numel() for p in model.parameters())
+    ids = torch.randint(0, VOCAB, (3, SEQ - 5), generator=torch.Generator().manual_seed(11))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    inputs["attention_mask"][0, -4:] = 0  # padding in one sequence
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == list(inputs) and [o.name for o in graph.output] == ["logits"]
+    (logits,) = session.run(None, {k: v.numpy() for k, v in inputs.items()})
+    torch.testing.assert_close(torch.from_numpy(logits), outputs(small, inputs), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(torch.from_numpy(logits), outputs(model, inputs), rtol=1e-4, atol=1e-5)
 
 
 def test_pruning_whole_columns_during_training_then_slimming():
