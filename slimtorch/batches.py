@@ -68,7 +68,7 @@ def feed(model: nn.Module, batch: Any) -> Any:
     if isinstance(batch, (list, tuple)) and len(batch) > 0:
         return feed(model, batch[0])
     raise TypeError(f"a calibration batch must be a tensor, a dict or a non-empty tuple/list (inputs first), got "
-                    f"{describe(batch)}; pass input_fn=... to convert it")
+                    f"{describe(batch)}; pass calib_input_fn=... to convert it")
 
 
 def first_tensor(args: tuple, kwargs: Optional[dict] = None) -> Optional[torch.Tensor]:

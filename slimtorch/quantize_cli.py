@@ -78,7 +78,8 @@ def load_model(spec: str) -> Tuple[Any, Any]:
         try:
             from transformers import AutoModel, AutoTokenizer
         except ImportError as e:
-            raise SlimError(f"--model {spec}: a model directory needs the transformers package") from e
+            raise SlimError(f"--model {spec}: a model directory needs the transformers package: pip install -e "
+                            "'.[onnx,hf]' in the slimtorch checkout, or pip install transformers") from e
         model = AutoModel.from_pretrained(spec).eval()
         tokenizer = AutoTokenizer.from_pretrained(spec) if any(
             (Path(spec) / f).exists() for f in ("tokenizer.json", "vocab.txt", "tokenizer_config.json")) else None
