@@ -2,11 +2,12 @@
 from the checkout: slimtorch is not on PyPI, so ``pip install "slimtorch[onnx]"`` would fetch nothing (or a
 stranger's package)."""
 import re
-import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-EXTRAS = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"])
+# the keys of [project.optional-dependencies] (tomllib is not in Python 3.10's standard library)
+_OPTIONAL = (ROOT / "pyproject.toml").read_text().split("[project.optional-dependencies]")[1].split("\n[")[0]
+EXTRAS = set(re.findall(r"^([a-z0-9_-]+) = \[", _OPTIONAL, flags=re.M))
 
 
 def texts():
