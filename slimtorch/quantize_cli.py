@@ -110,7 +110,11 @@ def _load_calibration(spec: Optional[str], tokenizer, batch_size: int, max_lengt
     if os.path.isfile(spec):
         import torch
 
-        data = torch.load(spec, map_location="cpu", weights_only=True)
+        try:
+            data = torch.load(spec, map_location="cpu", weights_only=True)
+        except Exception as e:  # a pickle, zip or format error: the file is not what --calib reads
+            raise SlimError(f"--calib {spec}: not a torch.save'd tensor or list of batches ({type(e).__name__}); a "
+                            "text file must end in .txt (paragraphs separated by blank lines)") from e
         return list(data) if not isinstance(data, torch.Tensor) else [data]
     return list(_import_callable(spec, "--calib")())
 
