@@ -32,7 +32,9 @@ from tests.reference import compare as C  # noqa: E402
 from tests.reference import protocol as P  # noqa: E402
 
 L1 = ["ds_docs_l1.json", "ds_examples_bert_pruning_sparse.json", "ds_unit_test.json"]
-QAT = ("weight_quantization", "activation_quantization", "row_pruning", "head_pruning")
+#: the other sections DeepSpeed's unit-test config enables: quantization-aware training (refused by slimtorch) and
+#: row/head pruning (run by slimtorch, compared with DeepSpeed in tests/pruning/test_structured_sections.py)
+OTHER_SECTIONS = ("weight_quantization", "activation_quantization", "row_pruning", "head_pruning")
 
 
 def deepspeed_l1_rows():
@@ -40,7 +42,7 @@ def deepspeed_l1_rows():
     rows = []
     for name in L1:
         doc = C.config_document(name)
-        for section in QAT:  # the unit test's dict enables these; the reference ran sparse_pruning alone
+        for section in OTHER_SECTIONS:  # the reference masks come from sparse_pruning alone
             if section in doc["compression_training"]:
                 doc["compression_training"][section]["shared_parameters"]["enabled"] = False
         model = P.tiny_bert(0)

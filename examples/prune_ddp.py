@@ -3,6 +3,8 @@
 
     torchrun --standalone --nproc_per_node 2 examples/prune_ddp.py    # or: python -m torch.distributed.run ...
 
+Install (in the slimtorch checkout, after torch): pip install -e ".[examples]"
+
 Each rank trains on its half of every global batch of sklearn digits; DDP all-reduces the gradients, so every
 rank's snip_momentum scores, and therefore its masks, are the same. slimtorch checks that at prepare_pruning (same
 layers on every rank) and after every mask update (same masks), and raises DistributedError on every rank

@@ -4,6 +4,8 @@
     torchrun --standalone --nproc_per_node 2 examples/prune_deepspeed.py [examples/configs/deepspeed_zero2_2to4.json]
     torchrun --standalone --nproc_per_node 2 examples/prune_deepspeed.py examples/configs/deepspeed_zero3_2to4.json
 
+Install (in the slimtorch checkout, after torch): DS_BUILD_OPS=0 pip install -e ".[examples,deepspeed]"
+
 The config is an ordinary DeepSpeed config with a ``compression_training`` section: slimtorch reads that section
 and passes the rest to ``deepspeed.initialize``. Every ``engine.step()`` drives pruning; the gradients come from
 DeepSpeed's reduced partitions and the masked weights go to its fp32 master copy too, so a ZeRO checkpoint holds

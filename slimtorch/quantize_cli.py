@@ -81,7 +81,8 @@ def load_model(spec: str, *, architecture: bool = False) -> Tuple[Any, Any]:
             import transformers
             from transformers import AutoModel, AutoTokenizer
         except ImportError as e:
-            raise SlimtorchError(f"--model {spec}: a model directory needs the transformers package") from e
+            raise SlimtorchError(f"--model {spec}: a model directory needs the transformers package: pip install -e "
+                                 "'.[onnx,hf]' in the slimtorch checkout, or pip install transformers") from e
         cls = AutoModel
         if architecture:
             names = transformers.AutoConfig.from_pretrained(spec).architectures or []
@@ -116,7 +117,12 @@ def load_calibration(spec: Optional[str], tokenizer, batch_size: int, max_length
     if os.path.isfile(spec):
         import torch
 
-        data = torch.load(spec, map_location="cpu", weights_only=True)
+        try:
+            data = torch.load(spec, map_location="cpu", weights_only=True)
+        except Exception as e:  # a pickle, zip or format error: the file is not what --calib reads
+            raise SlimtorchError(f"--calib {spec}: not a torch.save'd tensor or list of batches "
+                                 f"({type(e).__name__}); a text file must end in .txt (paragraphs separated by blank "
+                                 "lines)") from e
         return list(data) if not isinstance(data, torch.Tensor) else [data]
     return list(_import_callable(spec, "--calib")())
 

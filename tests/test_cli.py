@@ -60,6 +60,18 @@ def test_quantize_command_errors_exit_2(tmp_path, capsys):
     assert code == 2 and "cannot import" in capsys.readouterr().err
 
 
+def test_quantize_command_calib_text_without_txt_suffix_is_explained(tmp_path, capsys, monkeypatch):
+    (tmp_path / "tiny_cli_model.py").write_text(TINY_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    notes = tmp_path / "notes.md"
+    notes.write_text("Some text.\n\nMore text.\n")
+    code = main(["quantize", str(EXAMPLES / "ptq_static.json"), "--model", "tiny_cli_model:model", "--calib",
+                 str(notes), "--output", str(tmp_path / "x.onnx")])
+    err = capsys.readouterr().err
+    assert code == 2 and f"--calib {notes}: not a torch.save'd tensor or list of batches" in err
+    assert "must end in .txt" in err
+
+
 TINY_MODULE = '''
 import torch
 from torch import nn

@@ -159,7 +159,8 @@ def _import_onnx():
         import onnx
         import onnxruntime as ort
     except ImportError as e:
-        raise ExportError("export_onnx needs the onnx and onnxruntime packages: pip install 'slimtorch[onnx]'") from e
+        raise ExportError("export_onnx needs the onnx and onnxruntime packages: pip install -e '.[onnx]' in the "
+                          "slimtorch checkout (slimtorch is not on PyPI), or pip install onnx onnxruntime") from e
     return onnx, ort
 
 

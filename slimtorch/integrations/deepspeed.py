@@ -279,8 +279,8 @@ def _import_deepspeed() -> Any:
         import deepspeed
     except ImportError as exc:
         raise ConfigError(
-            "slimtorch.deepspeed needs DeepSpeed: pip install 'slimtorch[deepspeed]' (DS_BUILD_OPS=0 installs it "
-            f"without building CUDA ops) ({exc})") from None
+            "slimtorch.deepspeed needs DeepSpeed: DS_BUILD_OPS=0 pip install -e '.[deepspeed]' in the slimtorch "
+            f"checkout (slimtorch is not on PyPI; DS_BUILD_OPS=0 builds no CUDA ops) ({exc})") from None
     return deepspeed
 
 

@@ -1,6 +1,7 @@
 """Save a model compressed by :func:`slimtorch.oneshot` as a Hugging Face directory in the compressed-tensors format,
-which transformers (with the ``compressed-tensors`` package installed) and vLLM load; :func:`load_compressed` reads
-such a directory back as slimtorch modules (the integers stay integers).
+which transformers loads (with the ``compressed-tensors`` package installed; vLLM reads the same format but is not
+tested here); :func:`load_compressed` reads such a directory back as slimtorch modules (the integers stay
+integers).
 
 What is written, per quantized Linear (the ``pack-quantized`` format, packed by the ``compressed-tensors`` library):
 
@@ -57,7 +58,8 @@ def save_compressed(model: nn.Module, directory: Union[str, Path]) -> Path:
         import compressed_tensors
         from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
     except ImportError:
-        raise ConfigError("save_compressed needs the compressed-tensors package: pip install compressed-tensors") \
+        raise ConfigError("save_compressed needs the compressed-tensors package: pip install -e '.[llm]' in the "
+                          "slimtorch checkout, or pip install compressed-tensors") \
             from None
     if not (hasattr(model, "save_pretrained") and hasattr(model, "config")):
         raise ConfigError(f"save_compressed writes a transformers model (with save_pretrained and a config); got "

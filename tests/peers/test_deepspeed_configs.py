@@ -30,8 +30,9 @@ def reference():
 def deepspeed_config(name):
     doc = json.loads((REF / "configs" / name).read_text())
     if name == "ds_unit_test.json":
-        # DeepSpeed's unit test enables quantization-aware training and row/head pruning too; slimtorch refuses
-        # them all in one error (test below), so the user switches them off, as the reference run did
+        # DeepSpeed's unit test enables quantization-aware training and row/head pruning too: slimtorch refuses the
+        # quantization sections in one error (test below) and runs row/head pruning (tests/pruning/
+        # test_structured_sections.py); the reference ran sparse_pruning alone, so all four are switched off
         for section in ("weight_quantization", "activation_quantization", "row_pruning", "head_pruning"):
             doc["compression_training"][section]["shared_parameters"]["enabled"] = False
     return doc
