@@ -9,6 +9,7 @@ from .errors import (
                      ExportError,
                      LifecycleError,
                      PatternShapeError,
+                     SaturationWarning,
                      SlimError,
                      SlimtorchError,
                      StateDictError,
@@ -33,5 +34,6 @@ __all__ = [
     "slim", "slim_report", "SlimReport", "save_slim", "load_slim",
     "SlimtorchError", "SlimError", "ConfigError", "PatternShapeError", "LifecycleError", "StateDictError",
     "CalibrationError", "ExportError", "EvaluationError", "DistributedError", "UnsupportedModelError",
+    "SaturationWarning",
     "deepspeed", "__version__",
 ]

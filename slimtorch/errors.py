@@ -53,3 +53,8 @@ class DistributedError(SlimtorchError, RuntimeError):
 
 class UnsupportedModelError(SlimtorchError, TypeError):
     """A model wrapper slimtorch cannot prune correctly yet (e.g. FSDP's sharded parameters)."""
+
+
+class SaturationWarning(UserWarning):
+    """An exported int8 model that ONNX Runtime runs inexactly on this CPU (uint8 x int8 kernels without VNNI
+    saturate); the file itself is right (``slimtorch.export.cpu_int8``)."""
