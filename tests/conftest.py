@@ -70,6 +70,20 @@ def token_batches(tok, texts, batch_size, max_length):
                   return_tensors="pt")
 
 
+# The fast run (-m "not slow") leaves out the multi-process launches that take tens of seconds each: the tests that
+# read these module fixtures (one launch each) and the torchrun tests marked slow where they are written. The DDP
+# launch and the rank-error launch stay in the fast run, so it still runs two ranks end to end.
+SLOW_LAUNCH_FIXTURES = {"test_deepspeed.py": "runs", "test_zero3.py": "runs", "test_fsdp2.py": "runs",
+                        "test_distributed_calibration.py": "launched"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        fixture = SLOW_LAUNCH_FIXTURES.get(item.path.name)
+        if fixture and fixture in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

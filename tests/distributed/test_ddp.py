@@ -104,6 +104,7 @@ def test_a_compiled_model_is_pruned_through_its_original_module():
     cb.finalize()
 
 
+@pytest.mark.slow
 def test_the_ddp_example_runs_under_torchrun():
     done = torchrun(ROOT / "examples" / "prune_ddp.py")
     assert done.returncode == 0, done.stderr[-3000:]

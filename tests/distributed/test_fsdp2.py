@@ -36,6 +36,7 @@ def _ranks(tmp_path):
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
 
 
+@pytest.mark.slow  # every case reads a multi-process launch (see tests/conftest.py)
 @pytest.mark.parametrize("arch,pattern", [c if c[0] != "minilm" else pytest.param(*c, marks=pytest.mark.slow)
                                           for c in TRAIN])
 def test_fsdp2_masks_match_one_process_and_each_rank_holds_its_rows(arch, pattern, request):

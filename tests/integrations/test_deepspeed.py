@@ -177,6 +177,7 @@ def test_importing_slimtorch_does_not_import_deepspeed():
     assert out.stdout.strip() == "False"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", ["deepspeed_zero2_2to4.json", "deepspeed_zero3_2to4.json"])
 def test_the_deepspeed_example_runs_under_torchrun(config):
     done = torchrun(ROOT / "examples" / "prune_deepspeed.py", str(ROOT / "examples" / "configs" / config))

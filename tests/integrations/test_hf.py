@@ -410,6 +410,7 @@ torch.distributed.destroy_process_group()  # abort ("terminate called") in which
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", [0, 2, 3])
 def test_deepspeed_trainer_prunes_alike_on_every_rank(tmp_path, stage):
     pytest.importorskip("deepspeed")
@@ -466,6 +467,7 @@ torch.distributed.destroy_process_group()
 """
 
 
+@pytest.mark.slow
 def test_ddp_trainer_under_torchrun_prunes_alike_on_every_rank(tmp_path):
     # a real 2-process DDP Trainer on CPU (gloo), launched as users do: torchrun
     script = tmp_path / "train.py"

@@ -49,6 +49,7 @@ def _ranks(tmp_path):
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
+@pytest.mark.slow  # every case reads a multi-process launch (see tests/conftest.py)
 @pytest.mark.parametrize("arch,pattern,persistence,scope,offload", [
     c if c[0] != "minilm" else pytest.param(*c, marks=pytest.mark.slow) for c in TRAIN])
 def test_zero3_masks_match_one_process_and_checkpoints_hold_the_zeros(arch, pattern, persistence, scope, offload,
