@@ -74,7 +74,7 @@ SLIMTORCH_VARIANTS: List[Tuple[str, dict]] = [
          "enabled": True, "activation": {"dtype": "uint8", "scheme": "asymmetric"}}}}),
     ("slimtorch static + smoothquant",
      {"compression_inference": {"static_quantization": {
-         "enabled": True, "smoothquant": {"enabled": True}}}}),
+         "enabled": True, "smoothquant": {"enabled": True, "alpha": 0.5}}}}),
     ("slimtorch dynamic",
      {"compression_inference": {"dynamic_quantization": {"enabled": True}}}),
 ]

@@ -34,7 +34,7 @@ def test_enabled_alone_is_a_whole_config_with_documented_defaults():
     assert q.weight.granularity == "per_channel" and q.weight.scheme == "symmetric"
     assert (q.activation.dtype, q.activation.symmetric, q.activation.observer) == ("uint8", False, "minmax")
     assert q.num_calibration_batches == 100 and q.op_types == ["Linear", "Conv1d", "Conv2d", "Conv1D"]
-    assert q.fold_batchnorm and not q.smoothquant.enabled and q.smoothquant.alpha == 0.5
+    assert q.fold_batchnorm and not q.smoothquant.enabled and q.smoothquant.alpha == 0.8
     d = load_config(dynamic()).quantization
     assert d.activation.granularity == "per_tensor" and d.activation.dtype == "uint8"
     assert not hasattr(d, "num_calibration_batches")
@@ -43,6 +43,13 @@ def test_enabled_alone_is_a_whole_config_with_documented_defaults():
 def test_conventions_example_loads_as_written():
     q = load_config(DOCUMENTED_EXAMPLE).quantization
     assert q.activation.dtype == "int8" and q.activation.symmetric
+
+
+def test_smoothquant_has_one_default_alpha_in_both_sections():
+    static_sq = load_config(static(smoothquant={"enabled": True})).quantization.smoothquant
+    w8a8 = load_config({"compression_inference": {"w8a8_quantization": {"enabled": True, "smoothquant": {
+        "enabled": True}}}}).compression_inference.w8a8_quantization.smoothquant
+    assert static_sq.alpha == w8a8.alpha == 0.8
 
 
 def test_int8_activation_defaults_to_symmetric_and_alpha_auto():
