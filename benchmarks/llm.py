@@ -28,7 +28,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Union
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -40,9 +40,9 @@ def _weight_only(algorithm: str, group_size: int, bits: int = 4, **extra) -> dic
 
 
 def _w8a8(algorithm: str, smoothquant: bool = False, fmt: str = "int8",
-          activations: str = "dynamic_per_token") -> dict:
+          activations: str = "dynamic_per_token", alpha: Union[float, str] = 0.8) -> dict:
     section = {"enabled": True, "format": fmt, "activations": activations, "algorithm": algorithm,
-               "smoothquant": {"enabled": smoothquant, "alpha": 0.8}}
+               "smoothquant": {"enabled": smoothquant, "alpha": alpha}}
     return {"compression_inference": {"w8a8_quantization": section}}
 
 
@@ -71,6 +71,9 @@ METHODS: Dict[str, Optional[dict]] = {
     "w8a8 rtn (no smoothing)": _w8a8("rtn"),
     "w8a8 gptq (no smoothing)": _w8a8("gptq"),
     "w8a8 smoothquant + rtn": _w8a8("rtn", smoothquant=True),
+    # the default alpha's question (docs/conventions.md, "SmoothQuant")
+    "w8a8 smoothquant 0.5 + rtn": _w8a8("rtn", smoothquant=True, alpha=0.5),
+    "w8a8 smoothquant auto + rtn": _w8a8("rtn", smoothquant=True, alpha="auto"),
     "w8a8 smoothquant + gptq": _w8a8("gptq", smoothquant=True),
     "w8a8 static per-tensor rtn (naive)": _w8a8("rtn", activations="static_per_tensor"),
     "w8a8 static per-tensor smoothquant + gptq": _w8a8("gptq", smoothquant=True, activations="static_per_tensor"),
