@@ -40,7 +40,15 @@ import torch
 from torch import Tensor
 
 from ..errors import CalibrationError, ConfigError
-from ..quantization.grid import WeightGrid, check_group_size, dequantize_groups, round_to_grid, row_qparams
+from ..quantization.grid import (
+    FLOAT_DTYPES,
+    WeightGrid,
+    check_group_size,
+    dequantize_groups,
+    grid_range,
+    round_to_grid,
+    row_qparams,
+)
 
 
 def min_tokens_for(in_features: int) -> int:
@@ -248,14 +256,21 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, grid: WeightGrid, *, dampenin
     U = upper_inverse_factor(H, dampening, where)
     del H
 
-    Q = torch.empty_like(W)  # the integers, in processing order
+    # per-column work reads contiguous rows: the block and the integers transposed ([columns, out]), each group's
+    # scale and zero as a float32 row; the same float operations as round_to_grid, so the same bits
+    QT = torch.empty(in_features, out_features, dtype=torch.float32, device=device)  # integers, processing order
+    scale_rows = scale.t().contiguous()
+    zero_rows = zero.t().to(torch.float32)
+    on_integers = grid.dtype not in FLOAT_DTYPES
+    qmin, qmax = grid_range(grid.dtype)
     squared_errors = torch.zeros(out_features, dtype=torch.float32, device=device)
     for i1 in range(0, in_features, block_size):
         i2 = min(i1 + block_size, in_features)
-        # the block transposed ([columns, out]): each column's update is then a contiguous row update, several times
-        # faster than a strided column update on a CPU and the same float operations, so the same bits
+        # each column's update is then a contiguous row update, several times faster than a strided column update on
+        # a CPU and the same float operations, so the same bits
         W1T = W[:, i1:i2].t().contiguous()
         U1 = U[i1:i2, i1:i2]
+        pivots = U1.diagonal()
         keep1T = None if keep is None else keep[:, i1:i2].t().contiguous()
         errorsT = torch.zeros_like(W1T)
         for i in range(i2 - i1):
@@ -270,13 +285,19 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, grid: WeightGrid, *, dampenin
                     if keep is not None:
                         pending = pending * keep[:, i2:end]
                     current = torch.cat([current, W[:, i2:end] - pending], dim=1)
-                scale[:, p // size], zero[:, p // size] = row_qparams(current, grid)
+                g = p // size
+                scale[:, g], zero[:, g] = row_qparams(current, grid)
+                scale_rows[g] = scale[:, g]
+                zero_rows[g] = zero[:, g]
             g = position_group[p]
-            s, z = scale[:, g], zero[:, g].to(torch.float32)
+            s, z = scale_rows[g], zero_rows[g]
             w = W1T[i]
-            q = round_to_grid(w, s, z, grid.dtype)
-            Q[:, p] = q
-            e = (w - (q - z) * s) / U1[i, i]
+            if on_integers:
+                q = torch.div(w, s).round_().add_(z).clamp_(qmin, qmax)  # round_to_grid's steps, in place
+            else:
+                q = round_to_grid(w, s, z, grid.dtype)
+            QT[p] = q
+            e = w.sub((q - z).mul_(s)).div_(pivots[i])
             update = torch.outer(U1[i, i + 1:], e)
             if keep1T is not None:
                 update = update * keep1T[i + 1:]
@@ -289,6 +310,7 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, grid: WeightGrid, *, dampenin
                 update = update * keep[:, i2:]
             W[:, i2:] -= update
 
+    Q = QT.t()
     g_idx: Optional[Tensor] = None
     if perm is not None:
         inverse = torch.argsort(perm)
