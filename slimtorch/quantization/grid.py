@@ -150,8 +150,14 @@ def round_to_grid(x: Tensor, scale: Tensor, zero_point: Optional[Tensor], dtype:
     y = x.to(torch.float32) / scale.to(torch.float32)  # division, as QuantizeLinear
     if dtype in FLOAT_DTYPES:
         return torch.clamp(y, qmin, qmax).to(float8_dtype()).to(torch.float32)
-    q = torch.round(y) if zero_point is None else torch.round(y) + zero_point.to(torch.float32)
-    return torch.clamp(q, qmin, qmax)
+    if y.requires_grad:  # autograd records each step
+        q = torch.round(y) if zero_point is None else torch.round(y) + zero_point.to(torch.float32)
+        return torch.clamp(q, qmin, qmax)
+    # the same steps in place on the fresh quotient: one tensor allocated instead of three (activations are large)
+    y.round_()
+    if zero_point is not None:
+        y.add_(zero_point.to(torch.float32))
+    return y.clamp_(qmin, qmax)
 
 
 def _broadcast(param: Tensor, x: Tensor, axis: Optional[int]) -> Tensor:
@@ -221,7 +227,10 @@ def fake_quantize(x: Tensor, scale: Tensor, zero_point: Optional[Tensor] = None,
     without it the gradient is torch's own (0 almost everywhere: round has no slope).
     """
     q, s, z = _grid_values(x, scale, zero_point, dtype, axis, quant_min, quant_max)
-    out = q * s if z is None else (q - z) * s  # same ops, same order as dequantize: identical result
+    if q.requires_grad:
+        out = q * s if z is None else (q - z) * s  # same ops, same order as dequantize: identical result
+    else:  # in place on q (a fresh tensor): the same values without two more allocations
+        out = q.mul_(s) if z is None else q.sub_(z).mul_(s)
     out = out if not x.is_floating_point() or x.dtype == torch.float32 else out.to(x.dtype)
     if not ste:
         return out
