@@ -8,7 +8,8 @@ Install (in the slimtorch checkout, after torch): pip install -e ".[examples]"
 Every rank tokenizes the same 128 paragraphs of the Python documentation and calibrates on its share of them;
 ``quantize`` reduces the observers' statistics across the ranks (the default process group: ``mpu=None``), so the
 int8 models are identical on every rank and equal to one process calibrating on all 128 paragraphs. Rank 0 prints
-the cosine of the sentence embeddings to the float model on 128 held-out paragraphs, and whether all ranks agree.
+the cosine of the sentence embeddings to the float model on 128 held-out paragraphs (fewer with ``--held-out``), and
+whether all ranks agree.
 """
 import argparse
 import os
@@ -34,6 +35,7 @@ from quantize_minilm import embed_torch, tokenize  # noqa: E402
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--observer", default="minmax", help="activation observer: minmax, percentile, entropy, mse")
+    parser.add_argument("--held-out", type=int, default=128, help="held-out paragraphs rank 0 evaluates (at most 128)")
     args = parser.parse_args()
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -43,7 +45,7 @@ def main() -> None:
     texts = paragraphs()
     random.Random(0).shuffle(texts)  # the same order on every rank
     calib = tokenize(tok, texts[:128], 8)
-    held = tokenize(tok, texts[128:256], 16)
+    held = tokenize(tok, texts[128:128 + min(args.held_out, 128)], 16)
     config = {"compression_inference": {"static_quantization": {
         "enabled": True, "activation": {"observer": args.observer}}}}
     q = st.quantize(model, config, calib_dataloader=calib[rank::world], progress=False)  # this rank's shard

