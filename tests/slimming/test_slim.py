@@ -355,20 +355,24 @@ def test_gpt2_conv1d_mlp_units_slim_and_its_fused_qkv_is_refused(tmp_path):
 
 
 @pytest.mark.slow
-def test_the_minilm_example_prunes_units_then_slims():
+def test_the_minilm_example_prunes_units_then_slims(tmp_path):
     """examples/prune_minilm.py with the units config: half of all-MiniLM-L6-v2's FFN units and heads pruned while
-    distilling, then cut out."""
+    distilling, then cut out. The shipped config's groups on a shorter schedule (target at update 20 of 28, not 60 of
+    64+): the same code path in ~25 s instead of ~45 s."""
+    import json
     import subprocess
     import sys
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[2]
-    done = subprocess.run([sys.executable, "examples/prune_minilm.py", "--config",
-                           "examples/configs/minilm_units_50.json", "--steps", "64", "--slim"],
-                          cwd=root, capture_output=True, text=True, timeout=600)
+    config = json.loads((root / "examples" / "configs" / "minilm_units_50.json").read_text())
+    config["compression_training"]["sparse_pruning"]["shared_parameters"].update(end_step=20, frequency=4)
+    (tmp_path / "units.json").write_text(json.dumps(config))
+    done = subprocess.run([sys.executable, "examples/prune_minilm.py", "--config", str(tmp_path / "units.json"),
+                           "--steps", "28", "--slim"], cwd=root, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     out = done.stdout
     assert "slimtorch slim: 12 group(s) cut" in out, out[-3000:]  # 6 layers' FFN units and heads
     cosine_line = out.split("held-out sentence-embedding cosine to the dense model")[1]
     cosine = float(cosine_line.split("mean ")[1].split(",")[0])
-    assert cosine > 0.75, cosine
+    assert cosine > 0.75, cosine  # 0.771 after 8 updates at the target (seed 0)
