@@ -54,10 +54,15 @@ def _cases_entry(rank: int, cases: Sequence[tuple], root: str) -> None:
     for name, fn, args in cases:
         out_dir = Path(root) / name
         torch.manual_seed(seed)
+        started = time.perf_counter()
         try:
             fn(rank, WORLD, str(out_dir / "init"), str(out_dir), *args)
         except BaseException:  # noqa: BLE001  (recorded for that case's test; the next case still runs)
             (out_dir / f"rank{rank}.error").write_text(traceback.format_exc())
+        # each case's wall time, for whoever weighs the suite's time: SLIMTORCH_CASE_TIMES names a file to append to
+        if rank == 0 and os.environ.get("SLIMTORCH_CASE_TIMES"):
+            with open(os.environ["SLIMTORCH_CASE_TIMES"], "a") as log:
+                log.write(f"{time.perf_counter() - started:7.2f} s  {name}\n")
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
