@@ -75,6 +75,8 @@ METHODS: Dict[str, Optional[dict]] = {
     "w8a8 smoothquant 0.5 + rtn": _w8a8("rtn", smoothquant=True, alpha=0.5),
     "w8a8 smoothquant auto + rtn": _w8a8("rtn", smoothquant=True, alpha="auto"),
     "w8a8 smoothquant + gptq": _w8a8("gptq", smoothquant=True),
+    "w8a8 smoothquant 0.5 + gptq": _w8a8("gptq", smoothquant=True, alpha=0.5),
+    "w8a8 smoothquant auto + gptq": _w8a8("gptq", smoothquant=True, alpha="auto"),
     "w8a8 static per-tensor rtn (naive)": _w8a8("rtn", activations="static_per_tensor"),
     "w8a8 static per-tensor smoothquant + gptq": _w8a8("gptq", smoothquant=True, activations="static_per_tensor"),
     "fp8 dynamic": _w8a8("rtn", fmt="fp8_e4m3"),
