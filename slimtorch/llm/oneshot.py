@@ -83,12 +83,15 @@ def oneshot(model: nn.Module, config: Any, calib_data: Optional[Iterable], *, in
             recipe.check_tokens(f"{blocks_path}.{i}.{name}", linear, tokens)
     hidden = captured.hidden
     sync = resolve(None)  # torch.distributed initialized with several ranks: static ranges of every rank's data
-    for i, block in _blocks_in_turn(blocks, compute, progress):
+    # blocks after the last one with a layer to compress are neither run nor moved: nothing reads their inputs
+    last = max((i for i, linears in enumerate(plan) if linears), default=-1)
+    for i, block in _blocks_in_turn(blocks[:last + 1], compute, progress):
         where = f"{blocks_path}.{i}"
         inputs = captured.inputs_of(i, hidden)
         _compress_block(block, plan[i], inputs, recipe, where, report, sync)
         plan[i] = {}  # the replaced float Linears are freed now, not after the last block
-        hidden = _run(block, inputs, where)  # the next block's inputs come from the compressed block
+        if i < last:  # the next block's inputs come from the compressed block
+            hidden = _run(block, inputs, where)
         del inputs
     return _finished(target, report, started)
 

@@ -171,6 +171,23 @@ def test_the_callers_model_is_untouched_unless_inplace():
     assert same is model and any(isinstance(m, WeightOnlyLinear) for m in model.modules())
 
 
+def test_blocks_after_the_last_compressed_one_are_not_run():
+    model = TINY_MODELS["llama"](num_hidden_layers=4)
+    _, blocks = find_blocks(model)
+    calls = [0] * len(blocks)
+    for i, block in enumerate(blocks):
+        block.register_forward_pre_hook(lambda m, a, i=i: calls.__setitem__(i, calls[i] + 1))
+    cfg = config(algorithm="gptq", group_size=32, excluded_modules=[r"layers\.[23]\."])
+    q = st.oneshot(model, cfg, calibration(model, batches=8, length=64), progress=False)
+    # the capture calls every block once per batch (blocks 1-3 as stand-ins that hand the hidden states on); then
+    # block 0 runs twice per batch (the Hessian pass, the pass feeding block 1), block 1, the last compressed one,
+    # only its Hessian pass; blocks 2 and 3 never
+    assert calls == [8 + 2 * 8, 8 + 8, 8, 8], calls
+    compressed = [n for n, m in q.named_modules() if isinstance(m, WeightOnlyLinear)]
+    assert compressed and all(n.startswith(("model.layers.0.", "model.layers.1.")) for n in compressed), compressed
+    assert len(compressed) == 14  # 7 Linears in each of the 2 blocks
+
+
 def test_blocks_are_found_or_named():
     model = TINY_MODELS["llama"]()
     assert find_blocks(model)[0] == "model.layers"
