@@ -2,10 +2,11 @@
 benchmarks/_smollm2.py (Python 3.11.7's topics, shipped in benchmarks/data/, so every interpreter reads the same
 text): the token counts, and perplexities on the first 8 of the 58 held-out windows.
 
-The tests evaluate 8 windows (~7 s a pass on 2 cores) where the benchmark evaluates all 58 (~70 s), and GPTQ
-calibrates on 8 of the benchmark's 32 samples (~40 s instead of ~110 s): they check that the protocol and the
-algorithms still give the recorded numbers, and ``python benchmarks/llm.py`` gives the full-protocol figures of
-BENCHMARKS.md (float 13.2246, RTN g64 19.085, GPTQ g64 16.043 on 32 samples)."""
+The tests evaluate 8 windows (~7 s a pass on 2 cores) where the benchmark evaluates all 58 (~70 s), and compress the
+first 10 of the 30 blocks, GPTQ calibrating on 8 of the benchmark's 32 samples (~13 s instead of ~110 s for every
+block on 32): they check that the protocol and the algorithms still give the recorded numbers, and ``python
+benchmarks/llm.py`` gives the full-protocol figures of BENCHMARKS.md (float 13.2246, RTN g64 19.085, GPTQ g64 16.043,
+every block, 32 samples)."""
 import importlib.util
 import sys
 from pathlib import Path
@@ -18,8 +19,10 @@ TEST_WINDOWS = 8
 GPTQ_SAMPLES = 8  # the first 8 of the benchmark's 32 calibration samples: 4096 tokens, above down_proj's 1536 inputs
 # measured on the first 8 held-out windows (torch 2.13.0, 2 threads); run-to-run differences are < 1e-4
 FLOAT_PERPLEXITY_8 = 15.2485
-RTN_G64_PERPLEXITY_8 = 22.0918
-GPTQ_G64_8_SAMPLES_PERPLEXITY_8 = 19.2492
+# blocks 0-9 at int4 g64, blocks 10-29 float
+FIRST_BLOCKS = 10
+RTN_G64_PERPLEXITY_8 = 16.7602
+GPTQ_G64_8_SAMPLES_PERPLEXITY_8 = 15.6707
 
 
 def _smollm2_module():
@@ -58,10 +61,10 @@ def test_float32_token_counts_and_held_out_perplexity():
 
 @pytest.mark.slow
 def test_gptq_int4_cuts_rtns_loss_and_survives_save_and_load(tmp_path):
-    """SmolLM2 at int4 symmetric group 64 (the benchmark's rows): GPTQ on 8 calibration samples keeps its perplexity
-    increase under 0.65 of RTN's (0.585 measured on these windows; the benchmark's 32 samples give 0.48 on all 58
-    windows, 0.55 with 12 samples), and the saved GPTQ model reloaded by transformers evaluates the same. About a
-    minute on 2 cores (GPTQ ~40 s)."""
+    """SmolLM2's first 10 blocks at int4 symmetric group 64 (the benchmark's grid), the other 20 left float: GPTQ on 8
+    calibration samples keeps its perplexity increase under 0.4 of RTN's (0.28 measured on these windows; every block
+    on the benchmark's 32 samples: 0.48 on all 58 windows); the pipeline stops after block 9; and the saved model,
+    its float blocks listed as ignored, reloaded by transformers evaluates the same. About 40 s on 2 cores."""
     pytest.importorskip("compressed_tensors")
     from transformers import AutoModelForCausalLM
 
@@ -77,7 +80,8 @@ def test_gptq_int4_cuts_rtns_loss_and_survives_save_and_load(tmp_path):
     def ppl(m, tokens=evaluated):
         return st.perplexity(m, tokens, window=S.WINDOW).perplexity
 
-    section = {"enabled": True, "bits": 4, "symmetric": True, "group_size": 64}
+    later_blocks = rf"layers\.({'|'.join(str(i) for i in range(FIRST_BLOCKS, 30))})\."
+    section = {"enabled": True, "bits": 4, "symmetric": True, "group_size": 64, "excluded_modules": [later_blocks]}
     rtn = st.oneshot(model, {"compression_inference": {"weight_only_quantization": {**section, "algorithm": "rtn"}}},
                      calibration, progress=False)
     rtn_ppl = ppl(rtn)
@@ -88,7 +92,9 @@ def test_gptq_int4_cuts_rtns_loss_and_survives_save_and_load(tmp_path):
     # the recorded figures, within what thread counts and BLAS builds can move them
     assert rtn_ppl == pytest.approx(RTN_G64_PERPLEXITY_8, abs=0.05)
     assert gptq_ppl == pytest.approx(GPTQ_G64_8_SAMPLES_PERPLEXITY_8, abs=0.15)
-    assert gptq_ppl - FLOAT_PERPLEXITY_8 <= 0.65 * (rtn_ppl - FLOAT_PERPLEXITY_8)
+    assert gptq_ppl - FLOAT_PERPLEXITY_8 <= 0.4 * (rtn_ppl - FLOAT_PERPLEXITY_8)
+    quantized = {r.name.split(".")[2] for r in st.quantization_report(gptq).quantized}
+    assert quantized == {str(i) for i in range(FIRST_BLOCKS)}, sorted(quantized)
 
     st.save_compressed(gptq, tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
