@@ -7,7 +7,8 @@ from tests._multiproc import WORLD, case_dir, spawn_cases
 
 from . import _fsdp_workers as F
 
-TRAIN = [("llama", "2:4"), ("llama", "4x1"), ("bert", "2:4"), ("minilm", "2:4"), ("minilm", "4x1")]
+# tiny models: each case takes seconds; all-MiniLM-L6-v2 under a sharded engine is tests/integrations/test_zero3.py's
+TRAIN = [("llama", "2:4"), ("llama", "4x1"), ("bert", "2:4")]
 
 
 def _train_case(arch, pattern):
@@ -17,7 +18,7 @@ def _train_case(arch, pattern):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Every 2-rank case of the fast tests in one launch (each test asserts on its own case's directory)."""
-    cases = {_train_case(a, p): (F.fsdp_train, a, p, True) for a, p in TRAIN if a != "minilm"}
+    cases = {_train_case(a, p): (F.fsdp_train, a, p, True) for a, p in TRAIN}
     cases.update({"split_batches": (F.fsdp_train, "llama", "2:4", False),
                   "refusals": (F.refusals,),
                   **{f"resume-{per_rank}": (F.resume, 3, per_rank) for per_rank in (False, True)},
@@ -25,24 +26,15 @@ def runs(tmp_path_factory):
     return spawn_cases(cases, tmp_path_factory.mktemp("fsdp2"))
 
 
-@pytest.fixture(scope="module")
-def slow_runs(tmp_path_factory):
-    """The all-MiniLM-L6-v2 cases (slow tests only)."""
-    cases = {_train_case(a, p): (F.fsdp_train, a, p, True) for a, p in TRAIN if a == "minilm"}
-    return spawn_cases(cases, tmp_path_factory.mktemp("fsdp2_slow"))
-
-
 def _ranks(tmp_path):
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
 
 
 @pytest.mark.slow  # every case reads a multi-process launch (see tests/conftest.py)
-@pytest.mark.parametrize("arch,pattern", [c if c[0] != "minilm" else pytest.param(*c, marks=pytest.mark.slow)
-                                          for c in TRAIN])
-def test_fsdp2_masks_match_one_process_and_each_rank_holds_its_rows(arch, pattern, request):
+@pytest.mark.parametrize("arch,pattern", TRAIN)
+def test_fsdp2_masks_match_one_process_and_each_rank_holds_its_rows(arch, pattern, runs):
     """Every rank on the whole global batch: the engine's arithmetic is one process's, so everything is bitwise."""
-    launched = request.getfixturevalue("slow_runs" if arch == "minilm" else "runs")
-    ranks = _ranks(case_dir(launched, _train_case(arch, pattern)))
+    ranks = _ranks(case_dir(runs, _train_case(arch, pattern)))
     masks, weights = F.one_process(arch, pattern)
     for update, (a, b, one) in enumerate(zip(ranks[0]["steps"], ranks[1]["steps"], masks)):
         assert a.keys() == b.keys() == one.keys() and one, update

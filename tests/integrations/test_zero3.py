@@ -18,7 +18,6 @@ TRAIN = [  # arch, pattern, persistence, scope, offload
     ("llama", "4x1", 0, "global", False),      # one ranking across the layers, from units gathered layer by layer
     ("llama", "2:4", 0, "local", True),        # fp32 masters and optimizer state offloaded to host memory
     ("minilm", "2:4", 100000, "local", False),
-    ("minilm", "4x1", 100000, "local", False),
 ]
 
 
@@ -28,8 +27,8 @@ def _train_case(arch, pattern, persistence, scope, offload):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Every 2-rank case of the fast tests in one launch (each test asserts on its own case's directory)."""
-    cases = {_train_case(*c): (Z.train, c[0], c[1], True, *c[2:]) for c in TRAIN if c[0] != "minilm"}
+    """Every 2-rank case in one launch (each test asserts on its own case's directory)."""
+    cases = {_train_case(*c): (Z.train, c[0], c[1], True, *c[2:]) for c in TRAIN}
     cases.update({"split_batches": (Z.train, "llama", "2:4", False, 0),
                   "resume": (Z.resume, 3),
                   **{f"memory-{scope}": (Z.memory, 16, scope) for scope in ("local", "global")},
@@ -38,22 +37,14 @@ def runs(tmp_path_factory):
     return spawn_cases(cases, tmp_path_factory.mktemp("zero3"), timeout=600)
 
 
-@pytest.fixture(scope="module")
-def slow_runs(tmp_path_factory):
-    """The all-MiniLM-L6-v2 cases (slow tests only)."""
-    cases = {_train_case(*c): (Z.train, c[0], c[1], True, *c[2:]) for c in TRAIN if c[0] == "minilm"}
-    return spawn_cases(cases, tmp_path_factory.mktemp("zero3_slow"), timeout=600)
-
-
 def _ranks(tmp_path):
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
 @pytest.mark.slow  # every case reads a multi-process launch (see tests/conftest.py)
-@pytest.mark.parametrize("arch,pattern,persistence,scope,offload", [
-    c if c[0] != "minilm" else pytest.param(*c, marks=pytest.mark.slow) for c in TRAIN])
+@pytest.mark.parametrize("arch,pattern,persistence,scope,offload", TRAIN)
 def test_zero3_masks_match_one_process_and_checkpoints_hold_the_zeros(arch, pattern, persistence, scope, offload,
-                                                                       request):
+                                                                       runs):
     """Every rank on the whole global batch: whole masks after every update equal on both ranks and one process's;
     each rank keeps its slice; the engine's 16-bit model and zero_to_fp32's consolidation hold exactly the zeros.
 
@@ -61,9 +52,9 @@ def test_zero3_masks_match_one_process_and_checkpoints_hold_the_zeros(arch, patt
     and the last layers' gradients are bitwise equal, but attention's gradients differ in the last bits (about 3e-7
     relative, measured on the tiny Llama), so on all-MiniLM-L6-v2 near-ties flip in 2:4: 84 of 10.6 million mask
     entries after 8 updates (24,174 with DeepSpeed's memory_efficient_linear on, whose Linear rounds differently;
-    the workers turn it off); its 4x1 masks came out bitwise. The weights both runs keep agree within rtol 1e-5."""
-    launched = request.getfixturevalue("slow_runs" if arch == "minilm" else "runs")
-    tmp_path = case_dir(launched, _train_case(arch, pattern, persistence, scope, offload))
+    the workers turn it off); its 4x1 masks, measured once, came out bitwise (4x1 runs on the tiny Llama here). The
+    weights both runs keep agree within rtol 1e-5."""
+    tmp_path = case_dir(runs, _train_case(arch, pattern, persistence, scope, offload))
     ranks = _ranks(tmp_path)
     one, weights = F.one_process(arch, pattern, scope)
     differing, total = F.masks_against_one_process(ranks[0]["steps"], ranks[1]["steps"], one)
