@@ -37,15 +37,15 @@ def test_progressive_two_four_with_distillation_keeps_embeddings(minilm, paragra
     train = [p for i, p in enumerate(paragraphs) if i % 7]
     g = torch.Generator().manual_seed(0)
     order = torch.randperm(len(train), generator=g).tolist()
-    batches = list(token_batches(tok, [train[i] for i in order[:8 * 40]], 8, 48))
+    batches = list(token_batches(tok, [train[i] for i in order[:8 * 28]], 8, 48))  # 28 updates, 2:4 from the 20th
 
     oneshot = copy.deepcopy(model)
     one_shot_two_four(oneshot)
     base = heldout_cosine(oneshot, teacher, held_out)
 
     cfg = {"compression_training": {"sparse_pruning": {"shared_parameters": {
-        "enabled": True, "method": "snip_momentum", "pattern": "2:4", "start_step": 0, "end_step": 30,
-        "frequency": 5}}}}
+        "enabled": True, "method": "snip_momentum", "pattern": "2:4", "start_step": 0, "end_step": 20,
+        "frequency": 4}}}}
     opt = torch.optim.AdamW(model.parameters(), lr=2e-4)
     cb = st.prepare_pruning(model, cfg, optimizer=opt)
     for batch in batches:
@@ -62,4 +62,4 @@ def test_progressive_two_four_with_distillation_keeps_embeddings(minilm, paragra
     assert all(r.pattern_valid and r.sparsity == 0.5 for r in report.pruned) and len(report.pruned) == 36
     cos = heldout_cosine(model, teacher, held_out)
     assert cos.mean() > base.mean() + 0.2, (cos.mean(), base.mean())
-    assert cos.mean() > 0.8 and cos.min() > 0.5, (cos.mean(), cos.min())
+    assert cos.mean() > 0.8 and cos.min() > 0.5, (cos.mean(), cos.min())  # 0.812 / 0.691 (one-shot: 0.582 mean)

@@ -174,8 +174,9 @@ def _trained_digits_state(seed: int, epochs: int) -> dict:
 
 @torch.no_grad()
 def predict(model: nn.Module, x: Tensor, batch_size: int = 64) -> Tensor:
-    """Eval-mode logits of ``model`` on ``x``, in batches."""
-    return torch.cat([model(b) for b in x.split(batch_size)])
+    """Eval-mode logits of ``model`` on ``x``, in batches (no autograd graph: it would only cost time)."""
+    with torch.no_grad():
+        return torch.cat([model(b) for b in x.split(batch_size)])
 
 
 def accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
