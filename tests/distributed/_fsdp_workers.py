@@ -12,6 +12,8 @@ from tests.llm.tiny_models import random_tokens, tiny_llama
 from tests.reference import protocol as P
 
 UPDATES = 8
+# layers of the tiny Llama whose mask updates count the whole tensors alive at once (one at a time of 4 proves it)
+MEMORY_LAYERS = 4
 LR = 0.05
 
 
@@ -295,8 +297,8 @@ def check_one_layer_whole(out_dir, world: int, num_layers: int) -> None:
 
 
 def memory(rank: int, world: int, init_file: str, out_dir: str, num_layers: int, scope: str = "local") -> None:
-    """A 16-layer tiny Llama under FSDP2: how many layers' whole tensors (gathered weights, scores, masks) are alive
-    at once during the mask updates, and the most bytes they hold, beside the shard each rank keeps."""
+    """A tiny Llama of ``num_layers`` layers under FSDP2: how many layers' whole tensors (gathered weights, scores,
+    masks) are alive at once during the mask updates, and the most bytes they hold, beside the shard each rank keeps."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 

@@ -22,7 +22,7 @@ def runs(tmp_path_factory):
     cases.update({"split_batches": (F.fsdp_train, "llama", "2:4", False),
                   "refusals": (F.refusals,),
                   **{f"resume-{per_rank}": (F.resume, 3, per_rank) for per_rank in (False, True)},
-                  **{f"memory-{scope}": (F.memory, 16, scope) for scope in ("local", "global")}})
+                  **{f"memory-{scope}": (F.memory, F.MEMORY_LAYERS, scope) for scope in ("local", "global")}})
     return spawn_cases(cases, tmp_path_factory.mktemp("fsdp2"))
 
 
@@ -103,7 +103,7 @@ def test_fsdp2_resumes_bitwise_from_a_distributed_checkpoint_and_consolidates_th
 @pytest.mark.parametrize("scope", ["local", "global"])
 def test_a_mask_update_holds_one_layer_whole_at_a_time(runs, scope):
     """Beside its shard, a rank holds during a mask update the whole weight and scores of one layer at a time, never
-    more: counted on every whole tensor the FSDP2 access gathers, on a 16-layer tiny Llama. Global scope ranks the
-    layers' units (1/4 of the scores for 2:4), gathering each layer for them and again for its mask. The same while
-    the pruning state of a checkpoint is gathered."""
-    F.check_one_layer_whole(case_dir(runs, f"memory-{scope}"), WORLD, 16)
+    more: counted on every whole tensor the FSDP2 access gathers, on a tiny Llama of F.MEMORY_LAYERS layers. Global
+    scope ranks the layers' units (1/4 of the scores for 2:4), gathering each layer for them and again for its mask.
+    The same while the pruning state of a checkpoint is gathered."""
+    F.check_one_layer_whole(case_dir(runs, f"memory-{scope}"), WORLD, F.MEMORY_LAYERS)

@@ -96,8 +96,9 @@ def resume(rank: int, world: int, init_file: str, out_dir: str, resume_at: int) 
 
 
 def memory(rank: int, world: int, init_file: str, out_dir: str, num_layers: int, scope: str = "local") -> None:
-    """A 16-layer tiny Llama under ZeRO-3 (every parameter partitioned): how many layers' whole tensors (gathered
-    weights, scores, masks) are alive at once during the mask updates, and the most bytes they hold."""
+    """A tiny Llama of ``num_layers`` layers under ZeRO-3 (every parameter partitioned): how many layers' whole
+    tensors (gathered weights, scores, masks) are alive at once during the mask updates, and the most bytes they
+    hold."""
     from slimtorch.integrations.zero3 import ZeRO3Access
 
     peak, stop_tracking = F.track_whole_tensors(ZeRO3Access)

@@ -31,7 +31,7 @@ def runs(tmp_path_factory):
     cases = {_train_case(*c): (Z.train, c[0], c[1], True, *c[2:]) for c in TRAIN}
     cases.update({"split_batches": (Z.train, "llama", "2:4", False, 0),
                   "resume": (Z.resume, 3),
-                  **{f"memory-{scope}": (Z.memory, 16, scope) for scope in ("local", "global")},
+                  **{f"memory-{scope}": (Z.memory, F.MEMORY_LAYERS, scope) for scope in ("local", "global")},
                   "refusals": (Z.refusals,),
                   "zero_init": (Z.zero_init,)})
     return spawn_cases(cases, tmp_path_factory.mktemp("zero3"), timeout=600)
@@ -110,9 +110,10 @@ def test_zero3_resumes_bitwise_from_the_engines_checkpoint(runs):
 @pytest.mark.parametrize("scope", ["local", "global"])
 def test_a_zero3_mask_update_holds_one_layer_whole_at_a_time(runs, scope):
     """Beside its partition, a rank holds during a mask update the whole weight and scores of one layer at a time,
-    never more: counted on every whole tensor the ZeRO-3 access gathers, on a 16-layer tiny Llama (global scope:
-    units of every layer, whole tensors of one), and while the pruning state of a checkpoint is gathered."""
-    F.check_one_layer_whole(case_dir(runs, f"memory-{scope}"), WORLD, 16)
+    never more: counted on every whole tensor the ZeRO-3 access gathers, on a tiny Llama of F.MEMORY_LAYERS layers
+    (global scope: units of every layer, whole tensors of one), and while the pruning state of a checkpoint is
+    gathered."""
+    F.check_one_layer_whole(case_dir(runs, f"memory-{scope}"), WORLD, F.MEMORY_LAYERS)
 
 
 def test_what_zero3_cannot_serve_is_refused_on_every_rank(runs):
