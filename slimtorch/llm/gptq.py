@@ -40,15 +40,7 @@ import torch
 from torch import Tensor
 
 from ..errors import CalibrationError, ConfigError
-from ..quantization.grid import (
-    FLOAT_DTYPES,
-    WeightGrid,
-    check_group_size,
-    dequantize_groups,
-    grid_range,
-    round_to_grid,
-    row_qparams,
-)
+from ..quantization.grid import WeightGrid, check_group_size, dequantize_groups, round_to_grid, row_qparams
 
 
 def min_tokens_for(in_features: int) -> int:
@@ -257,12 +249,10 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, grid: WeightGrid, *, dampenin
     del H
 
     # per-column work reads contiguous rows: the block and the integers transposed ([columns, out]), each group's
-    # scale and zero as a float32 row; the same float operations as round_to_grid, so the same bits
+    # scale and zero as a float32 row
     QT = torch.empty(in_features, out_features, dtype=torch.float32, device=device)  # integers, processing order
     scale_rows = scale.t().contiguous()
     zero_rows = zero.t().to(torch.float32)
-    on_integers = grid.dtype not in FLOAT_DTYPES
-    qmin, qmax = grid_range(grid.dtype)
     squared_errors = torch.zeros(out_features, dtype=torch.float32, device=device)
     for i1 in range(0, in_features, block_size):
         i2 = min(i1 + block_size, in_features)
@@ -292,10 +282,7 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, grid: WeightGrid, *, dampenin
             g = position_group[p]
             s, z = scale_rows[g], zero_rows[g]
             w = W1T[i]
-            if on_integers:
-                q = torch.div(w, s).round_().add_(z).clamp_(qmin, qmax)  # round_to_grid's steps, in place
-            else:
-                q = round_to_grid(w, s, z, grid.dtype)
+            q = round_to_grid(w, s, z, grid.dtype)  # a fresh tensor (rounded in place there)
             QT[p] = q
             e = w.sub((q - z).mul_(s)).div_(pivots[i])
             update = torch.outer(U1[i, i + 1:], e)

@@ -80,7 +80,8 @@ def test_gptq_int4_cuts_rtns_loss_and_survives_save_and_load(tmp_path):
     def ppl(m, tokens=evaluated):
         return st.perplexity(m, tokens, window=S.WINDOW).perplexity
 
-    later_blocks = rf"layers\.({'|'.join(str(i) for i in range(FIRST_BLOCKS, 30))})\."
+    layers = model.config.num_hidden_layers
+    later_blocks = rf"layers\.({'|'.join(str(i) for i in range(FIRST_BLOCKS, layers))})\."
     section = {"enabled": True, "bits": 4, "symmetric": True, "group_size": 64, "excluded_modules": [later_blocks]}
     rtn = st.oneshot(model, {"compression_inference": {"weight_only_quantization": {**section, "algorithm": "rtn"}}},
                      calibration, progress=False)
