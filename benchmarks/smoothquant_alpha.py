@@ -1,9 +1,9 @@
 """SmoothQuant's alpha on all-MiniLM-L6-v2: static int8 with SmoothQuant folded and unfolded at each alpha given.
 
-Protocol of benchmarks/ptq.py on the PyTorch side: calibration on 32 batches of 8 training paragraphs (pydoc_data,
-up to 128 tokens), mean and min cosine of the mean-pooled sentence embeddings of 256 held-out paragraphs to the
-float model's, computed from the QDQ model in PyTorch (no ONNX export). docs/conventions.md ("SmoothQuant") quotes
-this script's figures for the default alpha.
+benchmarks/ptq.py's sizes, not its paragraph split: calibration on 32 batches of 8 paragraphs (pydoc_data, up to 128
+tokens, the tests' paragraphs shuffled with seed 0: the first 256), mean and min cosine of the mean-pooled sentence
+embeddings of the next 256 to the float model's, computed from the QDQ model in PyTorch (no ONNX export).
+docs/conventions.md ("SmoothQuant") quotes this script's figures for the default alpha.
 
     python benchmarks/smoothquant_alpha.py --alphas 0.5 0.8 auto   # ~3 min per row on 2 cores
 """

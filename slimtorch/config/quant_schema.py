@@ -62,7 +62,7 @@ class DynamicActivationQuant(_ActivationBase):
 
 #: SmoothQuant's alpha when the config gives none, in static_quantization and w8a8_quantization alike. Measured
 #: (docs/conventions.md, "SmoothQuant"): best or tied on all-MiniLM-L6-v2 static int8 and SmolLM2 W8A8 + GPTQ, 1.7%
-#: behind 0.5 on SmolLM2 W8A8 with RTN weights; "auto" was never the best
+#: behind 0.5 on SmolLM2 W8A8 with RTN weights; "auto" was never clearly better
 SMOOTHQUANT_ALPHA = 0.8
 
 
